@@ -1,0 +1,169 @@
+"""Worker processes with their own settings: exit codes, limits, auth, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.worker_process import WorkerProcess, iter_sse, read_sse
+from worker.models.resolve import embedded_model_path
+
+
+def run_worker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_missing_model_exits_3():
+    result = run_worker("--model", "/nowhere/model.gguf")
+    assert result.returncode == 3, result.stderr
+    assert "/nowhere/model.gguf" in result.stderr
+
+
+def test_truncated_model_exits_3_with_llama_cpp_reason(tmp_path: Path):
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(embedded_model_path().read_bytes()[: 3_000_000])
+    result = run_worker("--model", str(bad), "--log-format", "json")
+    assert result.returncode == 3, result.stderr
+    failed = [line for line in result.stderr.splitlines() if '"model_load_failed"' in line]
+    assert failed and str(bad) in failed[0]
+    assert "llama.cpp could not load" in failed[0]
+
+
+def test_foreign_file_exits_3(tmp_path: Path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("these are not the weights you are looking for\n" * 100)
+    result = run_worker("--model", str(bad))
+    assert result.returncode == 3
+    assert str(bad) in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--parallel", "0"], "--parallel"),
+    (["--port", "http"], "--port"),
+    (["--gpu-layers", "many"], "--gpu-layers"),
+    (["--no-such-flag", "1"], "no-such-flag"),
+    (["--host", "0.0.0.0"], "API token"),
+    (["--config", "/nowhere.toml"], "/nowhere.toml"),
+])
+def test_invalid_settings_exit_2_with_one_line(args, needle):
+    result = run_worker(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_settings_from_env_and_toml(tmp_path: Path):
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('parallel = 2\nctx_size = 256\nworker_id = "from-toml"\n')
+    w = WorkerProcess(["--config", str(cfg)], env={"LLM_WORKER_MAX_QUEUE": "3"}).start()
+    try:
+        async def check():
+            async with aiohttp.ClientSession() as http, http.get(f"{w.url}/health") as resp:
+                return await resp.json()
+        health = asyncio.run(check())
+        assert health["worker_id"] == "from-toml"
+        assert health["slots"]["total"] == 2 and health["queue"]["max"] == 3
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def tight_worker():
+    """One slot, no waiting room, a token, a small body limit and a request timeout."""
+    w = WorkerProcess(["--parallel", "1", "--max-queue", "0", "--ctx-size", "512", "--api-token", "s3cret",
+                       "--max-body-bytes", "2048", "--request-timeout", "3"]).start()
+    yield w
+    w.stop()
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+async def test_auth_guards_inference_but_not_probes(tight_worker):
+    url = tight_worker.url
+    async with aiohttp.ClientSession() as http:
+        for path in ("/health", "/v1/ready"):
+            async with http.get(url + path) as resp:
+                assert resp.status == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            async with http.post(f"{url}/v1/inference", json={"prompt": "hi"}, headers=headers) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["error"]["code"] == "unauthorized"
+        async with http.delete(f"{url}/v1/inference/x") as resp:
+            assert resp.status == 401
+        async with http.post(f"{url}/v1/inference", json={"prompt": "hi", "max_tokens": 2, "stream": False},
+                             headers=AUTH) as resp:
+            assert resp.status == 200
+
+
+async def test_queue_full_is_503_with_retry_after(tight_worker):
+    url = tight_worker.url
+    async with aiohttp.ClientSession() as http:
+        body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400, "temperature": 0, "job_id": "hog"}
+        async with http.post(f"{url}/v1/inference", json=body, headers=AUTH) as first:
+            async for ev in iter_sse(first):
+                if ev["type"] == "token":
+                    break
+            async with http.post(f"{url}/v1/inference", json={"prompt": "hi"}, headers=AUTH) as second:
+                assert second.status == 503
+                assert second.headers["Retry-After"]
+                assert (await second.json())["error"]["code"] == "overloaded"
+            async with http.delete(f"{url}/v1/inference/hog", headers=AUTH) as d:
+                assert d.status == 202
+        for _ in range(100):  # the next test needs the only slot
+            async with http.get(f"{url}/health") as h:
+                if (await h.json())["slots"]["busy"] == 0:
+                    break
+            await asyncio.sleep(0.05)
+
+
+async def test_body_too_large_is_413(tight_worker):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{tight_worker.url}/v1/inference", json={"prompt": "x" * 5000},
+                             headers=AUTH) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+async def test_request_timeout_ends_the_stream(tight_worker):
+    async with aiohttp.ClientSession() as http:
+        body = {"prompt": "Count slowly:", "max_tokens": 480, "temperature": 1.0, "seed": 3}
+        async with http.post(f"{tight_worker.url}/v1/inference", json=body, headers=AUTH) as resp:
+            assert resp.status == 200, await resp.text()
+            events = await read_sse(resp)
+    end = events[-1]
+    # the CPU may finish 480 tokens within 3 s on a fast machine; if it did not, the timeout ended it
+    assert end["type"] == "end"
+    assert end["stop_reason"] in ("timeout", "max_tokens", "eos")
+    if end["tokens_out"] < 480 and end["stop_reason"] != "eos":
+        assert end["stop_reason"] == "timeout"
+
+
+async def test_sigterm_drains_running_requests_then_exits_0():
+    w = WorkerProcess(["--parallel", "2", "--ctx-size", "512", "--drain-timeout", "20"]).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"prompt": "Write a poem.", "max_tokens": 60, "temperature": 0}
+            async with http.post(f"{w.url}/v1/inference", json=body) as resp:
+                events = []
+                async for ev in iter_sse(resp):
+                    events.append(ev)
+                    if ev["type"] == "token" and len(events) == 2:
+                        w.proc.send_signal(signal.SIGTERM)
+                        await asyncio.sleep(0.2)
+                        async with http.get(f"{w.url}/health") as h:
+                            assert (await h.json())["status"] == "draining"
+                        async with http.post(f"{w.url}/v1/inference", json={"prompt": "late"}) as late:
+                            assert late.status == 503
+            assert events[-1]["type"] == "end" and events[-1]["stop_reason"] in ("max_tokens", "eos")
+        assert w.wait_exit(30) == 0
+        assert "shutdown" in w.actions()
+    finally:
+        w.stop()

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.config import ConfigError, load_settings
+
+
+def test_defaults_match_the_contract():
+    s = load_settings([])
+    assert (s.host, s.port, s.parallel, s.max_queue, s.backend, s.gpu_layers) == ("127.0.0.1", 8080, 4, 64, "auto", "all")
+    assert s.max_body_bytes == 4 * 1024 * 1024 and s.drain_timeout == 30 and s.log_format == "pretty"
+    assert s.worker_id.startswith("worker-")
+
+
+def test_flags_beat_env_beat_toml(tmp_path: Path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("parallel = 3\nmax_queue = 5\nctx_size = 777\n")
+    monkeypatch.setenv("LLM_WORKER_MAX_QUEUE", "9")
+    s = load_settings(["--config", str(cfg), "--ctx-size", "2048"])
+    assert (s.parallel, s.max_queue, s.ctx_size) == (3, 9, 2048)
+
+
+def test_llorch_env_names(monkeypatch):
+    monkeypatch.setenv("LLORCH_API_TOKEN", "t")
+    monkeypatch.setenv("LLORCH_LOG_FORMAT", "json")
+    s = load_settings(["--host", "0.0.0.0"])
+    assert s.api_token == "t" and s.log_format == "json"
+
+
+def test_gpu_layers_and_tensor_split():
+    s = load_settings(["--gpu-layers", "12", "--tensor-split", "3, 1"])
+    assert s.gpu_layers == 12 and s.tensor_split_values == [3.0, 1.0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--parallel", "0"], ["--gpu-layers", "-2"], ["--tensor-split", "a,b"], ["--backend", "tpu"],
+    ["--worker-id", "has space"], ["--host", "10.1.2.3"], ["--log-format", "xml"], ["--request-timeout", "0"],
+])
+def test_bad_settings_raise_one_line(argv):
+    with pytest.raises(ConfigError) as err:
+        load_settings(argv)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("parallel = = 3\n")
+    with pytest.raises(ConfigError):
+        load_settings(["--config", str(cfg)])
+    cfg.write_text("no_such_setting = 1\n")
+    with pytest.raises(ConfigError):
+        load_settings(["--config", str(cfg)])

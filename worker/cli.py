@@ -1,0 +1,94 @@
+"""The command line: `llm-worker-rbee [flags]` serves a model until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+from loguru import logger
+
+from worker.config import ConfigError, Settings, load_settings
+from worker.http.app import EXIT_CONFIG, STATE, create_app
+from worker.narration import configure, narrate
+
+
+async def serve(settings: Settings) -> int:
+    app = create_app(settings)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    state = app[STATE]
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+    except OSError as exc:
+        narrate("startup", f"Cannot listen on {settings.host}:{settings.port}: {exc}", level="error")
+        await runner.cleanup()
+        return EXIT_CONFIG
+    host, port = runner.addresses[0][:2]
+    narrate("server_listening", f"Listening on http://{host}:{port}", target=f"{host}:{port}", host=host,
+            port=port, cute="Ears open!")
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            narrate("shutdown", f"Received {signal.Signals(signum).name}: draining (up to "
+                    f"{settings.drain_timeout:g} s), then exiting.", signal=signal.Signals(signum).name)
+            state.stop(0)
+        elif state.engine is not None:  # a second signal: stop waiting for running requests
+            state.engine.cancel_all("cancelled")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    code = await state.stopped
+    if state.engine is not None:
+        await _drain(state, settings.drain_timeout)
+    await runner.cleanup()
+    narrate("shutdown", f"Stopped with exit code {code}.", exit_code=code)
+    return code
+
+
+async def _drain(state, timeout: float) -> None:
+    """New requests get 503; running ones may finish up to `timeout`, then they are cancelled."""
+    engine = state.engine
+    state.status = "draining"
+    engine.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not engine.idle and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if not engine.idle:
+        engine.cancel_all("cancelled")
+        for _ in range(100):  # cancelled streams end within a step; give them time to write their end event
+            if engine.idle:
+                break
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)  # let the handlers flush their last events
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"llm-worker-rbee: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure(worker_id=settings.worker_id, log_format=settings.log_format, level=settings.log_level)
+    narrate("startup", f"Worker {settings.worker_id} starting.", target=settings.worker_id,
+            parallel=settings.parallel, ctx_size=settings.ctx_size, backend=settings.backend)
+    try:
+        return asyncio.run(serve(settings))
+    except Exception:
+        logger.exception("the worker failed")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

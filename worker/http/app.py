@@ -1,0 +1,163 @@
+"""The aiohttp application: state under web.AppKey, the engine's lifecycle in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from worker.config import Settings
+from worker.engine.llama import Model, ModelLoadError, gpu_backend_name
+from worker.engine.scheduler import Engine
+from worker.http import routes_native
+from worker.http.auth import bearer_auth
+from worker.http.errors import ApiError, json_errors
+from worker.models.resolve import ModelResolveError, resolve
+from worker.narration import narrate
+
+EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    status: str = "loading"  # loading | ready | draining | failed
+    engine: Engine | None = None
+    model: Model | None = None
+    backend: str = "cpu"
+    device: str = "cpu"
+    load_progress: float = 0.0
+    error: str | None = None
+    # Resolved with the process exit code when the worker should stop (a signal, or a failed load).
+    stopped: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def stop(self, code: int) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(code)
+
+    def require_ready(self) -> Engine:
+        if self.status == "ready" and self.engine is not None:
+            return self.engine
+        if self.status == "loading":
+            raise ApiError(503, "loading", "the model is still loading", headers={"Retry-After": "1"},
+                           progress=round(self.load_progress, 3))
+        if self.status == "draining":
+            raise ApiError(503, "draining", "the worker is shutting down")
+        raise ApiError(503, "failed", f"the model failed to load: {self.error}")
+
+
+STATE = web.AppKey("state", WorkerState)
+
+
+class BackendUnavailable(Exception):
+    """The configured backend is not in this llama.cpp build (a configuration error, exit 2)."""
+
+
+def _placement(settings: Settings) -> tuple[str, str, int]:
+    """(backend, device, n_gpu_layers) from --backend, --device and --gpu-layers."""
+    gpu = gpu_backend_name()
+    if settings.backend == "cpu" or (settings.backend == "auto" and gpu is None):
+        return "cpu", "cpu", 0
+    if gpu is None or (settings.backend != "auto" and settings.backend != gpu):
+        raise BackendUnavailable(
+            f"--backend {settings.backend} was asked for, but this llama.cpp build has "
+            f"{'no GPU backend' if gpu is None else 'the ' + gpu + ' backend'}; use --backend auto or cpu, "
+            "or reinstall llama-cpp-python with CMAKE_ARGS for that backend"
+        )
+    layers = -1 if settings.gpu_layers == "all" else int(settings.gpu_layers)
+    return gpu, f"{gpu}:{settings.device}", layers
+
+
+def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
+    """Resolve, load and warm up the model (runs off the event loop)."""
+    s = state.settings
+    t0 = time.perf_counter()
+    resolved = resolve(s.model)
+    narrate("model_resolve", f"Model {resolved.ref} resolves to {resolved.path}.", target=resolved.ref,
+            path=str(resolved.path), format=resolved.format)
+    state.backend, state.device, layers = _placement(s)
+
+    def progress(value: float) -> None:
+        state.load_progress = value
+
+    model = Model.load(resolved.path, ref=resolved.ref, fmt=resolved.format, gpu_layers=layers,
+                       main_gpu=s.device, tensor_split=s.tensor_split_values, progress=progress)
+    info = model.info
+    narrate("gguf_metadata_loaded", f"{info.architecture} model, {info.quantization}, "
+            f"{info.n_params / 1e6:.0f}M parameters, trained on {info.n_ctx_train} tokens of context.",
+            target=resolved.ref, architecture=info.architecture, quantization=info.quantization,
+            n_params=info.n_params, n_ctx_train=info.n_ctx_train, n_layers=info.n_layers,
+            has_chat_template=info.chat_template is not None)
+    narrate("gguf_tokenizer_extracted", f"Tokenizer with {info.n_vocab} tokens.", target=resolved.ref,
+            vocab_size=info.n_vocab, bos=info.bos, eos=info.eos, unk=info.unk)
+    try:
+        ctx_size = s.ctx_size or min(info.n_ctx_train or 4096, 4096)
+        backend_sampling = s.backend_sampling == "on" or (s.backend_sampling == "auto" and layers != 0
+                                                          and state.backend != "cpu")
+        engine = Engine(model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
+                        batch_size=s.batch_size, threads=s.threads, flash_attn=s.flash_attn,
+                        backend_sampling=backend_sampling)
+        engine.start(loop)
+    except BaseException:
+        model.close()
+        raise
+    state.model, state.engine = model, engine
+    narrate("model_load_complete", f"Model ready on {state.device} in {time.perf_counter() - t0:.2f} s: "
+            f"{s.parallel} slots of {ctx_size} tokens.", target=resolved.ref,
+            duration_ms=round((time.perf_counter() - t0) * 1000, 1), backend=state.backend, device=state.device,
+            slots=s.parallel, ctx_size=ctx_size, backend_sampling=backend_sampling,
+            cute="Ready to tell stories!")
+
+
+async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    loop = asyncio.get_running_loop()
+
+    async def load() -> None:
+        try:
+            await asyncio.to_thread(load_engine, state, loop)
+        except (ModelResolveError, ModelLoadError) as exc:
+            state.status, state.error = "failed", str(exc)
+            narrate("model_load_failed", f"The model could not be loaded: {exc}", level="error", reason=str(exc))
+            state.stop(EXIT_MODEL)
+        except BackendUnavailable as exc:
+            state.status, state.error = "failed", str(exc)
+            narrate("model_load_failed", str(exc), level="error", reason=str(exc))
+            state.stop(EXIT_CONFIG)
+        else:
+            if state.status == "loading":
+                state.status = "ready"
+
+    task = asyncio.create_task(load())
+    yield
+    await asyncio.shield(task)  # a load in progress cannot be interrupted: let it end, then free it
+    if state.engine is not None:
+        await asyncio.to_thread(state.engine.close)
+    if state.model is not None:
+        state.model.close()
+
+
+@web.middleware
+async def correlation_id(request: web.Request, handler):
+    cid = request.headers.get("X-Correlation-Id") or uuid.uuid4().hex
+    request["correlation_id"] = cid
+    response = await handler(request)
+    if not response.prepared:  # a stream sets it before its headers go out
+        response.headers.setdefault("X-Correlation-Id", cid)
+    return response
+
+
+def create_app(settings: Settings) -> web.Application:
+    middlewares: list[Any] = [correlation_id, json_errors]
+    if settings.api_token:
+        middlewares.append(bearer_auth(settings.api_token))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app[STATE] = WorkerState(settings=settings)
+    app.cleanup_ctx.append(_engine_lifecycle)
+    routes_native.setup(app)
+    return app

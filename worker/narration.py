@@ -1,0 +1,129 @@
+"""Narration: each step a person would want to follow is an event (actor, action, human sentence, ids, numbers).
+
+One `narrate()` call makes an event; sinks decide where it goes: loguru (json or pretty lines), the SSE stream
+of a request that asked for it, and an in-process recorder for tests. No sink may block: the SSE sink only
+schedules a put onto the request's own loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from loguru import logger
+
+Event = dict[str, Any]
+
+_worker_id: str | None = None
+_job_sinks: dict[str, Callable[[Event], None]] = {}
+_recorders: list[list[Event]] = []
+_lock = threading.Lock()
+
+
+def narrate(
+    action: str,
+    human: str,
+    *,
+    actor: str = "worker",
+    target: str | None = None,
+    level: str = "info",
+    cute: str | None = None,
+    job_id: str | None = None,
+    **fields: Any,
+) -> Event:
+    event: Event = {
+        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "level": level,
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "human": human,
+    }
+    if cute:
+        event["cute"] = cute
+    if _worker_id:
+        event["worker_id"] = _worker_id
+    if job_id:
+        event["job_id"] = job_id
+    event.update({k: v for k, v in fields.items() if v is not None})
+
+    logger.bind(event=event).log(level.upper(), human)
+    with _lock:
+        for rec in _recorders:
+            rec.append(event)
+        sink = _job_sinks.get(job_id) if job_id else None
+    if sink is not None:
+        sink(event)
+    return event
+
+
+def subscribe(job_id: str, sink: Callable[[Event], None]) -> None:
+    """Send this job's events to `sink` too (called from any thread; it must not block)."""
+    with _lock:
+        _job_sinks[job_id] = sink
+
+
+def unsubscribe(job_id: str) -> None:
+    with _lock:
+        _job_sinks.pop(job_id, None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Event]]:
+    """Collect every event narrated inside the block (for tests)."""
+    events: list[Event] = []
+    with _lock:
+        _recorders.append(events)
+    try:
+        yield events
+    finally:
+        with _lock:
+            _recorders.remove(events)
+
+
+def configure(*, worker_id: str | None, log_format: str = "pretty", level: str = "info") -> None:
+    """Route all logs (narration, llama.cpp, the rest) to stderr in the chosen format."""
+    global _worker_id
+    _worker_id = worker_id
+    logger.remove()
+    if log_format == "json":
+        logger.add(_json_sink, level=level.upper(), format="{message}")
+    else:
+        logger.add(sys.stderr, level=level.upper(), format=_pretty_format, colorize=False)
+
+
+def _json_sink(message: Any) -> None:
+    record = message.record
+    event = record["extra"].get("event")
+    if event is None:
+        event = {
+            "ts": record["time"].astimezone(timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record["level"].name.lower(),
+            "actor": record["extra"].get("actor", "worker"),
+            "message": record["message"],
+        }
+        if _worker_id:
+            event["worker_id"] = _worker_id
+    sys.stderr.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+    sys.stderr.flush()
+
+
+_PRETTY_SKIP = {"ts", "level", "actor", "action", "target", "human", "cute", "worker_id"}
+
+
+def _pretty_format(record: Any) -> str:
+    event = record["extra"].get("event")
+    head = "{time:HH:mm:ss.SSS} {level: <7} "
+    if event is None:
+        return head + "[" + record["extra"].get("actor", "worker") + "] {message}\n{exception}"
+    extras = " ".join(f"{k}={v}" for k, v in event.items() if k not in _PRETTY_SKIP)
+    line = f"[{event['actor']}] {event['action']}: " + "{message}"
+    # Braces in values would be read as format fields by loguru: escape them.
+    # loguru reads braces as fields and <...> as colour tags, even uncoloured: escape both.
+    extras = extras.replace("{", "{{").replace("}", "}}").replace("<", r"\<")
+    return head + line + (f"  ({extras})" if extras else "") + "\n{exception}"
