@@ -1,0 +1,96 @@
+"""One generation seen from the event loop: tokenize, check the context, submit, then read events per step.
+
+Every route that generates (native and OpenAI) goes through here: generation has one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from worker.engine.sampling import SamplingParams
+from worker.engine.scheduler import Engine, Event, Job, SubmitError
+from worker.http.errors import ApiError
+from worker.http.state import STATE
+
+
+class Generation:
+    def __init__(self, engine: Engine, job: Job, events: asyncio.Queue[list[Event]]) -> None:
+        self.engine, self.job, self.events = engine, job, events
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Yield this job's events a step's worth at a time, until its end or error event."""
+        try:
+            while True:
+                batch = await self.events.get()
+                while not self.events.empty():
+                    batch.extend(self.events.get_nowait())
+                yield batch
+                if batch[-1]["type"] in ("end", "error"):
+                    return
+        finally:
+            # The client went away (or writing failed): free the slot.
+            if not self.job.done:
+                self.engine.cancel(self.job.job_id)
+
+    async def collect(self) -> tuple[str, Event]:
+        """Run to the end; return the text and the end event (an error event raises ApiError)."""
+        text: list[str] = []
+        last: Event | None = None
+        async for batch in self.batches():
+            for ev in batch:
+                if ev["type"] == "token":
+                    text.append(ev["t"])
+                elif ev["type"] in ("end", "error"):
+                    last = ev
+        assert last is not None
+        if last["type"] == "error":
+            raise ApiError(500, last["code"], last["message"], job_id=self.job.job_id)
+        return "".join(text), last
+
+
+async def start_generation(
+    request: web.Request,
+    prompt: str | list[int],
+    params: SamplingParams,
+    *,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    job_id: str | None = None,
+    narration: bool = False,
+    parse_special: bool = False,
+) -> Generation:
+    """Tokenize (off the loop), refuse what cannot fit before it takes a slot, and submit."""
+    state = request.app[STATE]
+    engine = state.require_ready()
+    if isinstance(prompt, str):
+        tokens = await asyncio.to_thread(engine.model.tokenize, prompt, parse_special=parse_special)
+    else:
+        tokens = list(prompt)
+    if not tokens:
+        raise ApiError(400, "invalid_request", "the prompt has no tokens", field="prompt")
+    limit = engine.ctx_size
+    if len(tokens) + max_tokens > limit:
+        raise ApiError(400, "context_length_exceeded",
+                       f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                       f"of {limit} tokens", prompt_tokens=len(tokens), n_ctx=limit)
+    events: asyncio.Queue[list[Event]] = asyncio.Queue()
+    job = Job(
+        job_id=job_id or f"job-{uuid.uuid4().hex}",
+        prompt_tokens=tokens,
+        params=params,
+        max_tokens=max_tokens,
+        stop=tuple(stop),
+        narration=narration,
+        timeout=state.settings.request_timeout,
+        deliver=events.put_nowait,
+    )
+    try:
+        engine.submit(job)
+    except SubmitError as exc:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        raise ApiError(exc.status, exc.code, str(exc), headers=headers) from None
+    return Generation(engine, job, events)
