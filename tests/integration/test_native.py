@@ -250,3 +250,20 @@ async def test_narration_in_the_stream(http, worker):
         assert n["job_id"] == "narrated" and n["human"] and n["actor"] == "engine"
     assert narration[-1]["tokens_out"] == events[-1]["tokens_out"]
     assert events[-1]["type"] == "end"
+
+
+async def test_ignore_eos_generates_exactly_max_tokens(http, worker):
+    """For benchmarks, as llama-server's ignore_eos: this prompt ends by itself well before 40 tokens."""
+    body = {"prompt": "Q: What is the capital of France?\nA:", "max_tokens": 40, "temperature": 0}
+    plain = await stream(http, worker, body)
+    forced = await stream(http, worker, {**body, "ignore_eos": True})
+    assert plain[-1]["stop_reason"] == "eos" and plain[-1]["tokens_out"] < 40
+    assert forced[-1]["tokens_out"] == 40 and forced[-1]["stop_reason"] == "max_tokens"
+    assert text_of(forced).startswith(text_of(plain))
+
+
+async def test_prompt_that_ends_at_once_gives_zero_tokens(http, worker):
+    """The first sampled token is end-of-generation: the stream still has started and end, no tokens."""
+    events = await stream(http, worker, {"prompt": "What is 2+2?", "max_tokens": 10, "temperature": 0})
+    assert [e["type"] for e in events] == ["started", "end"]
+    assert events[-1]["tokens_out"] == 0 and events[-1]["stop_reason"] == "eos"

@@ -237,7 +237,8 @@ def _read_info(ptr: Any, path: Path, ref: str, fmt: str) -> ModelInfo:
 
 
 def create_context(
-    model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, flash_attn: str
+    model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
+    flash_attn: str = "auto",
 ) -> Any:
     params = lc.llama_context_default_params()
     params.n_ctx = n_ctx
@@ -245,7 +246,7 @@ def create_context(
     params.n_ubatch = n_batch
     params.n_seq_max = n_seq
     params.n_threads = threads
-    params.n_threads_batch = threads
+    params.n_threads_batch = threads_batch or threads
     # Each sequence gets its own n_ctx/n_seq cells: an admitted request can never run out of KV cache.
     params.kv_unified = False
     params.flash_attn_type = {

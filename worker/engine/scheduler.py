@@ -57,6 +57,7 @@ class Job:
     deliver: Callable[[list[Event]], None]  # runs on the event loop with this step's events, in order
     stop: tuple[str, ...] = ()
     narration: bool = False
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     timeout: float | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel_reason: str | None = None  # set from the loop; read by the scheduler between steps
@@ -131,6 +132,7 @@ class Engine:
         max_queue: int,
         batch_size: int,
         threads: int,
+        threads_batch: int | None = None,
         flash_attn: str = "auto",
         backend_sampling: bool = False,
     ) -> None:
@@ -142,7 +144,7 @@ class Engine:
         self.backend_sampling = backend_sampling
         self.ctx = create_context(
             model, n_ctx=ctx_size * parallel, n_seq=parallel, n_batch=batch_size, threads=threads,
-            flash_attn=flash_attn,
+            threads_batch=threads_batch, flash_attn=flash_attn,
         )
         self.mem = lc.llama_get_memory(self.ctx)
         self.slots = [Slot(seq_id=i) for i in range(parallel)]
@@ -346,7 +348,7 @@ class Engine:
         assert job is not None and slot.text is not None
         if slot.tokens_out == 0:
             slot.first_token_at = time.perf_counter()
-        if self.model.is_eog(token):
+        if self.model.is_eog(token) and not job.ignore_eos:
             self._finish(slot, "eos")
             return
         slot.tokens_out += 1

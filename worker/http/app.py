@@ -13,7 +13,7 @@ from aiohttp import web
 from worker.config import Settings
 from worker.engine.llama import Model, ModelLoadError, gpu_backend_name
 from worker.engine.scheduler import Engine
-from worker.http import routes_native
+from worker.http import routes_native, routes_openai
 from worker.http.auth import bearer_auth
 from worker.http.errors import json_errors
 from worker.http.state import STATE, WorkerState
@@ -69,7 +69,7 @@ def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
         backend_sampling = s.backend_sampling == "on" or (s.backend_sampling == "auto" and layers != 0
                                                           and state.backend != "cpu")
         engine = Engine(model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
-                        batch_size=s.batch_size, threads=s.threads, flash_attn=s.flash_attn,
+                        batch_size=s.batch_size, threads=s.threads, threads_batch=s.threads_batch, flash_attn=s.flash_attn,
                         backend_sampling=backend_sampling)
         engine.start(loop)
     except BaseException:
@@ -129,4 +129,5 @@ def create_app(settings: Settings) -> web.Application:
     app[STATE] = WorkerState(settings=settings)
     app.cleanup_ctx.append(_engine_lifecycle)
     routes_native.setup(app)
+    routes_openai.setup(app)
     return app

@@ -61,6 +61,7 @@ async def start_generation(
     stop: Sequence[str] = (),
     job_id: str | None = None,
     narration: bool = False,
+    ignore_eos: bool = False,
     parse_special: bool = False,
 ) -> Generation:
     """Tokenize (off the loop), refuse what cannot fit before it takes a slot, and submit."""
@@ -85,6 +86,7 @@ async def start_generation(
         max_tokens=max_tokens,
         stop=tuple(stop),
         narration=narration,
+        ignore_eos=ignore_eos,
         timeout=state.settings.request_timeout,
         deliver=events.put_nowait,
     )

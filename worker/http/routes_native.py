@@ -52,7 +52,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     _state(request).require_ready()
     req = parse(InferenceRequest, await read_json(request))
     gen = await start_generation(request, req.prompt, req.sampling(), max_tokens=req.max_tokens, stop=req.stop,
-                                 job_id=req.job_id, narration=req.narration)
+                                 job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos)
 
     if not req.stream:
         text, end = await gen.collect()

@@ -33,6 +33,7 @@ class InferenceRequest(BaseModel):
     seed: int | None = Field(None, ge=0)
     stream: bool = True
     narration: bool = False
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
