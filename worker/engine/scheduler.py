@@ -25,6 +25,7 @@ from loguru import logger
 from worker.engine.llama import Model, create_context
 from worker.engine.sampling import SamplingParams, build_chain, free_chain
 from worker.engine.text import TextStream
+from worker.metrics import Metrics
 from worker.narration import narrate
 
 Event = dict[str, Any]
@@ -58,6 +59,7 @@ class Job:
     stop: tuple[str, ...] = ()
     narration: bool = False
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    correlation_id: str | None = None
     timeout: float | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel_reason: str | None = None  # set from the loop; read by the scheduler between steps
@@ -80,6 +82,7 @@ class Slot:
     tokens_out: int = 0
     admitted_at: float = 0.0
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
 
 
 class Batch:
@@ -135,8 +138,10 @@ class Engine:
         threads_batch: int | None = None,
         flash_attn: str = "auto",
         backend_sampling: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = model
+        self.metrics = metrics or Metrics()
         self.ctx_size = ctx_size
         self.n_slots = parallel
         self.max_queue = max_queue
@@ -158,6 +163,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._out: dict[Job, list[Event]] = {}
+        self._last_rc = 0
 
     # ---- loop side -------------------------------------------------------------------------------------------
 
@@ -212,6 +218,11 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self._jobs
+
+    def kv_usage(self) -> float:
+        """Share of the KV cache cells that running sequences hold."""
+        used = sum(slot.n_past for slot in self.slots if slot.job is not None)
+        return used / (self.ctx_size * self.n_slots)
 
     def close(self) -> None:
         with self._cond:
@@ -291,6 +302,8 @@ class Engine:
         slot.prompt_pos = slot.n_past = slot.tokens_out = 0
         slot.admitted_at = time.perf_counter()
         slot.first_token_at = 0.0
+        self.metrics.queue_wait.observe(slot.admitted_at - job.submitted_at)
+        self.metrics.prompt_tokens.inc(len(job.prompt_tokens))
         self._emit(job, {
             "type": "started",
             "job_id": job.job_id,
@@ -309,48 +322,61 @@ class Engine:
             if job is not None and (job.cancel_reason or (job.deadline and now >= job.deadline)):
                 self._finish(slot, job.cancel_reason or "timeout")
 
-        batch, budget = self._batch, self.batch_size
-        batch.n = 0
-        outputs: list[tuple[Slot, int]] = []
-        for slot in self.slots:  # decoding sequences first: one token each
+        # This step's work: (slot, tokens, first position, wants logits) — one token per decoding sequence,
+        # then prompt chunks as far as the batch allows.
+        parts: list[tuple[Slot, list[int], int, bool]] = []
+        budget = self.batch_size
+        for slot in self.slots:
             if slot.job is not None and slot.prompt_pos == len(slot.job.prompt_tokens):
-                outputs.append((slot, batch.add([slot.last_token], slot.n_past, slot.seq_id, True)))
+                parts.append((slot, [slot.last_token], slot.n_past, True))
                 slot.n_past += 1
                 budget -= 1
-        for slot in self.slots:  # then prompt chunks, as far as the batch allows
+        for slot in self.slots:
             job = slot.job
             if job is None or slot.prompt_pos == len(job.prompt_tokens) or budget <= 0:
                 continue
             chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + budget]
-            complete = slot.prompt_pos + len(chunk) == len(job.prompt_tokens)
-            idx = batch.add(chunk, slot.n_past, slot.seq_id, complete)
             slot.prompt_pos += len(chunk)
+            parts.append((slot, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens)))
             slot.n_past += len(chunk)
             budget -= len(chunk)
-            if complete:
-                outputs.append((slot, idx))
-        if batch.n == 0:
+        if not parts:
             return
+        if not self._decode(parts):
+            # Find the culprit: a failed llama_decode leaves the KV cache as it was, so each sequence is
+            # decoded on its own and only those that still fail end with an error.
+            for part in parts:
+                if not self._decode([part]):
+                    self._fail(part[0], "decode_failed", f"llama_decode failed with status {self._last_rc}")
 
-        rc = batch.decode(self.ctx)
-        if rc != 0:
-            for slot in self.slots:
-                if slot.job is not None:
-                    self._fail(slot, "decode_failed", f"llama_decode failed with status {rc}")
-            return
-
-        for slot, idx in outputs:
-            token = lc.llama_sampler_sample(slot.chain, self.ctx, idx)
-            self._on_token(slot, token)
+    def _decode(self, parts: list[tuple[Slot, list[int], int, bool]]) -> bool:
+        """One llama_decode for these parts, then one sample per part that asked for logits."""
+        batch = self._batch
+        batch.n = 0
+        outputs = [(slot, batch.add(tokens, pos, slot.seq_id, logits)) for slot, tokens, pos, logits in parts]
+        self._last_rc = batch.decode(self.ctx)
+        if self._last_rc != 0:
+            return False
+        for (slot, idx), (_, _, _, logits) in zip(outputs, parts):
+            if logits:
+                self._on_token(slot, lc.llama_sampler_sample(slot.chain, self.ctx, idx))
+        return True
 
     def _on_token(self, slot: Slot, token: int) -> None:
         job = slot.job
         assert job is not None and slot.text is not None
-        if slot.tokens_out == 0:
-            slot.first_token_at = time.perf_counter()
+        now = time.perf_counter()
+        if slot.tokens_out == 0 and not slot.first_token_at:
+            slot.first_token_at = now
         if self.model.is_eog(token) and not job.ignore_eos:
             self._finish(slot, "eos")
             return
+        if slot.tokens_out == 0:
+            self.metrics.ttft.observe(now - job.submitted_at)
+        else:
+            self.metrics.itl.observe(now - slot.last_token_at)
+        slot.last_token_at = now
+        self.metrics.generated_tokens.inc()
         slot.tokens_out += 1
         slot.last_token = token
         text = slot.text.feed(self.model.piece(token))
@@ -392,6 +418,7 @@ class Engine:
                           duration_ms=round((end_at - job.submitted_at) * 1000, 2),
                           tokens_per_sec=end["tokens_per_sec"])
         self._emit(job, end)
+        self.metrics.finished.labels(stop_reason=reason).inc()
         self._release(slot)
 
     def _fail(self, slot: Slot, code: str, message: str) -> None:
@@ -399,6 +426,7 @@ class Engine:
         assert job is not None
         self._narrate(job, "inference_failed", f"Job {job.job_id} failed: {message}", level="error", code=code)
         self._emit(job, {"type": "error", "code": code, "message": message})
+        self.metrics.errors.labels(code=code).inc()
         self._release(slot)
 
     def _release(self, slot: Slot) -> None:
@@ -419,11 +447,13 @@ class Engine:
             "type": "end", "job_id": job.job_id, "tokens_out": 0, "prompt_tokens": len(job.prompt_tokens),
             "ttft_ms": None, "decode_time_ms": 0.0, "tokens_per_sec": 0.0, "stop_reason": reason,
         })
+        self.metrics.finished.labels(stop_reason=reason).inc()
         self._narrate(job, "inference_cancelled", f"Job {job.job_id} ended ({reason}) before it got a slot.",
                       level="warning", stop_reason=reason)
 
     def _narrate(self, job: Job, action: str, human: str, **fields: Any) -> None:
-        event = narrate(action, human, actor="engine", target=job.job_id, job_id=job.job_id, **fields)
+        event = narrate(action, human, actor="engine", target=job.job_id, job_id=job.job_id,
+                        correlation_id=job.correlation_id, **fields)
         if job.narration:
             self._emit(job, {**event, "type": "narration"})
 

@@ -13,10 +13,11 @@ from aiohttp import web
 from worker.config import Settings
 from worker.engine.llama import Model, ModelLoadError, gpu_backend_name
 from worker.engine.scheduler import Engine
-from worker.http import routes_native, routes_openai
+from worker.http import routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth
 from worker.http.errors import json_errors
 from worker.http.state import STATE, WorkerState
+from worker.metrics import gpu_memory_used
 from worker.models.resolve import ModelResolveError, resolve
 from worker.narration import narrate
 
@@ -43,19 +44,31 @@ def _placement(settings: Settings) -> tuple[str, str, int]:
 
 
 def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
-    """Resolve, load and warm up the model (runs off the event loop)."""
+    """Resolve, load and warm up the model (runs off the event loop; progress goes to the loop)."""
     s = state.settings
     t0 = time.perf_counter()
-    resolved = resolve(s.model)
+
+    def progress(stage: str, value: float, **extra: Any) -> None:
+        loop.call_soon_threadsafe(state.publish, {"type": "progress", "stage": stage,
+                                                  "progress": round(value, 3), **extra})
+
+    progress("resolve", 0.0)
+    resolved = resolve(s.model, cache_dir=s.cache_dir, quantize=s.quantize)
     narrate("model_resolve", f"Model {resolved.ref} resolves to {resolved.path}.", target=resolved.ref,
             path=str(resolved.path), format=resolved.format)
     state.backend, state.device, layers = _placement(s)
+    vram_before = gpu_memory_used()
 
-    def progress(value: float) -> None:
-        state.load_progress = value
+    last = [-1.0]
 
+    def on_weights(value: float) -> None:  # llama.cpp calls this per tensor: pass on whole percents only
+        if value - last[0] >= 0.01 or value >= 1.0:
+            last[0] = value
+            progress("load_weights", 0.05 + 0.85 * value)
+
+    progress("load_weights", 0.05)
     model = Model.load(resolved.path, ref=resolved.ref, fmt=resolved.format, gpu_layers=layers,
-                       main_gpu=s.device, tensor_split=s.tensor_split_values, progress=progress)
+                       main_gpu=s.device, tensor_split=s.tensor_split_values, progress=on_weights)
     info = model.info
     narrate("gguf_metadata_loaded", f"{info.architecture} model, {info.quantization}, "
             f"{info.n_params / 1e6:.0f}M parameters, trained on {info.n_ctx_train} tokens of context.",
@@ -65,22 +78,39 @@ def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
     narrate("gguf_tokenizer_extracted", f"Tokenizer with {info.n_vocab} tokens.", target=resolved.ref,
             vocab_size=info.n_vocab, bos=info.bos, eos=info.eos, unk=info.unk)
     try:
+        progress("warmup", 0.9)
         ctx_size = s.ctx_size or min(info.n_ctx_train or 4096, 4096)
         backend_sampling = s.backend_sampling == "on" or (s.backend_sampling == "auto" and layers != 0
                                                           and state.backend != "cpu")
         engine = Engine(model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
-                        batch_size=s.batch_size, threads=s.threads, threads_batch=s.threads_batch, flash_attn=s.flash_attn,
-                        backend_sampling=backend_sampling)
+                        batch_size=s.batch_size, threads=s.threads, threads_batch=s.threads_batch,
+                        flash_attn=s.flash_attn, backend_sampling=backend_sampling, metrics=state.metrics)
         engine.start(loop)
     except BaseException:
         model.close()
         raise
+    # What this worker put on its GPU: weights, KV cache and compute buffers (0 on the CPU).
+    vram_after = gpu_memory_used()
+    state.vram_bytes = sum(max(0, vram_after.get(d, 0) - vram_before.get(d, 0)) for d in vram_after)
+    load_s = time.perf_counter() - t0
+    _bind_metrics(state, engine, load_s)
     state.model, state.engine = model, engine
-    narrate("model_load_complete", f"Model ready on {state.device} in {time.perf_counter() - t0:.2f} s: "
+    narrate("model_load_complete", f"Model ready on {state.device} in {load_s:.2f} s: "
             f"{s.parallel} slots of {ctx_size} tokens.", target=resolved.ref,
-            duration_ms=round((time.perf_counter() - t0) * 1000, 1), backend=state.backend, device=state.device,
-            slots=s.parallel, ctx_size=ctx_size, backend_sampling=backend_sampling,
+            duration_ms=round(load_s * 1000, 1), backend=state.backend, device=state.device,
+            slots=s.parallel, ctx_size=ctx_size, backend_sampling=backend_sampling, vram_bytes=state.vram_bytes,
             cute="Ready to tell stories!")
+
+
+def _bind_metrics(state: WorkerState, engine: Engine, load_s: float) -> None:
+    m, info = state.metrics, engine.model.info
+    m.bind_engine(slots=engine.n_slots, running=lambda: engine.busy, waiting=lambda: engine.waiting,
+                  kv_usage=engine.kv_usage)
+    m.bind_device_memory()
+    m.load_seconds.set(load_s)
+    m.model_size.set(info.size_bytes)
+    m.model_info.info({"model": info.ref, "architecture": info.architecture, "quantization": info.quantization,
+                       "backend": state.backend, "device": state.device})
 
 
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -90,17 +120,21 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     async def load() -> None:
         try:
             await asyncio.to_thread(load_engine, state, loop)
-        except (ModelResolveError, ModelLoadError) as exc:
+        except (ModelResolveError, ModelLoadError, BackendUnavailable) as exc:
             state.status, state.error = "failed", str(exc)
             narrate("model_load_failed", f"The model could not be loaded: {exc}", level="error", reason=str(exc))
+            state.stop(EXIT_CONFIG if isinstance(exc, BackendUnavailable) else EXIT_MODEL)
+        except Exception as exc:  # an unexpected failure is still a load failure, reported, never a hang
+            state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+            narrate("model_load_failed", f"The model could not be loaded: {state.error}", level="error",
+                    reason=state.error)
             state.stop(EXIT_MODEL)
-        except BackendUnavailable as exc:
-            state.status, state.error = "failed", str(exc)
-            narrate("model_load_failed", str(exc), level="error", reason=str(exc))
-            state.stop(EXIT_CONFIG)
         else:
             if state.status == "loading":
                 state.status = "ready"
+                state.publish({"type": "progress", "stage": "ready", "progress": 1.0})
+                state.ready.set()
+        state.publish(state.final_event())
 
     task = asyncio.create_task(load())
     yield
@@ -109,6 +143,28 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(state.engine.close)
     if state.model is not None:
         state.model.close()
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler):
+    """requests_total{route,code}, request_duration_seconds{route}, errors_total{code} for answered errors."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        m = request.app[STATE].metrics
+        m.requests.labels(route=route, code=str(status)).inc()
+        m.request_duration.labels(route=route).observe(time.perf_counter() - started)
+        if "error_code" in request:
+            m.errors.labels(code=request["error_code"]).inc()
 
 
 @web.middleware
@@ -122,12 +178,13 @@ async def correlation_id(request: web.Request, handler):
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares: list[Any] = [correlation_id, json_errors]
+    middlewares: list[Any] = [count_requests, correlation_id, json_errors]
     if settings.api_token:
         middlewares.append(bearer_auth(settings.api_token))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[STATE] = WorkerState(settings=settings)
     app.cleanup_ctx.append(_engine_lifecycle)
     routes_native.setup(app)
+    routes_ops.setup(app)
     routes_openai.setup(app)
     return app

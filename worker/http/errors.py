@@ -1,4 +1,5 @@
-"""Every error is JSON: {"error": {"code", "message", ...}} with the right status; never an HTML page."""
+"""Every error is JSON: {"error": {"code", "message", ...}} (OpenAI's shape on the OpenAI routes) with the right
+status; never an HTML page."""
 
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status, headers=headers)
 
 
+# The OpenAI-compatible routes answer in OpenAI's error shape, so OpenAI clients raise their typed errors.
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tokenize", "/v1/detokenize"})
+
+
+def is_openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+def openai_error(status: int, code: str, message: str, field: str | None = None, **_extra: Any) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"message": message, "type": kind, "param": field, "code": code}
+
+
+def openai_error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
+    return web.json_response({"error": openai_error(status, code, message, **extra)}, status=status, headers=headers)
+
+
 _HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -30,16 +48,19 @@ _HTTP_CODES = {
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
+    respond = openai_error_response if is_openai_path(request.path) else error_response
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+        request["error_code"] = exc.code  # counted in errors_total by the metrics middleware
+        return respond(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
+        code = request["error_code"] = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else f"request body is larger than {request.app._client_max_size} bytes"
-        return error_response(exc.status, code, message)
+        return respond(exc.status, code, message)
     except Exception:
         logger.exception(f"unhandled error on {request.method} {request.path}")
-        return error_response(500, "internal_error", "the worker hit an unexpected error; it is logged")
+        request["error_code"] = "internal_error"
+        return respond(500, "internal_error", "the worker hit an unexpected error; it is logged")

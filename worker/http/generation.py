@@ -87,6 +87,7 @@ async def start_generation(
         stop=tuple(stop),
         narration=narration,
         ignore_eos=ignore_eos,
+        correlation_id=request.get("correlation_id"),
         timeout=state.settings.request_timeout,
         deliver=events.put_nowait,
     )

@@ -41,7 +41,7 @@ async def ready(request: web.Request) -> web.Response:
         return web.json_response({"ready": True, "state": "ready", "model": state.model.info.public()})
     body: dict[str, Any] = {"ready": False, "state": state.status}
     if state.status == "loading":
-        body.update(progress=round(state.load_progress, 3), progress_url="/v1/loading/progress")
+        body.update(progress=state.progress["progress"], progress_url="/v1/loading/progress")
     if state.error:
         body["error"] = state.error
     return web.json_response(body, status=503)

@@ -1,9 +1,10 @@
-"""The worker's shared state, kept on the app under one web.AppKey."""
+"""The worker's shared state, kept on the app under one web.AppKey. Touched only on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -11,18 +12,25 @@ from worker.config import Settings
 from worker.engine.llama import Model
 from worker.engine.scheduler import Engine
 from worker.http.errors import ApiError
+from worker.metrics import Metrics
 
 
 @dataclass
 class WorkerState:
     settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
     status: str = "loading"  # loading | ready | draining | failed
     engine: Engine | None = None
     model: Model | None = None
     backend: str = "cpu"
     device: str = "cpu"
-    load_progress: float = 0.0
+    vram_bytes: int = 0
+    url: str | None = None  # where this worker listens, once it does
     error: str | None = None
+    # The last loading progress event, and the /v1/loading/progress streams that want the next ones.
+    progress: dict[str, Any] = field(default_factory=lambda: {"stage": "starting", "progress": 0.0})
+    _watchers: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Resolved with the process exit code when the worker should stop (a signal, or a failed load).
     stopped: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -35,10 +43,37 @@ class WorkerState:
             return self.engine
         if self.status == "loading":
             raise ApiError(503, "loading", "the model is still loading", headers={"Retry-After": "1"},
-                           progress=round(self.load_progress, 3))
+                           progress=round(self.progress["progress"], 3))
         if self.status == "draining":
             raise ApiError(503, "draining", "the worker is shutting down")
         raise ApiError(503, "failed", f"the model failed to load: {self.error}")
+
+    # ---- loading progress ------------------------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """A progress, ready or error event for every /v1/loading/progress stream (on the loop)."""
+        if event["type"] == "progress":
+            self.progress = {k: v for k, v in event.items() if k != "type"}
+        for queue in self._watchers:
+            queue.put_nowait(event)
+
+    def watch(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue.put_nowait({"type": "progress", **self.progress})
+        if self.status != "loading":  # already over: the stream tells how it ended, then closes
+            queue.put_nowait(self.final_event())
+        else:
+            self._watchers.append(queue)
+        return queue
+
+    def unwatch(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        if queue in self._watchers:
+            self._watchers.remove(queue)
+
+    def final_event(self) -> dict[str, Any]:
+        if self.status == "failed":
+            return {"type": "error", "code": "model_load_failed", "message": self.error or "unknown"}
+        return {"type": "ready", "model": self.model.info.public() if self.model else None}
 
 
 STATE = web.AppKey("state", WorkerState)

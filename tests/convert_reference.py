@@ -1,0 +1,395 @@
+"""Tiny random-weight HF checkpoints, and a numpy reference forward pass of them (HF semantics, HF weights).
+
+The converter's tests write a checkpoint here, convert it, load the GGUF in llama.cpp and compare its logits
+with `forward` over the same weights: every transform (Q/K permute, Gemma's +1, fused tensors, rope
+scaling, soft-caps, sliding windows) has to be right for the two to agree.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values a SafeTensors file of `dtype` stores for x."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "F16":
+        return x.astype(np.float16).astype(np.float32)
+    if dtype == "BF16":  # round to nearest even on the top 16 bits
+        u = x.view(np.uint32).astype(np.uint64)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        return u.astype(np.uint32).view(np.float32)
+    return x
+
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
+    header, blobs, offset = {}, [], 0
+    for name, x in tensors.items():
+        x = round_to(x, dtype)
+        raw = {"F32": lambda: x.astype("<f4"), "F16": lambda: x.astype("<f2"),
+               "BF16": lambda: (x.view(np.uint32) >> 16).astype("<u2")}[dtype]().tobytes()
+        header[name] = {"dtype": dtype, "shape": list(x.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for raw in blobs:
+            f.write(raw)
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Hello world! How are you today?",
+    "Numbers like 12345 and 3.14 appear in text.", "Once upon a time there was a tiny model.",
+    "It's what they'll say, isn't it? We've seen it.", "Tabs\tand\nnewlines  and   spaces.",
+]
+
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def byte_level_tokenizer(regex: str | None, vocab_size: int, specials: list[str]) -> dict:
+    """A byte-level BPE tokenizer.json trained on CORPUS: Split(regex)+ByteLevel, or SmolLM's Digits+ByteLevel."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=regex == LLAMA3_REGEX))
+    if regex is None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return json.loads(tok.to_str())
+
+
+def sentencepiece_tokenizer(vocab_size: int, prefix_space: bool = True, extra_specials: tuple[str, ...] = ()) -> dict:
+    """A SentencePiece-style BPE tokenizer.json (▁, <0xNN> byte fallback), as Llama 2 / Gemma ship it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    base = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(base) - len(extra_specials), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(base)}
+    for t in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    specials = [(i, t) for i, t in enumerate(base[:3])] + [(len(vocab) + j, t) for j, t in enumerate(extra_specials)]
+    normalizer = [{"type": "Prepend", "prepend": "▁"}] if prefix_space else []
+    normalizer.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in specials],
+        "normalizer": {"type": "Sequence", "normalizers": normalizer},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                                    {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix_space else [])},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": trained["merges"]},
+    }
+
+
+# Each tiny model: its config.json; tokenizer is "spm" or a byte-level regex name.
+HIDDEN, LAYERS, HEADS, KV_HEADS, FF = 64, 2, 4, 2, 96
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_config(arch: str, vocab_size: int) -> dict:
+    base = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS, "intermediate_size": FF, "vocab_size": vocab_size,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+    extra = {
+        "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 500000.0,
+                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+        "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "head_dim": 32,
+                    "sliding_window": None, "tie_word_embeddings": True},
+        "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
+        "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32},
+        "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "num_key_value_heads": HEADS,
+                 "partial_rotary_factor": 0.5, "original_max_position_embeddings": 256, "sliding_window": None},
+        "gemma": {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "head_dim": 16,
+                  "num_key_value_heads": 1, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+        "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 32,
+                   "query_pre_attn_scalar": 32, "attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0,
+                   "sliding_window": 4, "tie_word_embeddings": True},
+        "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 16,
+                   "query_pre_attn_scalar": 16, "sliding_window": 4, "rope_theta": 1000000.0,
+                   "rope_local_base_freq": 100.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                   "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True},
+    }[arch]
+    return {**base, **extra}
+
+
+def tiny_weights(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random HF weights for `cfg`: projections ~ 1/sqrt(fan_in), so activations stay near unit scale."""
+    arch = cfg["model_type"].removesuffix("_text")
+    d, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    gemma = arch.startswith("gemma")
+
+    def mat(rows, cols):
+        return rng.normal(0, 1 / np.sqrt(cols), (rows, cols)).astype(np.float32)
+
+    def norm(n):  # Gemma stores w - 1
+        return rng.normal(0 if gemma else 1, 0.2, n).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": mat(v, d), "model.norm.weight": norm(d)}
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = mat(v, d)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm(d)
+        w[p + "post_attention_layernorm.weight"] = norm(d)
+        if arch == "phi3":
+            w[p + "self_attn.qkv_proj.weight"] = mat(q + 2 * kv, d)
+            w[p + "mlp.gate_up_proj.weight"] = mat(2 * ff, d)
+        else:
+            for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                w[p + f"self_attn.{name}.weight"] = mat(rows, d)
+                if arch == "qwen2":
+                    w[p + f"self_attn.{name}.bias"] = rng.normal(0, 0.5, rows).astype(np.float32)
+            w[p + "mlp.gate_proj.weight"] = mat(ff, d)
+            w[p + "mlp.up_proj.weight"] = mat(ff, d)
+        w[p + "self_attn.o_proj.weight"] = mat(d, q)
+        w[p + "mlp.down_proj.weight"] = mat(d, ff)
+        if arch in ("qwen3", "gemma3"):
+            w[p + "self_attn.q_norm.weight"] = norm(hd)
+            w[p + "self_attn.k_norm.weight"] = norm(hd)
+        if arch in ("gemma2", "gemma3"):
+            w[p + "pre_feedforward_layernorm.weight"] = norm(d)
+            w[p + "post_feedforward_layernorm.weight"] = norm(d)
+    return w
+
+
+def write_checkpoint(folder: Path, cfg: dict, weights: dict[str, np.ndarray], tokenizer: dict,
+                     dtype: str = "F32", shards: int = 1, tokenizer_config: dict | None = None) -> dict:
+    """Write config.json, tokenizer files and (sharded) safetensors; return the weights as stored."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {}))
+    names = list(weights)
+    if shards == 1:
+        save_safetensors(folder / "model.safetensors", weights, dtype)
+    else:
+        weight_map = {}
+        for s in range(shards):
+            part = {n: weights[n] for n in names[s::shards]}
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            save_safetensors(folder / file, part, dtype)
+            weight_map.update({n: file for n in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {n: round_to(x, dtype) for n, x in weights.items()}
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, plus_one: bool) -> np.ndarray:
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y * ((1.0 + w) if plus_one else w)
+
+
+def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray, style: str = "neox") -> np.ndarray:
+    """Rotate the first 2*len(inv_freq) dims of each head. x: [T, H, D]. neox: halves (HF's rotate_half);
+    normal: adjacent pairs (what llama.cpp's LLAMA_ROPE_TYPE_NORM does)."""
+    n_rot = 2 * len(inv_freq)
+    ang = pos[:, None] * inv_freq[None, :]  # [T, n_rot/2]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    r, rest = x[..., :n_rot], x[..., n_rot:]
+    a, b = (r[..., : n_rot // 2], r[..., n_rot // 2:]) if style == "neox" else (r[..., 0::2], r[..., 1::2])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = np.concatenate([ra, rb], -1) if style == "neox" else np.stack([ra, rb], -1).reshape(r.shape)
+    return np.concatenate([out, rest], -1)
+
+
+def inv_freqs(cfg: dict, sliding: bool) -> np.ndarray:
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    n_rot = int(hd * cfg.get("partial_rotary_factor", 1.0))
+    base = cfg["rope_local_base_freq"] if sliding and "rope_local_base_freq" in cfg else cfg["rope_theta"]
+    inv = 1.0 / base ** (np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    scaling = cfg.get("rope_scaling") or {}
+    if sliding and cfg["model_type"] == "gemma3_text":
+        return inv  # Gemma 3's local layers are never scaled
+    if scaling.get("rope_type") == "linear":
+        return inv / scaling["factor"]
+    if scaling.get("rope_type") == "llama3":  # transformers' _compute_llama3_parameters
+        f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv / f, inv)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return np.where(mid, (1 - smooth) * inv / f + smooth * inv, scaled)
+    return inv
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarray:
+    """Logits [len(tokens), vocab] of the HF model `cfg` with weights `w`, in float64."""
+    arch = cfg["model_type"].removesuffix("_text")
+    gemma, gemma23 = arch.startswith("gemma"), arch in ("gemma2", "gemma3")
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    d, n_head, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or d // n_head
+    eps, T = cfg["rms_norm_eps"], len(tokens)
+    pos = np.arange(T, dtype=np.float64)
+
+    def norm(x, name):
+        return rms_norm(x, w[name], eps, plus_one=gemma)
+
+    x = w["model.embed_tokens.weight"][tokens]
+    if gemma:
+        x = x * np.sqrt(d)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sliding = cfg.get("layer_types", ["full_attention"] * 99)[i] == "sliding_attention" or (
+            arch == "gemma2" and i % 2 == 0)
+        h = norm(x, p + "input_layernorm.weight")
+        if arch == "phi3":
+            q, k, v = np.split(h @ w[p + "self_attn.qkv_proj.weight"].T, [n_head * hd, (n_head + n_kv) * hd], -1)
+        else:
+            q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T + w.get(p + f"self_attn.{n}_proj.bias", 0)
+                       for n in "qkv")
+        q, k, v = q.reshape(T, n_head, hd), k.reshape(T, n_kv, hd), v.reshape(T, n_kv, hd)
+        if arch in ("qwen3", "gemma3"):
+            q, k = norm(q, p + "self_attn.q_norm.weight"), norm(k, p + "self_attn.k_norm.weight")
+        inv = inv_freqs(cfg, sliding)
+        q, k = rope(q, pos, inv), rope(k, pos, inv)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) * cfg.get("query_pre_attn_scalar", hd) ** -0.5
+        if cap := cfg.get("attn_logit_softcapping"):
+            scores = np.tanh(scores / cap) * cap
+        allowed = pos[None, :] <= pos[:, None]
+        if sliding and gemma23:
+            allowed &= pos[:, None] - pos[None, :] < cfg["sliding_window"]
+        scores = np.where(allowed[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out = np.einsum("hts,shd->thd", probs, v).reshape(T, n_head * hd) @ w[p + "self_attn.o_proj.weight"].T
+        if gemma23:
+            out = norm(out, p + "post_attention_layernorm.weight")
+        x = x + out
+        h = norm(x, p + ("pre_feedforward_layernorm.weight" if gemma23 else "post_attention_layernorm.weight"))
+        if arch == "phi3":
+            gate, up = np.split(h @ w[p + "mlp.gate_up_proj.weight"].T, 2, -1)
+        else:
+            gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+        m = ((gelu_tanh(gate) if gemma else silu(gate)) * up) @ w[p + "mlp.down_proj.weight"].T
+        if gemma23:
+            m = norm(m, p + "post_feedforward_layernorm.weight")
+        x = x + m
+    x = norm(x, "model.norm.weight")
+    logits = x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+    if cap := cfg.get("final_logit_softcapping"):
+        logits = np.tanh(logits / cap) * cap
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+# Which tokenizer each tiny model gets: byte-level BPE with a split regex, or SentencePiece-style.
+TOKENIZER_OF = {"llama": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "qwen3": QWEN2_REGEX}
+
+
+def tiny_tokenizer(arch: str) -> dict:
+    if arch in TOKENIZER_OF:
+        return byte_level_tokenizer(TOKENIZER_OF[arch], 300, SPECIALS)
+    # Phi-3's own vocabulary has these, and llama.cpp looks them up by name for Phi-3 models.
+    return sentencepiece_tokenizer(320, extra_specials=("<|endoftext|>", "<|end|>") if arch == "phi3" else ())
+
+
+def vocab_size_of(tokenizer: dict) -> int:
+    ids = [*tokenizer["model"]["vocab"].values(), *(t["id"] for t in tokenizer["added_tokens"])]
+    return max(ids) + 1
+
+
+def make_tiny_checkpoint(folder: Path, arch: str, dtype: str = "F32", seed: int = 0, shards: int = 1,
+                         **overrides) -> tuple[dict, dict[str, np.ndarray]]:
+    """A random-weight checkpoint of `arch` in `folder`: (config, the weights as stored)."""
+    tokenizer = tiny_tokenizer(arch)
+    cfg = {**tiny_config(arch, vocab_size_of(tokenizer)), **overrides}
+    weights = tiny_weights(cfg, np.random.default_rng(seed))
+    tok_config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"} if arch not in TOKENIZER_OF else {
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}<|im_start|>assistant\n"}
+    stored = write_checkpoint(folder, cfg, weights, tokenizer, dtype=dtype, shards=shards,
+                              tokenizer_config=tok_config)
+    return cfg, stored
+
+
+def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's logits [len(tokens), vocab] for one sequence, every position output."""
+    import llama_cpp as lc
+
+    from worker.engine.llama import Model, create_context
+
+    model = Model.load(gguf_path, ref="test", fmt="gguf", gpu_layers=0)
+    ctx = create_context(model, n_ctx=max(64, len(tokens)), n_seq=1, n_batch=max(64, len(tokens)), threads=2,
+                         flash_attn="off")
+    batch = lc.llama_batch_init(len(tokens), 0, 1)
+    try:
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, True
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(tokens)
+        assert lc.llama_decode(ctx, batch) == 0
+        return np.array([np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(model.n_vocab,))
+                         for i in range(len(tokens))], dtype=np.float64)
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        model.close()
+
+
+def make_hub_repo(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+    """A repository in huggingface-hub's own cache layout (refs/main, snapshots/<commit>/ → blobs/<sha256>)."""
+    import hashlib
+    import os
+
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "blobs").mkdir(exist_ok=True)
+    snapshot = root / "snapshots" / commit
+    for rel, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot

@@ -1,0 +1,61 @@
+"""Each architecture: a tiny random checkpoint converts, loads in llama.cpp, and computes what HF would.
+
+The reference is tests/convert_reference.forward: HF's semantics over the HF weights, in float64. llama.cpp
+runs the converted F16 weights with F16 activations in its matmuls and an F16 KV cache, so logits of
+magnitude ~4 differ by a few thousandths; a wrong transform (permute, norm +1, rope scaling, soft-caps,
+sliding window, local rope base, q/k norms, fused tensors) moves them by 0.3 or more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.convert_reference import (
+    ARCHS,
+    forward,
+    inv_freqs,
+    llama_logits,
+    make_tiny_checkpoint,
+    rope,
+    tiny_config,
+)
+from worker.models.convert import ensure_gguf
+from worker.models.convert.family import permute_rotary
+
+LOGIT_TOLERANCE = 0.02  # max |llama.cpp - reference| over every position and vocabulary entry
+SOURCE_DTYPE = {"llama": "BF16", "mistral": "F16", "gemma": "BF16", "gemma3": "F16"}  # the others: F32
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_the_reference_forward_pass(arch: str, tmp_path: Path):
+    cfg, weights = make_tiny_checkpoint(tmp_path / arch, arch, dtype=SOURCE_DTYPE.get(arch, "F32"),
+                                        shards=2 if arch == "qwen2" else 1)
+    path = ensure_gguf(tmp_path / arch, tmp_path / "cache")
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, cfg["vocab_size"], 12)]  # > sliding window 4
+    diff = np.abs(llama_logits(path, tokens) - forward(weights, cfg, tokens)).max()
+    print(f"{arch}: max |Δlogit| = {diff:.4f}")
+    assert diff < LOGIT_TOLERANCE
+
+
+def test_quantized_conversion_loads_and_stays_close(tmp_path: Path):
+    cfg, weights = make_tiny_checkpoint(tmp_path / "m", "qwen3")
+    path = ensure_gguf(tmp_path / "m", tmp_path / "cache", quantize="q8_0")
+    assert path.name.endswith(".q8_0.gguf")
+    tokens = list(range(3, 15))
+    ref = forward(weights, cfg, tokens)
+    diff = np.abs(llama_logits(path, tokens) - ref).max()
+    assert 0 < diff < 0.1 * np.abs(ref).max()  # 8-bit weights: close, but not F16-close
+
+
+def test_the_permute_turns_rotate_half_into_interleaved_pairs():
+    """Reference check: normal RoPE over permuted Q equals HF's rotate-half RoPE over the original."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(5, 64)), rng.normal(size=(4 * 16, 64))
+    pos, inv = np.arange(5.0), inv_freqs(tiny_config("mistral", 300) | {"head_dim": 16}, sliding=False)
+    hf = rope((x @ w.T).reshape(5, 4, 16), pos, inv, "neox")
+    cpp = rope((x @ permute_rotary(w, 4).T).reshape(5, 4, 16), pos, inv, "normal")
+    # the permute moves row j of each head's halves to 2j / 2j+1: undo that to compare
+    assert np.allclose(hf, cpp.reshape(5, 4, 8, 2).swapaxes(-1, -2).reshape(5, 4, 16))

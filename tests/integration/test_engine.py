@@ -1,0 +1,74 @@
+"""The engine in-process on the real model: failure paths a client cannot provoke through HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.engine.llama import Model
+from worker.engine.sampling import SamplingParams
+from worker.engine.scheduler import Engine, Job
+from worker.models.resolve import embedded_model_path
+from worker.narration import recording
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Model.load(embedded_model_path(), ref="embedded", fmt="gguf", gpu_layers=0)
+    yield m
+    m.close()
+
+
+async def run_job(engine: Engine, tokens: list[int], **kw) -> list[dict]:
+    queue: asyncio.Queue = asyncio.Queue()
+    job = Job(job_id=kw.pop("job_id", "j"), prompt_tokens=tokens, params=SamplingParams(temperature=0),
+              max_tokens=kw.pop("max_tokens", 4), deliver=queue.put_nowait, **kw)
+    engine.submit(job)
+    events: list[dict] = []
+    while not events or events[-1]["type"] not in ("end", "error"):
+        events.extend(await asyncio.wait_for(queue.get(), 30))
+    return events
+
+
+async def test_a_failed_decode_ends_the_request_with_error_and_the_engine_serves_on(model):
+    engine = Engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1)
+    engine.start(asyncio.get_running_loop())
+    try:
+        with recording() as narrated:
+            # a token id outside the vocabulary makes llama_decode refuse the batch
+            bad = await run_job(engine, [1, model.n_vocab + 10], job_id="bad", narration=True)
+            good = await run_job(engine, model.tokenize("Hello"), job_id="good")
+        assert bad[-1]["type"] == "error" and bad[-1]["code"] == "decode_failed"
+        assert [e["action"] for e in bad if e["type"] == "narration"] == ["inference_start", "inference_failed"]
+        assert good[-1]["type"] == "end" and good[-1]["tokens_out"] >= 1
+        failed = [e for e in narrated if e["action"] == "inference_failed"]
+        assert failed[0]["job_id"] == "bad" and failed[0]["level"] == "error"
+        assert engine.busy == 0 and engine.kv_usage() == 0
+        assert engine.metrics.errors.labels(code="decode_failed")._value.get() == 1
+    finally:
+        engine.close()
+
+
+async def test_model_load_progress_callback_reaches_one():
+    seen: list[float] = []
+    m = Model.load(embedded_model_path(), ref="embedded", fmt="gguf", gpu_layers=0, progress=seen.append)
+    m.close()
+    assert seen and seen == sorted(seen) and seen[-1] == 1.0
+
+
+async def test_a_bad_sequence_does_not_take_its_batch_mates_down(model):
+    engine = Engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1)
+    engine.start(asyncio.get_running_loop())
+    try:
+        solo = await run_job(engine, model.tokenize("The sky is"), job_id="solo", max_tokens=12)
+        good, bad = await asyncio.gather(
+            run_job(engine, model.tokenize("The sky is"), job_id="good", max_tokens=12),
+            run_job(engine, [1, 2, model.n_vocab + 99], job_id="bad"),
+        )
+        assert bad[-1]["type"] == "error"
+        assert good[-1]["type"] == "end" and good[-1]["tokens_out"] == solo[-1]["tokens_out"]
+        text = lambda evs: "".join(e["t"] for e in evs if e["type"] == "token")  # noqa: E731
+        assert text(good) == text(solo)
+    finally:
+        engine.close()

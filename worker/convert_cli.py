@@ -1,0 +1,73 @@
+"""`llm-worker-rbee convert SRC OUT.gguf [--quantize TYPE]`: the conversion --model does, without serving.
+
+Same code path and cache rules: SRC (a SafeTensors folder or an hf: ref) is converted into --cache-dir (or
+found there), then OUT is written atomically from the cached file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from worker.config import ConfigError, load_settings
+from worker.models.resolve import ModelResolveError, resolve
+from worker.narration import configure
+
+EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
+
+
+def convert_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llm-worker-rbee convert",
+                                     description="Convert a SafeTensors folder or hf:<org>/<repo> to a GGUF file.")
+    parser.add_argument("source", help="a SafeTensors folder (config.json, tokenizer.json, *.safetensors) or hf: ref")
+    parser.add_argument("output", type=Path, help="the .gguf file to write")
+    parser.add_argument("--quantize", help="none (F16, the default), q8_0, q4_k_m, …")
+    parser.add_argument("--cache-dir", help="where converted GGUFs are kept (default ~/.cache/llm-worker-rbee)")
+    parser.add_argument("--config", help="TOML settings file (its quantize and cache_dir apply)")
+    parser.add_argument("--log-format", help="json or pretty")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its usage message
+        return EXIT_OK if exc.code == 0 else EXIT_CONFIG
+    # The serve path's settings (flags > env > TOML > defaults) decide quantize and cache_dir here too.
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+             if name in ("quantize", "cache_dir", "config", "log_format") and value is not None]
+    try:
+        settings = load_settings(flags)
+    except ConfigError as exc:
+        print(f"llm-worker-rbee convert: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure(worker_id=None, log_format=settings.log_format, level=settings.log_level)
+    try:
+        resolved = resolve(args.source, cache_dir=settings.cache_dir, quantize=settings.quantize)
+    except ModelResolveError as exc:
+        print(f"llm-worker-rbee convert: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    if resolved.format != "safetensors":
+        print(f"llm-worker-rbee convert: {args.source} is already a GGUF ({resolved.path}); nothing to convert",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        _publish(resolved.path, args.output)
+    except OSError as exc:
+        print(f"llm-worker-rbee convert: cannot write {args.output}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(args.output)
+    return EXIT_OK
+
+
+def _publish(cached: Path, out: Path) -> None:
+    """Make `out` a complete copy of `cached`, or leave it untouched: temp file beside it, then rename."""
+    out = out.expanduser().resolve()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            os.link(cached, tmp)  # same filesystem: no copy of gigabytes
+        except OSError:
+            shutil.copyfile(cached, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,101 @@
+"""Prometheus metrics (prefix llm_worker_), one registry per worker, updated where things happen.
+
+Histogram buckets suit LLM latencies: time to first token from milliseconds to a minute, inter-token latency
+from sub-millisecond (GPU batches) to a second (CPU under load).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_QUEUE = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+_REQUEST = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "llm_worker_"
+        self.requests = Counter(p + "requests", "HTTP requests by route and status code", ["route", "code"],
+                                registry=r)
+        self.request_duration = Histogram(p + "request_duration_seconds", "HTTP request duration, streams included",
+                                          ["route"], buckets=_REQUEST, registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "submission to first generated token",
+                              buckets=_TTFT, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "time between generated tokens of a request",
+                             buckets=_ITL, registry=r)
+        self.queue_wait = Histogram(p + "queue_wait_seconds", "time a request waited for a slot", buckets=_QUEUE,
+                                    registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "prompt tokens of requests that got a slot", registry=r)
+        self.generated_tokens = Counter(p + "generated_tokens", "tokens generated", registry=r)
+        self.finished = Counter(p + "requests_finished", "generations ended, by stop reason", ["stop_reason"],
+                                registry=r)
+        self.errors = Counter(p + "errors", "errors answered or streamed, by code", ["code"], registry=r)
+        self.running = Gauge(p + "requests_running", "requests holding a slot", registry=r)
+        self.waiting = Gauge(p + "requests_waiting", "requests waiting for a slot", registry=r)
+        self.slots = Gauge(p + "slots_total", "sequences decoded together (--parallel)", registry=r)
+        self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "KV cache cells in use / all cells", registry=r)
+        self.load_seconds = Gauge(p + "model_load_seconds", "seconds the model took to load", registry=r)
+        self.model_size = Gauge(p + "model_size_bytes", "size of the model file", registry=r)
+        self.device_memory = Gauge(p + "device_memory_used_bytes", "memory in use on the GPU, as the backend "
+                                   "reports it", ["device"], registry=r)
+        self.model_info = Info(p + "model", "the model being served", registry=r)
+
+    def bind_engine(self, *, slots: int, running: Callable[[], float], waiting: Callable[[], float],
+                    kv_usage: Callable[[], float]) -> None:
+        """Gauges read at scrape time, so they are never stale."""
+        self.slots.set(slots)
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+        self.kv_usage.set_function(kv_usage)
+
+    def bind_device_memory(self) -> None:
+        for name in gpu_memory_used():
+            self.device_memory.labels(device=name).set_function(lambda name=name: gpu_memory_used().get(name, 0))
+
+
+def gpu_memory_used() -> dict[str, int]:
+    """Used bytes per GPU, from ggml's device API (total - free); empty when llama.cpp has no GPU device."""
+    lib = _ggml()
+    if lib is None:
+        return {}
+    out: dict[str, int] = {}
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) != 1:  # GGML_BACKEND_DEVICE_TYPE_GPU
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out[lib.ggml_backend_dev_name(dev).decode()] = int(total.value - free.value)
+    return out
+
+
+_ggml_lib: ctypes.CDLL | None | bool = False
+
+
+def _ggml() -> ctypes.CDLL | None:
+    global _ggml_lib
+    if _ggml_lib is False:
+        try:
+            import llama_cpp.llama_cpp as lc
+
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(lc._lib._name), "libggml.so"))
+            lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+            lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+            lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+            lib.ggml_backend_dev_type.restype = ctypes.c_int
+            lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+            lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+            lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+            lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                    ctypes.POINTER(ctypes.c_size_t)]
+            _ggml_lib = lib
+        except (OSError, AttributeError):
+            _ggml_lib = None
+    return _ggml_lib or None

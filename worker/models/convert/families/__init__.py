@@ -1,0 +1,25 @@
+"""The architectures the converter knows, one small table per family."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from worker.models.convert.errors import ConvertError
+from worker.models.convert.families.gemma import GEMMA, GEMMA2, GEMMA3
+from worker.models.convert.families.llama import LLAMA
+from worker.models.convert.families.phi3 import PHI3
+from worker.models.convert.families.qwen import QWEN2, QWEN3
+from worker.models.convert.family import Family
+
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, PHI3, GEMMA, GEMMA2, GEMMA3)
+BY_HF_ARCHITECTURE: dict[str, Family] = {hf: f for f in FAMILIES for hf in f.hf_architectures}
+
+
+def family_for(config: Mapping[str, Any]) -> Family:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in BY_HF_ARCHITECTURE:
+            return BY_HF_ARCHITECTURE[name]
+    asked = ", ".join(names) or f"model_type {config.get('model_type')!r}"
+    raise ConvertError(f"unsupported architecture {asked}; supported: {', '.join(BY_HF_ARCHITECTURE)}")

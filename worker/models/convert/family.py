@@ -1,0 +1,104 @@
+"""What differs per architecture, as data: the per-family modules in `families/` fill one `Family` each.
+
+Everything else (tensor names through gguf's TensorNameMap, hyper-parameters every family shares, dtypes,
+shape checks, the tokenizer) is generic and lives in `convert.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+import numpy as np
+
+from worker.models.convert.errors import ConvertError
+
+Transform = Callable[[np.ndarray, "Hparams"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """config.json, plus the sizes every family needs, checked once."""
+
+    config: Mapping[str, Any]
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Hparams:
+        def need(key: str) -> int:
+            value = config.get(key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConvertError(f"config.json: {key} is missing or not a positive integer (got {value!r})")
+            return value
+
+        n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+        return cls(
+            config=config,
+            n_layer=need("num_hidden_layers"),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=config.get("num_key_value_heads") or n_head,
+            head_dim=config.get("head_dim") or n_embd // n_head,
+            n_ff=need("intermediate_size"),
+            n_vocab=need("vocab_size"),
+        )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.config.get(key)
+        return default if value is None else value
+
+    @property
+    def rope(self) -> Mapping[str, Any]:
+        """The global layers' rope parameters (rope_scaling in transformers 4, rope_parameters in 5)."""
+        rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
+        return rope.get("full_attention", rope)
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope.get("rope_type") or self.rope.get("type") or "default").lower()
+
+    @property
+    def rope_theta(self) -> float | None:
+        return self.get("rope_theta", self.rope.get("rope_theta"))
+
+    @property
+    def n_rot(self) -> int:
+        factor = self.get("partial_rotary_factor", self.rope.get("partial_rotary_factor", 1.0))
+        return int(self.head_dim * factor)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One llama.cpp architecture and the HF `architectures` that convert to it."""
+
+    arch: gguf.MODEL_ARCH
+    hf_architectures: tuple[str, ...]
+    # HF tensor-name suffix → array transform, applied before the dtype cast
+    transforms: Mapping[str, Transform] = field(default_factory=dict)
+    # config.json key → GGUFWriter method for the keys only this family has (None values are skipped)
+    config_keys: Mapping[str, str] = field(default_factory=dict)
+    norm_shift: float = 0.0  # added to every *norm.weight: Gemma's RMSNorm scales by (1 + w)
+    always_tied: bool = False  # the output layer is the token embedding, whatever config.json says
+    fused_gate_up: bool = False  # ffn_up holds gate and up rows (Phi-3's gate_up_proj)
+    rope_types: tuple[str, ...] = ()  # rope scaling types this family converts beyond default/linear/yarn
+    extra_kv: Callable[[Hparams, gguf.GGUFWriter], None] | None = None
+    extra_tensors: Callable[[Hparams], dict[str, np.ndarray]] | None = None
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half layout of Q/K rows → the interleaved pairs of llama.cpp's normal RoPE."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
