@@ -31,9 +31,9 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 def save_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
     header, blobs, offset = {}, [], 0
     for name, x in tensors.items():
-        x = round_to(x, dtype)
+        x = np.asarray(x, dtype=np.float32)
         raw = {"F32": lambda: x.astype("<f4"), "F16": lambda: x.astype("<f2"),
-               "BF16": lambda: (x.view(np.uint32) >> 16).astype("<u2")}[dtype]().tobytes()
+               "BF16": lambda: (round_to(x, "BF16").view(np.uint32) >> 16).astype("<u2")}[dtype]().tobytes()
         header[name] = {"dtype": dtype, "shape": list(x.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
