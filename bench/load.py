@@ -46,21 +46,26 @@ class StreamResult:
         return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
 
 
-def _request(dialect: str, tokens: int, sampling: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+def _request(dialect: str, tokens: int, sampling: dict[str, Any], seed: int | None) -> tuple[str, dict[str, Any]]:
+    """The same request in each dialect; seed None = the server draws one, as most clients leave it."""
+    if seed is None:
+        seed_field: dict[str, Any] = {}
+    else:
+        seed_field = {"seed": seed}
     if dialect == "native":
-        return "/v1/inference", {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "seed": seed,
+        return "/v1/inference", {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, **seed_field,
                                  **sampling}
     if dialect == "openai":
-        return "/v1/completions", {"prompt": PROMPT, "max_tokens": tokens, "stream": True, "seed": seed,
+        return "/v1/completions", {"prompt": PROMPT, "max_tokens": tokens, "stream": True, **seed_field,
                                    "ignore_eos": True, "stream_options": {"include_usage": True}, **sampling}
     if dialect == "llama":
-        return "/completion", {"prompt": PROMPT, "n_predict": tokens, "stream": True, "seed": seed,
+        return "/completion", {"prompt": PROMPT, "n_predict": tokens, "stream": True, **seed_field,
                                "ignore_eos": True, **sampling}
     raise ValueError(dialect)
 
 
 async def one_stream(http: aiohttp.ClientSession, url: str, dialect: str, tokens: int, sampling: dict[str, Any],
-                     seed: int) -> StreamResult:
+                     seed: int | None) -> StreamResult:
     path, body = _request(dialect, tokens, sampling, seed)
     result = StreamResult(start=time.perf_counter())
     try:
@@ -108,7 +113,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 async def run_load(url: str, *, streams: int, tokens: int, dialect: str = "native",
-                   sampling: dict[str, Any] | None = None, rounds: int = 1) -> dict[str, Any]:
+                   sampling: dict[str, Any] | None = None, rounds: int = 1, seeded: bool = False) -> dict[str, Any]:
     """`streams` concurrent requests, `rounds` times; returns the figures as a dict."""
     sampling = sampling if sampling is not None else {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
     timeout = aiohttp.ClientTimeout(total=3600)
@@ -117,7 +122,8 @@ async def run_load(url: str, *, streams: int, tokens: int, dialect: str = "nativ
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
         for r in range(rounds):
             t0 = time.perf_counter()
-            batch = await asyncio.gather(*(one_stream(http, url, dialect, tokens, sampling, seed=1000 * r + i)
+            batch = await asyncio.gather(*(one_stream(http, url, dialect, tokens, sampling,
+                                                      seed=1000 * r + i if seeded else None)
                                            for i in range(streams)))
             wall += time.perf_counter() - t0
             results.extend(batch)

@@ -32,8 +32,10 @@ def save_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F
     header, blobs, offset = {}, [], 0
     for name, x in tensors.items():
         x = np.asarray(x, dtype=np.float32)
-        raw = {"F32": lambda: x.astype("<f4"), "F16": lambda: x.astype("<f2"),
-               "BF16": lambda: (round_to(x, "BF16").view(np.uint32) >> 16).astype("<u2")}[dtype]().tobytes()
+        if dtype == "BF16":
+            raw = (round_to(x, "BF16").view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            raw = x.astype("<f2" if dtype == "F16" else "<f4").tobytes()
         header[name] = {"dtype": dtype, "shape": list(x.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
@@ -76,7 +78,8 @@ def byte_level_tokenizer(regex: str | None, vocab_size: int, specials: list[str]
     return json.loads(tok.to_str())
 
 
-def sentencepiece_tokenizer(vocab_size: int, prefix_space: bool = True, extra_specials: tuple[str, ...] = ()) -> dict:
+def sentencepiece_tokenizer(vocab_size: int, prefix_space: bool = True,
+                            extra_specials: tuple[str, ...] = ()) -> dict:
     """A SentencePiece-style BPE tokenizer.json (▁, <0xNN> byte fallback), as Llama 2 / Gemma ship it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -215,12 +218,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, plus_one: bool) -> np.nda
     return y * ((1.0 + w) if plus_one else w)
 
 
-def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray, style: str = "neox") -> np.ndarray:
+def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray, style: str = "neox",
+         scale: float = 1.0) -> np.ndarray:
     """Rotate the first 2*len(inv_freq) dims of each head. x: [T, H, D]. neox: halves (HF's rotate_half);
-    normal: adjacent pairs (what llama.cpp's LLAMA_ROPE_TYPE_NORM does)."""
+    normal: adjacent pairs (what llama.cpp's LLAMA_ROPE_TYPE_NORM does). scale multiplies cos and sin."""
     n_rot = 2 * len(inv_freq)
     ang = pos[:, None] * inv_freq[None, :]  # [T, n_rot/2]
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    cos, sin = scale * np.cos(ang)[:, None, :], scale * np.sin(ang)[:, None, :]
     r, rest = x[..., :n_rot], x[..., n_rot:]
     a, b = (r[..., : n_rot // 2], r[..., n_rot // 2:]) if style == "neox" else (r[..., 0::2], r[..., 1::2])
     ra, rb = a * cos - b * sin, a * sin + b * cos
@@ -236,6 +240,8 @@ def inv_freqs(cfg: dict, sliding: bool) -> np.ndarray:
     scaling = cfg.get("rope_scaling") or {}
     if sliding and cfg["model_type"] == "gemma3_text":
         return inv  # Gemma 3's local layers are never scaled
+    if scaling.get("type") == "longrope":  # short factors: the context stays within the original length
+        return inv / np.asarray(scaling["short_factor"])
     if scaling.get("rope_type") == "linear":
         return inv / scaling["factor"]
     if scaling.get("rope_type") == "llama3":  # transformers' _compute_llama3_parameters
@@ -270,6 +276,10 @@ def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarra
     def norm(x, name):
         return rms_norm(x, w[name], eps, plus_one=gemma)
 
+    mscale = 1.0  # Phi-3 LongRoPE scales cos and sin by its attention factor
+    if (cfg.get("rope_scaling") or {}).get("type") == "longrope":
+        factor = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
+        mscale = np.sqrt(1 + np.log(factor) / np.log(cfg["original_max_position_embeddings"]))
     x = w["model.embed_tokens.weight"][tokens]
     if gemma:
         x = x * np.sqrt(d)
@@ -287,7 +297,7 @@ def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarra
         if arch in ("qwen3", "gemma3"):
             q, k = norm(q, p + "self_attn.q_norm.weight"), norm(k, p + "self_attn.k_norm.weight")
         inv = inv_freqs(cfg, sliding)
-        q, k = rope(q, pos, inv), rope(k, pos, inv)
+        q, k = rope(q, pos, inv, scale=mscale), rope(k, pos, inv, scale=mscale)
         k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
         scores = np.einsum("thd,shd->hts", q, k) * cfg.get("query_pre_attn_scalar", hd) ** -0.5
         if cap := cfg.get("attn_logit_softcapping"):
@@ -329,7 +339,8 @@ def tiny_tokenizer(arch: str) -> dict:
     if arch in TOKENIZER_OF:
         return byte_level_tokenizer(TOKENIZER_OF[arch], 300, SPECIALS)
     # Phi-3's own vocabulary has these, and llama.cpp looks them up by name for Phi-3 models.
-    return sentencepiece_tokenizer(320, extra_specials=("<|endoftext|>", "<|end|>") if arch == "phi3" else ())
+    return sentencepiece_tokenizer(320, prefix_space=not arch.startswith("gemma"),  # as each family ships it
+                                   extra_specials=("<|endoftext|>", "<|end|>") if arch == "phi3" else ())
 
 
 def vocab_size_of(tokenizer: dict) -> int:
@@ -376,7 +387,7 @@ def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
         model.close()
 
 
-def make_hub_repo(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+def make_hub_repo(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "c0ffee" * 6 + "c0de") -> Path:
     """A repository in huggingface-hub's own cache layout (refs/main, snapshots/<commit>/ → blobs/<sha256>)."""
     import hashlib
     import os

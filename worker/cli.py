@@ -131,7 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     narrate("startup", f"Worker {settings.worker_id} starting.", target=settings.worker_id,
             parallel=settings.parallel, ctx_size=settings.ctx_size, backend=settings.backend)
     try:
-        return asyncio.run(serve(settings))
+        if settings.profile_dir is None:
+            return asyncio.run(serve(settings))
+        import cProfile  # performance work only: the event loop's side
+
+        settings.profile_dir.mkdir(parents=True, exist_ok=True)
+        with cProfile.Profile() as prof:
+            code = asyncio.run(serve(settings))
+        prof.dump_stats(settings.profile_dir / "loop.prof")
+        return code
     except Exception:
         logger.exception("the worker failed")
         return 1

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     advertise_url: str | None = Field(
         None, description="the URL the pool manager should use to reach this worker; default: http://host:port"
     )
+    profile_dir: Path | None = Field(
+        None, description="performance work: write cProfile stats of the scheduler thread and the event loop here"
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may finish after SIGTERM before they are cancelled"
     )

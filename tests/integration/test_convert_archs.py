@@ -22,6 +22,7 @@ from tests.convert_reference import (
     rope,
     tiny_config,
 )
+from worker.engine.llama import Model
 from worker.models.convert import ensure_gguf
 from worker.models.convert.family import permute_rotary
 
@@ -40,6 +41,14 @@ def test_logits_match_the_reference_forward_pass(arch: str, tmp_path: Path):
     assert diff < LOGIT_TOLERANCE
 
 
+def test_phi3_longrope(tmp_path: Path):
+    longrope = {"type": "longrope", "short_factor": [1.0, 1.5, 2.5, 6.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}
+    cfg, weights = make_tiny_checkpoint(tmp_path / "m", "phi3", rope_scaling=longrope, max_position_embeddings=4096)
+    tokens = list(range(3, 15))
+    diff = np.abs(llama_logits(ensure_gguf(tmp_path / "m", tmp_path / "c"), tokens) - forward(weights, cfg, tokens))
+    assert diff.max() < LOGIT_TOLERANCE
+
+
 def test_quantized_conversion_loads_and_stays_close(tmp_path: Path):
     cfg, weights = make_tiny_checkpoint(tmp_path / "m", "qwen3")
     path = ensure_gguf(tmp_path / "m", tmp_path / "cache", quantize="q8_0")
@@ -48,6 +57,25 @@ def test_quantized_conversion_loads_and_stays_close(tmp_path: Path):
     ref = forward(weights, cfg, tokens)
     diff = np.abs(llama_logits(path, tokens) - ref).max()
     assert 0 < diff < 0.1 * np.abs(ref).max()  # 8-bit weights: close, but not F16-close
+
+
+TEXTS = ["Hello world", "The quick brown fox", "  two spaces\tand a tab\n\nnew lines ", "digits 1234567 3.14",
+         "accents: café naïve", "CJK: 你好世界", "emoji 🦙🚀", "It's what they'll say, isn't it?"]
+SPECIAL_TEXTS = ["<|im_start|>user\nhi<|im_end|>\n", "a<|endoftext|>b"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])  # Llama 3, Qwen2, SentencePiece ±prefix
+def test_tokenization_matches_the_tokenizer_json(arch: str, tmp_path: Path):
+    from tokenizers import Tokenizer
+
+    make_tiny_checkpoint(tmp_path / arch, arch)
+    reference = Tokenizer.from_file(str(tmp_path / arch / "tokenizer.json"))
+    model = Model.load(ensure_gguf(tmp_path / arch, tmp_path / "cache"), ref=arch, fmt="gguf", gpu_layers=0)
+    try:
+        for text in TEXTS + (SPECIAL_TEXTS if arch in ("llama", "qwen2") else []):
+            assert model.tokenize(text, add_special=True, parse_special=True) == reference.encode(text).ids, text
+    finally:
+        model.close()
 
 
 def test_the_permute_turns_rotate_half_into_interleaved_pairs():

@@ -29,7 +29,8 @@ from worker.models.resolve import embedded_model_path
 
 TEXTS = [
     "Hello world", "  two spaces\tand a tab\n\nnew lines ", "digits 1234567 and 3.14159, 2024-01-31",
-    "accents: café naïve Ångström façade", "CJK: 你好世界，日本語のテキスト", "emoji 🦙🚀 👩‍👩‍👧 ✅",
+    "accents: café naïve Ångström façade", "CJK: 你好世界，日本語のテキスト",
+    "emoji 🦙🚀 👩‍👩‍👧 ✅",
     "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n", "I've they'll we'RE don't",
     "code:\n    def f(x):\n        return x**2  # square", "¡Hola! ¿Qué tal? Grüße, Привет",
 ]
@@ -40,9 +41,7 @@ _HF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "a
              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
-def rebuild_checkpoint(source: Path, folder: Path) -> None:
-    reader = gguf.GGUFReader(source)
-
+def rebuild_checkpoint(reader: gguf.GGUFReader, folder: Path) -> None:
     def meta(key: str):
         return reader.fields[key].contents()
 
@@ -76,7 +75,8 @@ def rebuild_checkpoint(source: Path, folder: Path) -> None:
     }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": tokens[meta("tokenizer.ggml.bos_token_id")], "eos_token": tokens[meta("tokenizer.ggml.eos_token_id")],
+        "bos_token": tokens[meta("tokenizer.ggml.bos_token_id")],
+        "eos_token": tokens[meta("tokenizer.ggml.eos_token_id")],
         "unk_token": tokens[meta("tokenizer.ggml.unknown_token_id")],
         "pad_token": tokens[meta("tokenizer.ggml.padding_token_id")],
         "add_bos_token": False, "clean_up_tokenization_spaces": False, "chat_template": meta("tokenizer.chat_template"),
@@ -92,15 +92,15 @@ def rebuild_checkpoint(source: Path, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("smollm2")
-    rebuild_checkpoint(embedded_model_path(), root / "SmolLM2-135M-Instruct")
-    return {"folder": root / "SmolLM2-135M-Instruct", "cache": root / "cache"}
+def original_reader() -> gguf.GGUFReader:
+    return gguf.GGUFReader(embedded_model_path())
 
 
 @pytest.fixture(scope="module")
-def original_reader() -> gguf.GGUFReader:
-    return gguf.GGUFReader(embedded_model_path())
+def smollm(tmp_path_factory, original_reader) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("smollm2")
+    rebuild_checkpoint(original_reader, root / "SmolLM2-135M-Instruct")
+    return {"folder": root / "SmolLM2-135M-Instruct", "cache": root / "cache"}
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,8 @@ def test_f16_picks_the_originals_top_token(models):
     text = CHAT + "The sea is a mirror that reflects the soul. The capital of France is Paris.\n" \
                   "def fibonacci(n):\n    if n < 2:\n        return n\n"
     tokens = models["original"].tokenize(text, add_special=True, parse_special=True)
-    original, f16 = _decode(models["original"], tokens, all_logits=True), _decode(models["f16"], tokens, all_logits=True)
+    original = _decode(models["original"], tokens, all_logits=True)
+    f16 = _decode(models["f16"], tokens, all_logits=True)
     agree = (original.argmax(-1) == f16.argmax(-1)).mean()
     print(f"top-1 agreement {agree:.3f} over {len(tokens)} positions; mean |Δlogit| "
           f"{np.abs(original - f16).mean():.3f}, max {np.abs(original - f16).max():.3f}")
@@ -189,6 +190,6 @@ def test_quantized_back_to_q4_1_is_the_original(smollm, models, original_reader)
     model = Model.load(q4_1, ref="q4_1", fmt="gguf", gpu_layers=0)
     try:
         prompt = models["original"].tokenize(CHAT, add_special=True, parse_special=True)
-        assert _decode(model, prompt, n_new=32) == _decode(models["original"], prompt, n_new=32)
+        assert _decode(model, prompt, n_new=16) == _decode(models["original"], prompt, n_new=16)
     finally:
         model.close()

@@ -238,13 +238,16 @@ def _read_info(ptr: Any, path: Path, ref: str, fmt: str) -> ModelInfo:
 
 def create_context(
     model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
-    flash_attn: str = "auto",
+    flash_attn: str = "auto", n_outputs: int = 0,
 ) -> Any:
     params = lc.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
     params.n_ubatch = n_batch
     params.n_seq_max = n_seq
+    # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per sequence and step, and
+    # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output).
+    params.n_outputs_max = n_outputs
     params.n_threads = threads
     params.n_threads_batch = threads_batch or threads
     # Each sequence gets its own n_ctx/n_seq cells: an admitted request can never run out of KV cache.

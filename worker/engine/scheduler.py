@@ -74,7 +74,8 @@ class Job:
 class Slot:
     seq_id: int
     job: Job | None = None
-    chain: Any = None
+    chain: Any = None  # kept between jobs: attaching a new one costs llama.cpp a graph re-reservation
+    chain_params: SamplingParams | None = None
     text: TextStream | None = None
     prompt_pos: int = 0  # prompt tokens already decoded
     n_past: int = 0
@@ -139,6 +140,7 @@ class Engine:
         flash_attn: str = "auto",
         backend_sampling: bool = False,
         metrics: Metrics | None = None,
+        profile_path: str | None = None,
     ) -> None:
         self.model = model
         self.metrics = metrics or Metrics()
@@ -149,7 +151,7 @@ class Engine:
         self.backend_sampling = backend_sampling
         self.ctx = create_context(
             model, n_ctx=ctx_size * parallel, n_seq=parallel, n_batch=batch_size, threads=threads,
-            threads_batch=threads_batch, flash_attn=flash_attn,
+            threads_batch=threads_batch, flash_attn=flash_attn, n_outputs=parallel,
         )
         self.mem = lc.llama_get_memory(self.ctx)
         self.slots = [Slot(seq_id=i) for i in range(parallel)]
@@ -164,6 +166,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._out: dict[Job, list[Event]] = {}
         self._last_rc = 0
+        # Where a step's time goes: llama.cpp (decode + sampling) against the rest (Python around it).
+        self.stats = {"steps": 0, "step_s": 0.0, "llama_s": 0.0}
+        self.profile_path = profile_path
 
     # ---- loop side -------------------------------------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class Engine:
             if slot.chain is not None:
                 lc.llama_set_sampler(self.ctx, slot.seq_id, None)
                 free_chain(slot.chain)
-                slot.chain = None
+                slot.chain = slot.chain_params = None
         if self.ctx:
             lc.llama_free(self.ctx)
             self.ctx = None
@@ -260,6 +265,15 @@ class Engine:
             logger.warning(f"warm-up decode returned {rc}")
 
     def _run(self) -> None:
+        if self.profile_path is None:
+            return self._loop_steps()
+        import cProfile  # performance work only: --profile-dir
+
+        with cProfile.Profile() as prof:
+            self._loop_steps()
+        prof.dump_stats(self.profile_path)
+
+    def _loop_steps(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and self._busy == 0:
@@ -268,6 +282,7 @@ class Engine:
                     break
                 self._expire_waiting()
                 self._admit()
+            started = time.perf_counter()
             try:
                 self._step()
             except Exception as exc:  # a bug must end the affected streams, never hang them
@@ -276,6 +291,8 @@ class Engine:
                     if slot.job is not None:
                         self._fail(slot, "internal_error", f"{type(exc).__name__}: {exc}")
             self._flush()
+            self.stats["steps"] += 1
+            self.stats["step_s"] += time.perf_counter() - started
         self._flush()
 
     def _expire_waiting(self) -> None:
@@ -295,9 +312,18 @@ class Engine:
     def _start(self, slot: Slot, job: Job) -> None:
         self._busy += 1
         slot.job = job
-        slot.chain = build_chain(job.params, self.model.n_vocab)
-        if self.backend_sampling:
-            lc.llama_set_sampler(self.ctx, slot.seq_id, slot.chain)
+        if slot.chain is not None and slot.chain_params == job.params:
+            # Same parameters as this slot's last job: a reset makes the chain new (penalty history cleared,
+            # the seed drawn again) and, attached in the decode graph, it needs no re-reservation (~30 ms on a GPU).
+            lc.llama_sampler_reset(slot.chain)
+        else:
+            if slot.chain is not None:
+                if self.backend_sampling:
+                    lc.llama_set_sampler(self.ctx, slot.seq_id, None)
+                free_chain(slot.chain)
+            slot.chain, slot.chain_params = build_chain(job.params, self.model.n_vocab), job.params
+            if self.backend_sampling:
+                lc.llama_set_sampler(self.ctx, slot.seq_id, slot.chain)
         slot.text = TextStream(job.stop)
         slot.prompt_pos = slot.n_past = slot.tokens_out = 0
         slot.admitted_at = time.perf_counter()
@@ -354,12 +380,16 @@ class Engine:
         batch = self._batch
         batch.n = 0
         outputs = [(slot, batch.add(tokens, pos, slot.seq_id, logits)) for slot, tokens, pos, logits in parts]
+        t0 = time.perf_counter()
         self._last_rc = batch.decode(self.ctx)
         if self._last_rc != 0:
             return False
-        for (slot, idx), (_, _, _, logits) in zip(outputs, parts):
-            if logits:
-                self._on_token(slot, lc.llama_sampler_sample(slot.chain, self.ctx, idx))
+        # On a GPU llama_decode only queues the work: the first read of a sampled token waits for it.
+        tokens = [(slot, lc.llama_sampler_sample(slot.chain, self.ctx, idx))
+                  for (slot, idx), (_, _, _, logits) in zip(outputs, parts) if logits]
+        self.stats["llama_s"] += time.perf_counter() - t0
+        for slot, token in tokens:
+            self._on_token(slot, token)
         return True
 
     def _on_token(self, slot: Slot, token: int) -> None:
@@ -433,11 +463,8 @@ class Engine:
         job = slot.job
         assert job is not None
         job.done = True
-        if self.backend_sampling:
-            lc.llama_set_sampler(self.ctx, slot.seq_id, None)
-        free_chain(slot.chain)
         lc.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.job = slot.chain = slot.text = None
+        slot.job = slot.text = None
         with self._cond:
             self._busy -= 1
 

@@ -84,7 +84,8 @@ def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
                                                           and state.backend != "cpu")
         engine = Engine(model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                         batch_size=s.batch_size, threads=s.threads, threads_batch=s.threads_batch,
-                        flash_attn=s.flash_attn, backend_sampling=backend_sampling, metrics=state.metrics)
+                        flash_attn=s.flash_attn, backend_sampling=backend_sampling, metrics=state.metrics,
+                        profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         engine.start(loop)
     except BaseException:
         model.close()
@@ -141,6 +142,12 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.shield(task)  # a load in progress cannot be interrupted: let it end, then free it
     if state.engine is not None:
         await asyncio.to_thread(state.engine.close)
+        st = state.engine.stats
+        if st["steps"]:
+            narrate("engine_stats", f"{st['steps']} decode steps, {st['step_s'] / st['steps'] * 1000:.2f} ms each, "
+                    f"{st['llama_s'] / st['step_s']:.0%} of it in llama.cpp.", actor="engine", steps=st["steps"],
+                    step_ms=round(st["step_s"] / st["steps"] * 1000, 3),
+                    llama_share=round(st["llama_s"] / st["step_s"], 3))
     if state.model is not None:
         state.model.close()
 

@@ -57,14 +57,15 @@ def resolve_hf(ref: str) -> Path:
         if hub.pattern:
             folder = _snapshot(hub.repo_id, [hub.pattern], local_only)
             return folder / _model_parts(ref, _files(folder), hub.pattern)[0]
-        if local_only:
+        # Online, list the repository first: fetch the checkpoint, or its one GGUF, never every quantization.
+        names = None if local_only else _list_repo(hub.repo_id)
+        if names is None:
             folder = _snapshot(hub.repo_id, None, True)
             names = _files(folder)
-        else:  # list the repository first: fetch the checkpoint, or its one GGUF, never every quantization
-            names = HfApi().list_repo_files(hub.repo_id)
-            if not _is_checkpoint(names):
-                parts = _model_parts(ref, names, "*.gguf")
-                return _snapshot(hub.repo_id, parts, False) / parts[0]
+        elif not _is_checkpoint(names):
+            parts = _model_parts(ref, names, "*.gguf")
+            return _snapshot(hub.repo_id, parts, False) / parts[0]
+        else:
             folder = _snapshot(hub.repo_id, SAFETENSORS_PATTERNS, False, SAFETENSORS_IGNORED)
         if _is_checkpoint(names):
             return folder
@@ -76,6 +77,19 @@ def resolve_hf(ref: str) -> Path:
         ) from None
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError, OSError) as exc:
         raise ModelResolveError(f"{ref}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+
+
+def _list_repo(repo_id: str) -> list[str] | None:
+    """The repository's files, or None when the hub cannot be reached (then the cache answers, as it does
+    for huggingface-hub's own downloads). A repository the hub denies or lacks is an error."""
+    try:
+        return HfApi().list_repo_files(repo_id)
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code in (401, 403, 404):
+            raise
+        return None
+    except Exception:  # noqa: BLE001  connection refused, DNS, timeouts: the types vary with the HTTP client
+        return None
 
 
 def _snapshot(repo_id: str, patterns: list[str] | None, local_only: bool, ignore: list[str] | None = None) -> Path:

@@ -14,11 +14,12 @@ from worker.models.convert.cache import cache_key, lock, temp_path
 from worker.models.convert.convert import convert_checkpoint, read_config
 from worker.models.convert.errors import ConvertError
 from worker.models.convert.families import family_for
-from worker.models.convert.quantize import QUANT_TYPES, quantize as quantize_gguf
+from worker.models.convert.quantize import QUANT_TYPES
+from worker.models.convert.quantize import quantize as quantize_gguf
 from worker.models.convert.safetensors import INDEX_FILE, weight_files
 from worker.narration import narrate
 
-__all__ = ["ConvertError", "QUANT_TYPES", "ensure_gguf", "source_files"]
+__all__ = ["QUANT_TYPES", "ConvertError", "ensure_gguf", "source_files"]
 
 # Besides the weights, the files conversion reads (SpecialVocab reads the chat template files).
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -27,7 +28,7 @@ _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_t
 
 def source_files(folder: Path) -> list[Path]:
     """The files a conversion of `folder` reads; missing config, tokenizer or weights are errors."""
-    family_for(read_config(folder))  # an unsupported architecture fails here, before any hashing
+    family_for(read_config(folder), where=str(folder / "config.json"))  # fails here, before any hashing
     if not (folder / "tokenizer.json").is_file():
         raise ConvertError(f"{folder}: no tokenizer.json (the GGUF must carry the tokenizer)")
     return [folder / n for n in _SIDE_FILES if (folder / n).is_file()] + weight_files(folder)
@@ -48,7 +49,7 @@ def ensure_gguf(folder: Path, cache_dir: Path, quantize: str = "none", label: st
         if out.is_file():  # another worker converted it while this one waited for the lock
             return out
         source_bytes = sum(f.stat().st_size for f in files)
-        narrate("safetensors_convert_start", f"Converting {label} ({source_bytes / 1e6:.0f} MB of SafeTensors) to "
+        narrate("safetensors_convert_start", f"Converting {label} ({_size(source_bytes)} of SafeTensors) to "
                 f"GGUF ({'F16' if quantize == 'none' else quantize}).", target=label, source=str(folder),
                 source_bytes=source_bytes, quantize=quantize)
         t0 = time.perf_counter()
@@ -60,10 +61,17 @@ def ensure_gguf(folder: Path, cache_dir: Path, quantize: str = "none", label: st
         seconds = time.perf_counter() - t0
         size = out.stat().st_size
         narrate("safetensors_convert_complete", f"Converted {label} ({stats.architecture}, {stats.n_tensors} "
-                f"tensors) in {seconds:.1f} s: {size / 1e6:.0f} MB of GGUF at {out}.", target=label, path=str(out),
+                f"tensors) in {seconds:.1f} s: {_size(size)} of GGUF at {out}.", target=label, path=str(out),
                 architecture=stats.architecture, source_bytes=source_bytes, output_bytes=size,
                 duration_ms=round(seconds * 1000, 1), quantize=quantize, cute="New clothes for old weights!")
         return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _safe(label: str) -> str:

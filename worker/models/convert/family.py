@@ -85,6 +85,8 @@ class Family:
     transforms: Mapping[str, Transform] = field(default_factory=dict)
     # config.json key → GGUFWriter method for the keys only this family has (None values are skipped)
     config_keys: Mapping[str, str] = field(default_factory=dict)
+    # transformers' defaults for keys a config.json may leave out (llama.cpp's would differ)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     norm_shift: float = 0.0  # added to every *norm.weight: Gemma's RMSNorm scales by (1 + w)
     always_tied: bool = False  # the output layer is the token embedding, whatever config.json says
     fused_gate_up: bool = False  # ffn_up holds gate and up rows (Phi-3's gate_up_proj)

@@ -70,7 +70,7 @@ def read_tokenizer(folder: Path, n_vocab: int) -> Vocabulary:
         raise ConvertError(f"{path}: not valid JSON ({exc})") from None
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise ConvertError(f"{path}: a {model.get('type')} tokenizer; supported: BPE (byte-level or SentencePiece-style)")
+        raise ConvertError(f"{path}: a {model.get('type')} tokenizer; supported: byte-level or SentencePiece-style BPE")
     config = _read_json(folder / "tokenizer_config.json")
 
     tokens: list[str | None] = [None] * n_vocab
@@ -86,10 +86,8 @@ def read_tokenizer(folder: Path, n_vocab: int) -> Vocabulary:
             special_ids.add(i)
 
     if _is_sentencepiece_style(tok):
-        vocab = _sentencepiece_vocab(tok, tokens, special_ids, added_ids)
-    else:
-        vocab = _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path)
-    return vocab
+        return _sentencepiece_vocab(tok, tokens, special_ids, added_ids)
+    return _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path)
 
 
 def write_tokenizer(writer: gguf.GGUFWriter, vocab: Vocabulary, folder: Path) -> None:
@@ -231,7 +229,8 @@ def _sentencepiece_vocab(tok, tokens, special_ids, added_ids) -> Vocabulary:
             raise ConvertError(f"SentencePiece-style tokenizer with a {s['type']} step, which llama.cpp does not do")
     prefix = any(
         (s["type"] == "Prepend" and s.get("prepend") == _SPACE)
-        or (s["type"] == "Metaspace" and (s.get("prepend_scheme", "always") != "never" and s.get("add_prefix_space", True)))
+        or (s["type"] == "Metaspace" and s.get("prepend_scheme", "always") != "never"
+            and s.get("add_prefix_space", True))
         for s in steps
     )
     return Vocabulary(model="llama", pre="default", tokens=_fill(tokens, types), types=types, scores=scores,

@@ -16,10 +16,10 @@ FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, PHI3, GEMMA, GEMMA2, GEMMA3
 BY_HF_ARCHITECTURE: dict[str, Family] = {hf: f for f in FAMILIES for hf in f.hf_architectures}
 
 
-def family_for(config: Mapping[str, Any]) -> Family:
+def family_for(config: Mapping[str, Any], where: str = "config.json") -> Family:
     names = config.get("architectures") or []
     for name in names:
         if name in BY_HF_ARCHITECTURE:
             return BY_HF_ARCHITECTURE[name]
     asked = ", ".join(names) or f"model_type {config.get('model_type')!r}"
-    raise ConvertError(f"unsupported architecture {asked}; supported: {', '.join(BY_HF_ARCHITECTURE)}")
+    raise ConvertError(f"{where}: unsupported architecture {asked}; supported: {', '.join(BY_HF_ARCHITECTURE)}")

@@ -50,6 +50,8 @@ GEMMA2 = Family(
         "final_logit_softcapping": "add_final_logit_softcapping",
         "sliding_window": "add_sliding_window",
     },
+    defaults={"head_dim": 256, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+              "final_logit_softcapping": 30.0, "sliding_window": 4096},
     norm_shift=1.0,
     always_tied=True,
     extra_kv=_attention_kv(gguf.MODEL_ARCH.GEMMA2, default_pattern=2),
@@ -63,6 +65,8 @@ GEMMA3 = Family(
         "sliding_window": "add_sliding_window",
         "rope_local_base_freq": "add_rope_freq_base_swa",  # the sliding layers' RoPE base
     },
+    defaults={"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0,
+              "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072},
     norm_shift=1.0,  # q_norm and k_norm too
     extra_kv=_attention_kv(gguf.MODEL_ARCH.GEMMA3, default_pattern=6),
 )
