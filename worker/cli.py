@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -18,12 +19,20 @@ from worker.narration import configure, narrate
 from worker.pool import announce_ready, heartbeat
 
 EXIT_CALLBACK = 4
+EXIT_SIGNAL_BASE = 128  # a second signal exits at once with 128 + its number
+
+# What the HTTP parser accepts before a request reaches any route (aiohttp's defaults, kept explicit): a longer
+# request line or header line, or more headers, is refused with 400 and the connection closed.
+MAX_LINE_SIZE = 8190  # bytes of the request line (method, path and query) and of one header line
+MAX_FIELD_SIZE = 8190  # bytes of one header value
+MAX_HEADERS = 128  # header lines per request
 
 
 async def serve(settings: Settings) -> int:
     app = create_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
+                           max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
     await runner.setup()
     state = app[STATE]
     try:
@@ -45,12 +54,13 @@ async def serve(settings: Settings) -> int:
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
+        name = signal.Signals(signum).name
         if signals == 1:
-            narrate("shutdown", f"Received {signal.Signals(signum).name}: draining (up to "
-                    f"{settings.drain_timeout:g} s), then exiting.", signal=signal.Signals(signum).name)
+            narrate("shutdown", f"Received {name}: draining (up to {settings.drain_timeout:g} s), then exiting; "
+                    "a second signal exits at once.", signal=name)
             state.stop(0)
-        elif state.engine is not None:  # a second signal: stop waiting for running requests
-            state.engine.cancel_all("cancelled")
+        else:
+            _exit_now(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -62,6 +72,21 @@ async def serve(settings: Settings) -> int:
     await runner.cleanup()
     narrate("shutdown", f"Stopped with exit code {code}.", exit_code=code)
     return code
+
+
+def _exit_now(signum: int) -> None:
+    """A second SIGTERM/SIGINT: exit now, with what a shell reports for a process killed by that signal (128 + N:
+    143 for SIGTERM, 130 for SIGINT). Running streams are cut off without an end event; the OS frees the rest."""
+    name = signal.Signals(signum).name
+    code = EXIT_SIGNAL_BASE + signum
+    narrate("shutdown", f"Received {name} again: exiting at once with code {code}, not waiting for running "
+            "requests.", level="warning", signal=name, exit_code=code)
+    for stream in (sys.stderr, sys.stdout):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 async def _pool_duties(state: WorkerState, settings: Settings) -> None:

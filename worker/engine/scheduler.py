@@ -269,9 +269,16 @@ class Engine:
             return self._loop_steps()
         import cProfile  # performance work only: --profile-dir
 
-        with cProfile.Profile() as prof:
+        prof = cProfile.Profile()
+        try:
+            prof.enable()
+        except ValueError:  # Python 3.12+: one profiler per process, already on in the main thread, sees all
+            return self._loop_steps()
+        try:
             self._loop_steps()
-        prof.dump_stats(self.profile_path)
+        finally:
+            prof.disable()
+            prof.dump_stats(self.profile_path)
 
     def _loop_steps(self) -> None:
         while True:

@@ -13,7 +13,7 @@ from aiohttp import web
 from worker.config import Settings
 from worker.engine.llama import Model, ModelLoadError, gpu_backend_name
 from worker.engine.scheduler import Engine
-from worker.http import routes_native, routes_openai, routes_ops
+from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth
 from worker.http.errors import json_errors
 from worker.http.state import STATE, WorkerState
@@ -40,6 +40,9 @@ def _placement(settings: Settings) -> tuple[str, str, int]:
             "or reinstall llama-cpp-python with CMAKE_ARGS for that backend"
         )
     layers = -1 if settings.gpu_layers == "all" else int(settings.gpu_layers)
+    split = settings.tensor_split_values
+    if split and sum(1 for share in split if share > 0) > 1:  # one model across several GPUs: name them all
+        return gpu, f"{gpu}:" + ",".join(str(i) for i, share in enumerate(split) if share > 0), layers
     return gpu, f"{gpu}:{settings.device}", layers
 
 
@@ -194,4 +197,5 @@ def create_app(settings: Settings) -> web.Application:
     routes_native.setup(app)
     routes_ops.setup(app)
     routes_openai.setup(app)
+    openapi.setup(app)
     return app

@@ -59,7 +59,14 @@ async def json_errors(request: web.Request, handler):
             raise
         code = request["error_code"] = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else f"request body is larger than {request.app._client_max_size} bytes"
-        return respond(exc.status, code, message)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what is allowed
+        return respond(exc.status, code, message, allow)
+    except ConnectionResetError:
+        # The client went away while its answer was being written: nobody is left to answer, and it is no error of
+        # the worker's. Routes that stream catch this themselves; this is the net under the others. aiohttp finds
+        # the connection closed when it tries to send this, and drops it (counted as 499, like a cancelled handler).
+        logger.debug(f"client went away during {request.method} {request.path}")
+        return web.Response(status=499, reason="Client Closed Request")
     except Exception:
         logger.exception(f"unhandled error on {request.method} {request.path}")
         request["error_code"] = "internal_error"

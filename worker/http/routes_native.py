@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
@@ -67,9 +68,15 @@ async def inference(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
                                        "X-Job-Id": gen.job.job_id})
     await resp.prepare(request)
-    async for batch in gen.batches():
-        await resp.write(b"".join(sse.encode(ev) for ev in batch))
-    await resp.write_eof()
+    try:
+        # aclosing: whatever ends this loop (a write to a closed connection, a cancelled handler), the generator's
+        # finally runs now, not whenever it is collected, and cancels the job: its slot is free at the next step.
+        async with aclosing(gen.batches()) as batches:
+            async for batch in batches:
+                await resp.write(b"".join(sse.encode(ev) for ev in batch))
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away: nobody is left to answer
     return resp
 
 

@@ -20,6 +20,8 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/v1/loading/progress")
 async def loading_progress(request: web.Request) -> web.StreamResponse:
     """progress events while the model loads, then `ready` or `error`, then the stream ends."""
+    if request.method == "HEAD":  # headers only: aiohttp would send a stream's body even to a HEAD request
+        return web.Response(headers=sse.SSE_HEADERS)
     state = request.app[STATE]
     queue = state.watch()
     resp = web.StreamResponse(headers=sse.SSE_HEADERS)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
@@ -58,12 +60,54 @@ class InferenceRequest(BaseModel):
         )
 
 
-async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+# No request of this API nests deeper than a handful of levels; a body that does is refused before it is parsed.
+MAX_JSON_DEPTH = 32
+# Bodies up to this size are parsed on the event loop (well under a millisecond); bigger ones (a long prompt, a
+# long token list) in a thread, so the loop keeps answering everyone else meanwhile.
+INLINE_PARSE_BYTES = 64 * 1024
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text: a few passes at C speed, no parsing, no recursion.
+
+    Escapes go first (escaped backslashes, then escaped quotes), then everything but brackets and quotes, then what
+    was between quotes; the deepest running count of open brackets is the depth. On text that is not JSON the
+    number is meaningless, and json.loads refuses that text anyway.
+    """
+    s = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    s = b"".join(s.split(b'"')[::2])
+    if not s:
+        return 0
+    brackets = np.frombuffer(s, dtype=np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1).astype(np.int32)
+    return int(np.cumsum(steps).max())
+
+
+def _decode(raw: bytes) -> Any:
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiError(400, "invalid_request", f"body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ApiError(400, "invalid_request", f"body is not valid JSON: {exc}") from None
+    # A \uD800-\uDFFF escape: JSON lets a lone one through, UTF-8 (llama.cpp's tokenizer, our answers) cannot.
+    if b"\\ud" in raw or b"\\uD" in raw or json.detect_encoding(raw) != "utf-8":
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "invalid_request", "body has a string with a lone UTF-16 surrogate "
+                           "(a \\uD800-\\uDFFF escape that is not half of a pair)") from None
+    return body
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON (bodies over --max-body-bytes get 413 from request.read); any problem is a 400."""
+    raw = await request.read()
+    if len(raw) > INLINE_PARSE_BYTES:
+        return await asyncio.to_thread(_decode, raw)
+    return _decode(raw)
 
 
 def parse(model: type[M], body: Any) -> M:
