@@ -112,7 +112,8 @@ async def test_narration_success_path_with_ids_and_correlation(fresh_worker):
         if "action" in event:
             assert event["worker_id"] == "obs-1" and event["human"] and event["actor"] and event["ts"]
     tok = next(e for e in fresh_worker.events if e.get("action") == "gguf_tokenizer_extracted")
-    assert tok["vocab_size"] == 49152 and tok["bos"] and tok["eos"]
+    assert tok["vocab_size"] == 49152 and tok["bos"] == "<|im_start|>" and tok["eos"] == "<|im_end|>"
+    assert tok["unk"] == "<|endoftext|>"
     async with aiohttp.ClientSession() as http:
         body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "job_id": "narr-ok", "ignore_eos": True}
         async with http.post(f"{url}/v1/inference", json=body, headers={"X-Correlation-Id": "corr-42"}) as resp:

@@ -232,7 +232,7 @@ def _read_info(ptr: Any, path: Path, ref: str, fmt: str) -> ModelInfo:
         chat_template=template.decode("utf-8", errors="replace") if template else None,
         bos=_token_text(vocab, lc.llama_vocab_bos(vocab)),
         eos=_token_text(vocab, lc.llama_vocab_eos(vocab)),
-        unk=_token_text(vocab, lc.llama_vocab_unk(vocab)) if hasattr(lc, "llama_vocab_unk") else None,
+        unk=_token_text(vocab, int(_meta(ptr, "tokenizer.ggml.unknown_token_id") or -1)),
     )
 
 
