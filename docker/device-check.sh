@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks Dockerfile.cuda's recipe where no Docker engine runs: on the GPU machine (no network), from the repo root,
-# with the gpu-kit in .gpu-kit/ (llama_cpp_python-0.3.36-trimmed-sdist.tar.gz, whl/, synth_gguf.py,
-# ggml-vocab-llama-bpe.gguf). The steps of the image, one by one:
+# with a carried folder $KIT (default .gpu-kit) holding llama_cpp_python-0.3.36-trimmed-sdist.tar.gz, whl/ (the
+# worker's dependencies the machine lacks), synth_gguf.py and ggml-vocab-llama-bpe.gguf from the gpu-kit.
+# The steps of the image, one by one:
 #   1. builder: docker/build-wheel.sh cuda, offline, from the kit's sdist (build deps: the machine's
 #      scikit-build-core, cmake, ninja, nvcc)
 #   2. runtime: that wheel beside the worker (the worker's deps that the machine lacks come from the kit's whl/),
@@ -10,10 +11,10 @@
 #
 #   bash docker/device-check.sh            CUDA_ARCHS=90 by default, to fit in one 10-minute command; the image
 #                                          builds 80;86;89;90 (CUDA_ARCHS="80;86;89;90" to check those too)
-# Prints "device-check: PASS" at the end; the log of every step goes to $OUT (or /tmp/device-check).
+# Prints "device-check: PASS" at the end; the log of every step goes to $LOGS (default /tmp/device-check).
 set -euo pipefail
 KIT=${KIT:-.gpu-kit}
-LOGS=${OUT:-/tmp/device-check}
+LOGS=${LOGS:-/tmp/device-check}
 export CUDA_ARCHS=${CUDA_ARCHS:-90}
 WHEELS=/tmp/device-check-wheels
 SITE=/tmp/device-check-site
@@ -24,7 +25,8 @@ t0=$(date +%s)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 nvcc --version | tail -n 1
-python3 -c 'import scikit_build_core, sys; print("python", sys.version.split()[0], "scikit-build-core", scikit_build_core.__version__)'
+python3 -c 'import scikit_build_core, sys; print("python", sys.version.split()[0], "scikit-build-core", scikit_build_core.__version__)' \
+  || say "scikit-build-core is missing: the offline build needs it"
 
 # 1. the builder stage's step (kept when it exists, so that a second call after a time-out goes on from here)
 if ! compgen -G "$WHEELS/llama_cpp_python-0.3.36-*.whl" >/dev/null; then
@@ -39,7 +41,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$K
 export PYTHONPATH=$SITE:$PWD
 unset LLAMA_CPP_LIB_PATH
 python3 docker/launch.py --list-backends | tee "$LOGS/backends.txt"
-grep -q "^backends: .*CUDA" "$LOGS/backends.txt" || { say "FAIL: no CUDA backend loaded"; exit 1; }
+if ! grep -q "^backends: .*CUDA" "$LOGS/backends.txt"; then
+  ldd "$SITE"/llama_cpp/lib/libggml-cuda.so* | grep "not found" || true   # why the module did not load
+  say "FAIL: no CUDA backend loaded"; exit 1
+fi
 grep -q "^backends: .*CPU" "$LOGS/backends.txt" || { say "FAIL: no CPU backend loaded"; exit 1; }
 
 # 3. serve a synthetic model on the GPU
@@ -75,17 +80,27 @@ with urllib.request.urlopen(req, timeout=60) as r:
     out = json.loads(r.read())
 print("inference:", json.dumps({k: out[k] for k in ("tokens_out", "ttft_ms", "tokens_per_sec", "stop_reason")}))
 assert out["tokens_out"] == 64, out
+import subprocess
+try:
+    apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip()
+except OSError as exc:
+    apps = str(exc)
+print("nvidia-smi compute apps:", apps or "(none listed)")
 metrics = get("/metrics")[1]
 used = [line for line in metrics.splitlines() if line.startswith("llm_worker_device_memory_used_bytes")]
 info = [line for line in metrics.splitlines() if line.startswith("llm_worker_model_info")]
 print("\n".join(used + info))
-assert used and max(float(line.rsplit(" ", 1)[1]) for line in used) > 0, "no GPU memory in use"
 assert info and 'backend="cuda"' in info[0], info
+assert used and max(float(line.rsplit(" ", 1)[1]) for line in used) > 0, (
+    "llm_worker_device_memory_used_bytes is missing or 0: worker/metrics.py must open libllama's own libggml "
+    "(libggml.so.0), not a second copy (libggml.so) whose backend registry is empty in a GGML_BACKEND_DL build")
 EOF
 status=${PIPESTATUS[0]}
 set -e
 kill -TERM "$pid"
 code=0; wait "$pid" || code=$?
+grep -h "offloaded\|CUDA" "$LOGS/worker.log" | head -n 5 || true
 tail -n 5 "$LOGS/worker.log"
 say "worker exit code after SIGTERM: $code"
 if [ "$status" != 0 ] || [ "$code" != 0 ]; then say "FAIL"; exit 1; fi

@@ -15,16 +15,39 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 
 
+def _loaded_libggml(libdir: str) -> str:
+    """The libggml that libllama was linked with, as the loader mapped it.
+
+    A wheel cannot hold symbolic links, so libggml.so, libggml.so.0 and libggml.so.0.x are three copies of one
+    file: opening another name than libllama's own (its SONAME, libggml.so.0) would load a second libggml with a
+    registry of its own, and backends registered there would stay unknown to llama.cpp.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.rstrip("\n").split(maxsplit=5)[-1] for line in maps}
+        for pattern in (r"libggml\.so\.\d+", r"libggml\.so(\.\d+)*"):  # the SONAME first
+            found = sorted(p for p in mapped if re.fullmatch(pattern, os.path.basename(p)))
+            if found:
+                return found[0]
+    except OSError:  # not Linux
+        pass
+    for name in ("libggml.so.0", "libggml.0.dylib", "libggml.dylib", "libggml.so"):
+        if os.path.exists(os.path.join(libdir, name)):
+            return os.path.join(libdir, name)
+    return os.path.join(libdir, "libggml.so")
+
+
 def _ggml() -> tuple[ctypes.CDLL, str]:
-    import worker  # noqa: F401  first: it loads libstdc++ globally, which llama.cpp's CUDA build needs (see there)
+    # worker first: it loads libstdc++ globally, which llama.cpp's CUDA build needs (see worker/__init__.py)
+    import worker  # noqa: F401, I001
     import llama_cpp.llama_cpp as lc  # loads libllama and, through it, libggml
 
     libdir = os.path.dirname(lc._lib._name)
-    name = "libggml.dylib" if sys.platform == "darwin" else "libggml.so"
-    lib = ctypes.CDLL(os.path.join(libdir, name))
+    lib = ctypes.CDLL(_loaded_libggml(libdir))
     lib.ggml_backend_reg_count.restype = ctypes.c_size_t
     lib.ggml_backend_reg_get.restype = ctypes.c_void_p
     lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]

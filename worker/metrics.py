@@ -85,7 +85,12 @@ def _ggml() -> ctypes.CDLL | None:
         try:
             import llama_cpp.llama_cpp as lc
 
-            lib = ctypes.CDLL(os.path.join(os.path.dirname(lc._lib._name), "libggml.so"))
+            libdir = os.path.dirname(lc._lib._name)
+            # libllama's own libggml (its SONAME): a wheel holds libggml.so/.so.0/.so.0.x as copies, and another
+            # copy is a second ggml whose backend registry stays empty when backends load dynamically.
+            name = next((n for n in ("libggml.so.0", "libggml.so") if os.path.exists(os.path.join(libdir, n))),
+                        "libggml.so")
+            lib = ctypes.CDLL(os.path.join(libdir, name))
             lib.ggml_backend_dev_count.restype = ctypes.c_size_t
             lib.ggml_backend_dev_get.restype = ctypes.c_void_p
             lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]

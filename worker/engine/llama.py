@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,8 +58,23 @@ def init_backend() -> None:
         if _backend_ready:
             return
         lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _load_backend_modules()
         lc.llama_backend_init()
         _backend_ready = True
+
+
+def _load_backend_modules() -> None:
+    """Builds with GGML_BACKEND_DL (the images') keep the CPU and GPU backends as modules in llama_cpp/lib, where
+    ggml does not look by itself: load them from there when none is linked in."""
+    libdir = os.path.dirname(lc.llama_cpp._lib._name)
+    path = os.path.join(libdir, "libggml.so.0")
+    if not os.path.exists(path):
+        return
+    ggml = ctypes.CDLL(path)
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() == 0:
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(libdir.encode())
 
 
 def gpu_backend_name() -> str | None:
