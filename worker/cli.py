@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 
 from worker.config import ConfigError, Settings, load_settings
@@ -28,7 +30,31 @@ MAX_FIELD_SIZE = 8190  # bytes of one header value
 MAX_HEADERS = 128  # header lines per request
 
 
+class _AiohttpLogs(logging.Handler):
+    """aiohttp logs through the standard library: send its records where every other log goes, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            # A malformed request (a bad header, a line or header past the limits below): aiohttp has answered it
+            # with 400 and closed the connection. The client's fault, worth a line, not a traceback.
+            reason = " ".join(str(exc.message).split())[:200]
+            logger.bind(actor="http").warning(f"refused a malformed HTTP request ({exc.code}): {reason}")
+            return
+        level = record.levelname if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "ERROR"
+        logger.bind(actor="http").opt(exception=record.exc_info).log(level, record.getMessage())
+
+
+def _route_aiohttp_logs() -> None:
+    aiohttp_logger = logging.getLogger("aiohttp")
+    if not any(isinstance(h, _AiohttpLogs) for h in aiohttp_logger.handlers):
+        aiohttp_logger.addHandler(_AiohttpLogs())
+    aiohttp_logger.setLevel(logging.WARNING)
+    aiohttp_logger.propagate = False
+
+
 async def serve(settings: Settings) -> int:
+    _route_aiohttp_logs()
     app = create_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,

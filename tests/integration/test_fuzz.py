@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import socket
-import statistics
 import threading
 import time
 from typing import Any
@@ -235,7 +234,8 @@ def test_worker_is_clean_after_fuzzing(fuzz_worker, client):
             break
         time.sleep(0.05)
     assert h["status"] == "ready" and h["slots"]["busy"] == 0 and h["queue"]["waiting"] == 0, h
-    assert "unhandled error" not in fuzz_worker.output and "Traceback" not in fuzz_worker.output
+    bad = [line for line in fuzz_worker.lines if "unhandled error" in line or "Traceback" in line]
+    assert not bad, bad[:5]
     assert fuzz_worker.proc.poll() is None
     assert sum(client.seen.values()) >= 3 * EXAMPLES - 10  # hypothesis may stop early only on duplicates
     assert client.seen.get(200, 0) > 0 and client.seen.get(400, 0) > 0, client.seen
@@ -303,6 +303,10 @@ async def test_header_limits(fuzz_worker, http, case):
     assert status in (400, 413, 414, 431), status
     async with http.get(f"{fuzz_worker.url}/health") as resp:  # and it goes on serving
         assert resp.status == 200
+    await asyncio.sleep(0.1)
+    refused = [e for e in fuzz_worker.events if "refused a malformed HTTP request" in e.get("message", "")]
+    assert refused and refused[-1]["level"] == "warning"  # one JSON line, not aiohttp's traceback
+    assert not [line for line in fuzz_worker.lines if "Traceback" in line]
 
 
 async def test_body_limit_is_413_on_every_route():
@@ -321,7 +325,14 @@ async def test_body_limit_is_413_on_every_route():
 
 # ---- the event loop is never blocked -----------------------------------------------------------------------------
 
-LAG_BOUND_S = 0.25  # /health while the worker chews on a 3 MB body; it answers in ~2 ms when idle
+# /health answers in ~1 ms when idle. The bounds below are what a regression would break by far: tokenizing a 3 MB
+# prompt takes ~1 s, loading even this small model ~0.2 s; done on the loop, /health would wait that long.
+LOAD_LAG_BOUND_S = 0.05
+PROMPT_LAG_BOUND_S = 0.1
+# Big token lists: CPython's json and pydantic parse and serialize them in one C call that holds the GIL, on the
+# loop or in a thread alike. Measured here: 50-60 ms for a 500k-id /v1/detokenize body, 80-215 ms to write
+# /v1/tokenize's answer of 600k ids (2 shared cores). Still far below the ~1.5 s that tokenizing that text takes.
+TOKEN_LIST_LAG_BOUND_S = 0.5
 
 
 class Prober(threading.Thread):
@@ -355,33 +366,35 @@ def post_big(port: int, path: str, body: bytes) -> tuple[int, float]:
 
 
 async def test_big_bodies_do_not_block_the_loop():
-    """A 3 MB prompt (parsed, then tokenized: ~600k tokens, refused as too long for the context) and a 3 MB token
-    list: the worker takes a while over each, but /health keeps answering meanwhile."""
+    """3 MB bodies: a prompt (parsed, tokenized: ~600k tokens, refused as too long for the context), the same text
+    to /v1/tokenize, a token list. The worker takes a while over each, and /health keeps answering meanwhile."""
+    prompt = "word " * 600_000
+    cases = [
+        ("/v1/inference", {"prompt": prompt, "max_tokens": 4}, PROMPT_LAG_BOUND_S),
+        ("/v1/completions", {"prompt": prompt, "max_tokens": 4}, PROMPT_LAG_BOUND_S),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}, PROMPT_LAG_BOUND_S),
+        ("/v1/tokenize", {"text": prompt}, TOKEN_LIST_LAG_BOUND_S),  # answers with 600k token ids
+        ("/v1/detokenize", {"tokens": [1234] * 500_000}, TOKEN_LIST_LAG_BOUND_S),
+    ]
     w = WorkerProcess(["--parallel", "2", "--ctx-size", "256"]).start()
+    report = []
     try:
-        prober = Prober(w.port)
-        prober.start()
-        await asyncio.sleep(0.5)
-        idle = list(prober.times)
-        prompt = json.dumps({"prompt": "word " * 600_000, "max_tokens": 4}).encode()
-        tokens = json.dumps({"tokens": [1234] * 500_000}).encode()
-        cases = [("/v1/inference", prompt), ("/v1/completions", prompt), ("/v1/tokenize", json.dumps(
-            {"text": "word " * 600_000}).encode()), ("/v1/detokenize", tokens)]
-        busy_from = len(prober.times)
-        took = {}
-        for path, body in cases:
-            status, took[path] = await asyncio.to_thread(post_big, w.port, path, body)
+        for path, body, bound in cases:
+            prober = Prober(w.port)
+            prober.start()
+            await asyncio.sleep(0.2)
+            idle = len(prober.times)
+            status, took = await asyncio.to_thread(post_big, w.port, path, json.dumps(body).encode())
+            prober.stop.set()
+            prober.join(10)
+            busy = prober.times[idle:]
+            report.append(f"{path}: {took:.2f} s, {len(busy)} probes, max {max(busy) * 1000:.1f} ms")
             assert status in (200, 400), (path, status)
-        prober.stop.set()
-        prober.join(10)
-        busy = prober.times[busy_from:]
+            assert max(busy) < bound, (path, sorted(busy)[-5:])
+            assert took < 0.2 or len(busy) >= 5, (path, took, len(busy))  # /health went on while it ran
     finally:
         w.stop()
-    print(f"\n/health idle: median {statistics.median(idle) * 1000:.1f} ms; while busy ({len(busy)} probes): "
-          f"median {statistics.median(busy) * 1000:.1f} ms, max {max(busy) * 1000:.1f} ms; requests took "
-          + ", ".join(f"{p} {t:.2f} s" for p, t in took.items()))
-    assert len(busy) >= 10
-    assert max(busy) < LAG_BOUND_S, sorted(busy)[-5:]
+        print("\n/health while a 3 MB body is handled: " + "; ".join(report))
 
 
 async def test_model_load_does_not_block_the_loop():
@@ -394,10 +407,10 @@ async def test_model_load_does_not_block_the_loop():
         w.wait_for("model_load_complete", 60)
         prober.stop.set()
         prober.join(10)
-        loading = [e for e in w.events if e.get("action") == "model_load_complete"][0]["duration_ms"]
+        loading = next(e for e in w.events if e.get("action") == "model_load_complete")["duration_ms"]
     finally:
         w.stop()
     print(f"\n/health during a {loading:.0f} ms load: {len(prober.times)} probes, "
           f"max {max(prober.times) * 1000:.1f} ms")
     assert len(prober.times) >= 3
-    assert max(prober.times) < LAG_BOUND_S
+    assert max(prober.times) < LOAD_LAG_BOUND_S

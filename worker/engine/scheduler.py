@@ -314,7 +314,15 @@ class Engine:
             if not self._waiting:
                 return
             if slot.job is None:
-                self._start(slot, self._waiting.popleft())
+                job = self._waiting.popleft()
+                try:
+                    self._start(slot, job)
+                except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
+                    logger.exception(f"could not start job {job.job_id}")
+                    if slot.job is job:
+                        self._fail(slot, "internal_error", f"{type(exc).__name__}: {exc}")
+                    else:
+                        self._end_unstarted(job, "cancelled")
 
     def _start(self, slot: Slot, job: Job) -> None:
         self._busy += 1

@@ -58,7 +58,8 @@ async def json_errors(request: web.Request, handler):
         if exc.status < 400:
             raise
         code = request["error_code"] = _HTTP_CODES.get(exc.status, "http_error")
-        message = exc.reason if exc.status != 413 else f"request body is larger than {request.app._client_max_size} bytes"
+        message = (exc.reason if exc.status != 413
+                   else f"request body is larger than {request.app._client_max_size} bytes")
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what is allowed
         return respond(exc.status, code, message, allow)
     except ConnectionResetError:

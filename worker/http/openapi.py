@@ -15,7 +15,14 @@ from pydantic.json_schema import models_json_schema
 
 import worker
 from worker.http.auth import OPEN_PATHS
-from worker.http.routes_openai import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from worker.http.routes_openai import (
+    NEUTRAL,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Message,
+    TokenizeRequest,
+)
 from worker.http.schemas import InferenceRequest
 
 REF = "#/components/schemas/{model}"
@@ -117,6 +124,27 @@ def _response_schemas() -> dict[str, Any]:
             {"stop_sequence_matched": _STR},
         ),
         "ErrorEvent": _obj({"type": {"const": "error"}, "code": _STR, "message": _STR}),
+        # /v1/loading/progress
+        "ProgressEvent": _obj({"type": {"const": "progress"}, "stage": _STR, "progress": _NUM},
+                              {"layers_loaded": _INT, "layers_total": _INT}),
+        "ReadyEvent": _obj({"type": {"const": "ready"}, "model": _nullable(ref("ModelInfo"))}),
+        # The chunks of an OpenAI stream (`data: <json>` ... `data: [DONE]`).
+        "CompletionChunk": _obj(
+            {"id": _STR, "object": {"const": "text_completion"}, "created": _INT, "model": _STR,
+             "choices": {"type": "array", "maxItems": 1, "items": _obj({
+                 "index": _INT, "text": _STR, "logprobs": {"type": "null"},
+                 "finish_reason": _nullable({"enum": FINISH_REASONS})})}},
+            {"usage": _nullable(ref("Usage"))},
+        ),
+        "ChatCompletionChunk": _obj(
+            {"id": _STR, "object": {"const": "chat.completion.chunk"}, "created": _INT, "model": _STR,
+             "choices": {"type": "array", "maxItems": 1, "items": _obj({
+                 "index": _INT,
+                 "delta": _obj({}, {"role": {"const": "assistant"}, "content": _STR}),
+                 "logprobs": {"type": "null"},
+                 "finish_reason": _nullable({"enum": FINISH_REASONS})})}},
+            {"usage": _nullable(ref("Usage"))},
+        ),
     }
 
 
@@ -132,7 +160,43 @@ def _error(description: str, openai: bool, headers: dict[str, Any] | None = None
 
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": _STR}}
-_SSE = {"text/event-stream": {"schema": _STR}}
+
+
+def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    """An SSE `data` field that holds JSON of this schema."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+def _sse(description: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A text/event-stream; as OpenAPI does before 3.2 (itemSchema), the schema describes one event: an object of
+    the SSE fields (event, data, id, retry)."""
+    return {"text/event-stream": {"schema": {"description": description, **event}}}
+
+
+def _named_events(**events: str) -> dict[str, Any]:
+    """Events whose `event:` line names the type, and whose data is that type's JSON object."""
+    return {"oneOf": [
+        {"type": "object", "required": ["event", "data"],
+         "properties": {"event": {"const": name}, "data": _json_data(ref(schema))}}
+        for name, schema in events.items()
+    ]}
+
+
+def _openai_events(chunk: str) -> dict[str, Any]:
+    """`data: <chunk>` events (an error chunk if the generation fails), then `data: [DONE]`."""
+    return {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": _json_data({"anyOf": [ref(chunk), ref("OpenAIError")]}),
+    }}}
+
+
+NATIVE_STREAM = _sse("`started`, `token`s (and `narration`s when asked), then `end` or `error`; each event's data "
+                     "is a JSON object whose `type` is the event's name",
+                     _named_events(started="StartedEvent", token="TokenEvent", narration="NarrationEvent",
+                                   end="EndEvent", error="ErrorEvent"))
+PROGRESS_STREAM = _sse("`progress` events, then `ready` or `error`; then the stream ends",
+                       _named_events(progress="ProgressEvent", ready="ReadyEvent", error="ErrorEvent"))
 
 
 def _errors(openai: bool, *codes: int) -> dict[str, Any]:
@@ -170,8 +234,9 @@ def _paths() -> dict[str, Any]:
     def ok(description: str, content: dict[str, Any]) -> dict[str, Any]:
         return {"description": description, "content": content}
 
-    def gen_ok(schema: str) -> dict[str, Any]:
-        return ok("the whole answer (stream false) or its event stream (stream true)", {**_json(ref(schema)), **_SSE})
+    def gen_ok(schema: str, stream: dict[str, Any]) -> dict[str, Any]:
+        return ok("the whole answer (stream false) or its event stream (stream true)", {**_json(ref(schema)),
+                                                                                          **stream})
 
     paths: dict[str, Any] = {
         "/health": {"get": _operation(
@@ -183,7 +248,7 @@ def _paths() -> dict[str, Any]:
                        "503": ok("loading, draining or failed", _json(ref("Ready")))})},
         "/v1/loading/progress": {"get": _operation(
             "Loading progress as server-sent events: progress, then ready or error", tag="probes", open_route=True,
-            responses={"200": ok("progress events, then ready or error; then the stream ends", _SSE)})},
+            responses={"200": ok("progress events, then ready or error; then the stream ends", PROGRESS_STREAM)})},
         "/metrics": {"get": _operation(
             "Prometheus metrics", tag="probes", open_route=True,
             responses={"200": ok("Prometheus text format", {"text/plain": {"schema": _STR}})})},
@@ -193,17 +258,21 @@ def _paths() -> dict[str, Any]:
         "/v1/inference": {"post": _operation(
             "Generate: a token stream (SSE) or, with stream false, one JSON object", tag="native",
             body="InferenceRequest",
-            responses={"200": gen_ok("InferenceResult"), **_errors(False, *_BODY_ERRORS, 409, 500)})},
+            responses={"200": gen_ok("InferenceResult", NATIVE_STREAM), **_errors(False, *_BODY_ERRORS, 409, 500)})},
         "/v1/inference/{job_id}": {"delete": _operation(
             "Cancel a running or waiting request; its stream ends with stop_reason cancelled", tag="native",
             parameters=[{"name": "job_id", "in": "path", "required": True, "schema": _STR}],
             responses={"202": ok("cancelling", _json(ref("Cancelling"))), **_errors(False, 401, 404, 503)})},
         "/v1/completions": {"post": _operation(
             "OpenAI text completion", tag="openai", body="CompletionRequest",
-            responses={"200": gen_ok("Completion"), **_errors(True, *_BODY_ERRORS, 409, 500)})},
+            responses={"200": gen_ok("Completion", _sse("OpenAI text completion chunks, then [DONE]",
+                                                        _openai_events("CompletionChunk"))),
+                       **_errors(True, *_BODY_ERRORS, 409, 500)})},
         "/v1/chat/completions": {"post": _operation(
             "OpenAI chat completion, with the model's own chat template", tag="openai", body="ChatRequest",
-            responses={"200": gen_ok("ChatCompletion"), **_errors(True, *_BODY_ERRORS, 409, 500)})},
+            responses={"200": gen_ok("ChatCompletion", _sse("OpenAI chat completion chunks, then [DONE]",
+                                                            _openai_events("ChatCompletionChunk"))),
+                       **_errors(True, *_BODY_ERRORS, 409, 500)})},
         "/v1/models": {"get": _operation(
             "The served model, as OpenAI's model list", tag="openai",
             responses={"200": ok("one model", _json(ref("ModelList"))), **_errors(True, 401, 503)})},
@@ -224,14 +293,40 @@ def _paths() -> dict[str, Any]:
     return paths
 
 
+# Fields that pydantic sees as `Any` because a validator of their own checks them: what that validator accepts.
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 100}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": _INT}
+_ANY_FIELDS: dict[str, dict[str, Any]] = {
+    "stop": {"description": "one stop string or up to 4; each 1 to 100 bytes of UTF-8",
+             "anyOf": [{"type": "null"}, _STOP_STRING, {"type": "array", "maxItems": 4, "items": _STOP_STRING}]},
+    "prompt": {"description": "text, or token ids; a batch of exactly one of either is taken too",
+               "anyOf": [_STR, _TOKEN_IDS, {"type": "array", "minItems": 1, "maxItems": 1,
+                                             "items": {"anyOf": [_STR, _TOKEN_IDS]}}]},
+    "content": {"description": "text, or a list of text parts (joined with newlines)",
+                "anyOf": [_STR, {"type": "array", "items": {
+                    "type": "object", "required": ["type", "text"],
+                    "properties": {"type": {"const": "text"}, "text": _STR}}}]},
+}
+
+
+def _request_schemas() -> dict[str, Any]:
+    models = (InferenceRequest, CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest)
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    defs = top["$defs"]
+    for model in (CompletionRequest, ChatRequest, Message):
+        props = defs[model.__name__]["properties"]
+        for name, schema in _ANY_FIELDS.items():
+            if name in props:
+                props[name] = {"title": props[name].get("title", name), **schema}
+        for name in model.unsupported:  # accepted only at a value that asks for nothing
+            props[name] = {"title": props[name].get("title", name), "enum": list(NEUTRAL[name]),
+                           "description": "not supported by this worker: leave it out, or send a neutral value"}
+    return defs
+
+
 @cache
 def document() -> dict[str, Any]:
     """The whole OpenAPI document (built once; it depends on code only, never on settings)."""
-    _, defs = models_json_schema(
-        [(m, "validation") for m in (InferenceRequest, CompletionRequest, ChatRequest, TokenizeRequest,
-                                     DetokenizeRequest)],
-        ref_template=REF,
-    )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -243,7 +338,7 @@ def document() -> dict[str, Any]:
         },
         "paths": _paths(),
         "components": {
-            "schemas": {**defs.get("$defs", {}), **_response_schemas()},
+            "schemas": {**_request_schemas(), **_response_schemas()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

@@ -67,8 +67,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
 
     resp = web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
                                        "X-Job-Id": gen.job.job_id})
-    await resp.prepare(request)
     try:
+        await resp.prepare(request)
         # aclosing: whatever ends this loop (a write to a closed connection, a cancelled handler), the generator's
         # finally runs now, not whenever it is collected, and cancels the job: its slot is free at the next step.
         async with aclosing(gen.batches()) as batches:
@@ -77,6 +77,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
         await resp.write_eof()
     except ConnectionResetError:
         pass  # the client went away: nobody is left to answer
+    finally:
+        if not gen.job.done:  # gone before the stream began (during prepare): the job would run for nobody
+            gen.engine.cancel(gen.job.job_id)
     return resp
 
 
