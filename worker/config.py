@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         ge=1,
         description="CPU threads for prompt processing (no tokens stream meanwhile); default: all cores",
     )
-    flash_attn: Literal["auto", "on", "off"] = Field("auto", description="llama.cpp flash attention")
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
+    )
     backend_sampling: Literal["auto", "on", "off"] = Field(
         "auto",
         description="sample inside llama.cpp's decode graph (llama_set_sampler); auto = when the model is offloaded",

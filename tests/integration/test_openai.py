@@ -451,3 +451,24 @@ def test_gemma_without_a_template_refuses_chat_but_completes(gemma_workers):
     assert plain.usage.prompt_tokens == len(tokens) and plain.choices[0].text.strip()
     explicit = complete(client, "gemma", prompt="<bos>" + prompt, **GREEDY)  # BOS already there: not a second one
     assert explicit.usage.prompt_tokens == len(tokens) and explicit.choices[0].text == plain.choices[0].text
+
+
+def test_chat_greedy_matches_llama_cpp_python(worker):
+    """The worker's greedy chat reply equals llama-cpp-python's own high-level API on the same prompt tokens."""
+    import llama_cpp
+    from openai import OpenAI
+
+    from worker.models.resolve import embedded_model_path
+
+    client = OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=12, temperature=0)
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
+    llm = llama_cpp.Llama(str(embedded_model_path()), n_ctx=256, verbose=False)
+    try:
+        reference = llm.create_completion(prompt, max_tokens=12, temperature=0)
+    finally:
+        llm.close()
+    assert reply.usage.prompt_tokens == reference["usage"]["prompt_tokens"]
+    assert reply.choices[0].message.content == reference["choices"][0]["text"]

@@ -87,7 +87,8 @@ def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
                                                           and state.backend != "cpu")
         engine = Engine(model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                         batch_size=s.batch_size, threads=s.threads, threads_batch=s.threads_batch,
-                        flash_attn=s.flash_attn, backend_sampling=backend_sampling, metrics=state.metrics,
+                        flash_attn=_flash_attn(s.flash_attn, offloaded=layers != 0 and state.backend != "cpu"),
+                        backend_sampling=backend_sampling, metrics=state.metrics,
                         profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         engine.start(loop)
     except BaseException:
@@ -104,6 +105,14 @@ def load_engine(state: WorkerState, loop: asyncio.AbstractEventLoop) -> None:
             duration_ms=round(load_s * 1000, 1), backend=state.backend, device=state.device,
             slots=s.parallel, ctx_size=ctx_size, backend_sampling=backend_sampling, vram_bytes=state.vram_bytes,
             cute="Ready to tell stories!")
+
+
+def _flash_attn(setting: str, *, offloaded: bool) -> str:
+    # auto = on with the GPU; off on the CPU, where llama.cpp's flash attention changed SmolLM2's greedy output
+    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's).
+    if setting != "auto":
+        return setting
+    return "on" if offloaded else "off"
 
 
 def _bind_metrics(state: WorkerState, engine: Engine, load_s: float) -> None:
