@@ -23,7 +23,7 @@ from worker.narration import configure
 
 def ceiling(model_path: str, *, streams: int, tokens: int, threads: int, threads_batch: int | None = None,
             gpu_layers: int = 0,
-            sampling: dict | None = None, backend_sampling: bool = False, flash_attn: int = -1) -> dict:
+            sampling: dict | None = None, backend_sampling: bool = False, flash_attn: int | None = None) -> dict:
     sampling = sampling if sampling is not None else {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
     init_backend()  # llama.cpp's log goes to our logger, quiet unless asked
     mparams = lc.llama_model_default_params()
@@ -42,7 +42,8 @@ def ceiling(model_path: str, *, streams: int, tokens: int, threads: int, threads
     cparams.n_threads = threads  # llama.cpp uses these for single-token batches
     cparams.n_threads_batch = threads_batch or threads  # and these for anything larger
     cparams.kv_unified = False
-    cparams.flash_attn_type = flash_attn
+    # as the worker's --flash-attn auto: on with the GPU, off on the CPU
+    cparams.flash_attn_type = flash_attn if flash_attn is not None else (1 if gpu_layers else 0)
     ctx = lc.llama_init_from_model(model, cparams)
     mem = lc.llama_get_memory(ctx)
 
