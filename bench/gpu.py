@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,7 @@ class StreamResult:
     @property
     def itls(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def decode_rate(self) -> float:
@@ -109,7 +109,7 @@ def _pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def run_load(url: str, *, streams: int, tokens: int, dialect: str = "native",

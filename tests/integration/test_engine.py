@@ -68,7 +68,7 @@ async def test_a_bad_sequence_does_not_take_its_batch_mates_down(model):
         )
         assert bad[-1]["type"] == "error"
         assert good[-1]["type"] == "end" and good[-1]["tokens_out"] == solo[-1]["tokens_out"]
-        text = lambda evs: "".join(e["t"] for e in evs if e["type"] == "token")  # noqa: E731
+        text = lambda evs: "".join(e["t"] for e in evs if e["type"] == "token")
         assert text(good) == text(solo)
     finally:
         engine.close()

@@ -17,7 +17,7 @@ from worker.models.resolve import embedded_model_path
 
 def run_worker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "worker", "--port", "0", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, check=False, timeout=timeout)
 
 
 def test_missing_model_exits_3():

@@ -65,7 +65,7 @@ def test_multibyte_stop_string_split_inside_a_character():
     stop = "日本"
     data = "今日は日本です".encode()
     cut = data.index("日本".encode()) + 1  # split inside 日
-    out, text, matched = run([data[:cut], data[cut:]], stop=[stop])
+    _, text, matched = run([data[:cut], data[cut:]], stop=[stop])
     assert text == "今日は" and matched == stop
 
 

@@ -37,7 +37,7 @@ def build_chain(params: SamplingParams, n_vocab: int) -> Any:
     llama_set_sampler; the same chain also samples on the CPU through llama_sampler_sample.
     """
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+    add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)
     if params.has_penalties:
         add(
             lc.llama_sampler_init_penalties(

@@ -258,7 +258,7 @@ class Engine:
         # One decode at load pays the one-time costs (graph allocation, kernels, weights paging in).
         bos = lc.llama_vocab_bos(self.model.vocab)
         self._batch.n = 0
-        self._batch.add([bos if bos >= 0 else 0], 0, 0, True)
+        self._batch.add([max(bos, 0)], 0, 0, True)
         rc = self._batch.decode(self.ctx)
         lc.llama_memory_clear(self.mem, True)
         if rc != 0:
