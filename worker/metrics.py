@@ -6,11 +6,11 @@ from sub-millisecond (GPU batches) to a second (CPU under load).
 
 from __future__ import annotations
 
-import ctypes
-import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from worker.engine.llama import gpu_memory_used
 
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -58,49 +58,3 @@ class Metrics:
     def bind_device_memory(self) -> None:
         for name in gpu_memory_used():
             self.device_memory.labels(device=name).set_function(lambda name=name: gpu_memory_used().get(name, 0))
-
-
-def gpu_memory_used() -> dict[str, int]:
-    """Used bytes per GPU, from ggml's device API (total - free); empty when llama.cpp has no GPU device."""
-    lib = _ggml()
-    if lib is None:
-        return {}
-    out: dict[str, int] = {}
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_type(dev) != 1:  # GGML_BACKEND_DEVICE_TYPE_GPU
-            continue
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out[lib.ggml_backend_dev_name(dev).decode()] = int(total.value - free.value)
-    return out
-
-
-_ggml_lib: ctypes.CDLL | None | bool = False
-
-
-def _ggml() -> ctypes.CDLL | None:
-    global _ggml_lib
-    if _ggml_lib is False:
-        try:
-            import llama_cpp.llama_cpp as lc
-
-            libdir = os.path.dirname(lc._lib._name)
-            # libllama's own libggml (its SONAME): a wheel holds libggml.so/.so.0/.so.0.x as copies, and another
-            # copy is a second ggml whose backend registry stays empty when backends load dynamically.
-            name = next((n for n in ("libggml.so.0", "libggml.so") if os.path.exists(os.path.join(libdir, n))),
-                        "libggml.so")
-            lib = ctypes.CDLL(os.path.join(libdir, name))
-            lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-            lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-            lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-            lib.ggml_backend_dev_type.restype = ctypes.c_int
-            lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-            lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-            lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-            lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                                    ctypes.POINTER(ctypes.c_size_t)]
-            _ggml_lib = lib
-        except (OSError, AttributeError):
-            _ggml_lib = None
-    return _ggml_lib or None

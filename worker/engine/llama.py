@@ -63,18 +63,58 @@ def init_backend() -> None:
         _backend_ready = True
 
 
+_ggml_lib: ctypes.CDLL | None | bool = False
+
+
+def _ggml() -> ctypes.CDLL | None:
+    """libllama's own libggml, for the device API that llama-cpp-python does not bind. Opened by its SONAME: a
+    wheel holds libggml.so/.so.0/.so.0.x as copies, and another copy is a second ggml with an empty registry."""
+    global _ggml_lib
+    if _ggml_lib is False:
+        libdir = os.path.dirname(lc.llama_cpp._lib._name)
+        name = next((n for n in ("libggml.so.0", "libggml.so") if os.path.exists(os.path.join(libdir, n))), None)
+        try:
+            lib = ctypes.CDLL(os.path.join(libdir, name)) if name else None
+        except OSError:
+            lib = None
+        if lib is not None:
+            lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+            lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+            lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+            lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+            lib.ggml_backend_dev_type.restype = ctypes.c_int
+            lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+            lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+            lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+            lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                    ctypes.POINTER(ctypes.c_size_t)]
+        _ggml_lib = lib
+    return _ggml_lib or None
+
+
 def _load_backend_modules() -> None:
     """Builds with GGML_BACKEND_DL (the images') keep the CPU and GPU backends as modules in llama_cpp/lib, where
     ggml does not look by itself: load them from there when none is linked in."""
-    libdir = os.path.dirname(lc.llama_cpp._lib._name)
-    path = os.path.join(libdir, "libggml.so.0")
-    if not os.path.exists(path):
-        return
-    ggml = ctypes.CDLL(path)
-    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-    if ggml.ggml_backend_reg_count() == 0:
-        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        ggml.ggml_backend_load_all_from_path(libdir.encode())
+    lib = _ggml()
+    if lib is not None and lib.ggml_backend_reg_count() == 0:
+        lib.ggml_backend_load_all_from_path(os.path.dirname(lc.llama_cpp._lib._name).encode())
+
+
+def gpu_memory_used() -> dict[str, int]:
+    """Used bytes per GPU, from ggml's device API (total - free); empty when llama.cpp has no GPU device."""
+    lib = _ggml()
+    if lib is None:
+        return {}
+    out: dict[str, int] = {}
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) != 1:  # GGML_BACKEND_DEVICE_TYPE_GPU
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out[lib.ggml_backend_dev_name(dev).decode()] = int(total.value - free.value)
+    return out
 
 
 def gpu_backend_name() -> str | None:

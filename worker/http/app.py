@@ -11,13 +11,12 @@ from typing import Any
 from aiohttp import web
 
 from worker.config import Settings
-from worker.engine.llama import Model, ModelLoadError, gpu_backend_name
+from worker.engine.llama import Model, ModelLoadError, gpu_backend_name, gpu_memory_used
 from worker.engine.scheduler import Engine
 from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth
 from worker.http.errors import json_errors
 from worker.http.state import STATE, WorkerState
-from worker.metrics import gpu_memory_used
 from worker.models.resolve import ModelResolveError, resolve
 from worker.narration import narrate
 
