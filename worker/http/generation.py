@@ -13,40 +13,54 @@ from aiohttp import web
 
 from worker.engine.sampling import SamplingParams
 from worker.engine.scheduler import Engine, Event, Job, SubmitError
+from worker.http import sse
 from worker.http.errors import ApiError
 from worker.http.state import STATE
 
 
 class Generation:
+    """Use as `async with gen:` around everything that serves it. However the block ends (a write to a closed
+    connection, a cancelled handler, a bug) the job is cancelled at once unless it already ended, so its slot is
+    free at the next step; a client that went away (ConnectionResetError) ends the block quietly."""
+
     def __init__(self, engine: Engine, job: Job, events: asyncio.Queue[list[Event]]) -> None:
         self.engine, self.job, self.events = engine, job, events
 
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        if not self.job.done:
+            self.engine.cancel(self.job.job_id)
+        return exc_type is not None and issubclass(exc_type, ConnectionResetError)
+
+    def sse_response(self, request: web.Request) -> web.StreamResponse:
+        return web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
+                                           "X-Job-Id": self.job.job_id})
+
     async def batches(self) -> AsyncIterator[list[Event]]:
         """Yield this job's events a step's worth at a time, until its end or error event."""
-        try:
-            while True:
-                batch = await self.events.get()
-                while not self.events.empty():
-                    batch.extend(self.events.get_nowait())
-                yield batch
-                if batch[-1]["type"] in ("end", "error"):
-                    return
-        finally:
-            # The client went away (or writing failed): free the slot.
-            if not self.job.done:
-                self.engine.cancel(self.job.job_id)
+        while True:
+            batch = await self.events.get()
+            while not self.events.empty():
+                batch.extend(self.events.get_nowait())
+            yield batch
+            if batch[-1]["type"] in ("end", "error"):
+                return
 
     async def collect(self) -> tuple[str, Event]:
         """Run to the end; return the text and the end event (an error event raises ApiError)."""
         text: list[str] = []
         last: Event | None = None
-        async for batch in self.batches():
-            for ev in batch:
-                if ev["type"] == "token":
-                    text.append(ev["t"])
-                elif ev["type"] in ("end", "error"):
-                    last = ev
-        assert last is not None
+        async with self:
+            async for batch in self.batches():
+                for ev in batch:
+                    if ev["type"] == "token":
+                        text.append(ev["t"])
+                    elif ev["type"] in ("end", "error"):
+                        last = ev
+        if last is None:  # the client went away before the end
+            raise ConnectionResetError("the client went away")
         if last["type"] == "error":
             raise ApiError(500, last["code"], last["message"], job_id=self.job.job_id)
         return "".join(text), last

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
@@ -65,21 +64,12 @@ async def inference(request: web.Request) -> web.StreamResponse:
             **({"stop_sequence_matched": end["stop_sequence_matched"]} if "stop_sequence_matched" in end else {}),
         })
 
-    resp = web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
-                                       "X-Job-Id": gen.job.job_id})
-    try:
+    resp = gen.sse_response(request)
+    async with gen:
         await resp.prepare(request)
-        # aclosing: whatever ends this loop (a write to a closed connection, a cancelled handler), the generator's
-        # finally runs now, not whenever it is collected, and cancels the job: its slot is free at the next step.
-        async with aclosing(gen.batches()) as batches:
-            async for batch in batches:
-                await resp.write(b"".join(sse.encode(ev) for ev in batch))
+        async for batch in gen.batches():
+            await resp.write(b"".join(sse.encode(ev) for ev in batch))
         await resp.write_eof()
-    except ConnectionResetError:
-        pass  # the client went away: nobody is left to answer
-    finally:
-        if not gen.job.done:  # gone before the stream began (during prepare): the job would run for nobody
-            gen.engine.cancel(gen.job.job_id)
     return resp
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import time
 import uuid
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worker.engine.llama import Model, ModelInfo
 from worker.engine.sampling import SamplingParams
-from worker.http import chat, sse
+from worker.http import chat
 from worker.http.errors import ApiError, openai_error
 from worker.http.generation import Generation, start_generation
 from worker.http.schemas import read_json
@@ -351,35 +350,27 @@ async def _respond(request: web.Request, gen: Generation, reply: Reply, stream: 
         text, end = await gen.collect()
         return web.json_response(reply.whole(text, end))
 
-    resp = web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
-                                       "X-Job-Id": gen.job.job_id})
-    try:
+    resp = gen.sse_response(request)
+    async with gen:
         await resp.prepare(request)
         if reply.chat:
             await resp.write(reply.chunk("", role="assistant"))
         end = None
-        # aclosing: whatever ends this loop, the generator's finally cancels the job now, not when it is collected.
-        async with aclosing(gen.batches()) as batches:
-            async for batch in batches:
-                out = []
-                for ev in batch:
-                    if ev["type"] == "token":
-                        out.append(reply.chunk(ev["t"]))
-                    elif ev["type"] == "end":
-                        end = ev
-                        out.append(reply.chunk(finish=FINISH_REASONS.get(ev["stop_reason"], "stop")))
-                    elif ev["type"] == "error":
-                        out.append(_sse({"error": openai_error(500, ev["code"], ev["message"])}))
-                await resp.write(b"".join(out))
+        async for batch in gen.batches():
+            out = []
+            for ev in batch:
+                if ev["type"] == "token":
+                    out.append(reply.chunk(ev["t"]))
+                elif ev["type"] == "end":
+                    end = ev
+                    out.append(reply.chunk(finish=FINISH_REASONS.get(ev["stop_reason"], "stop")))
+                elif ev["type"] == "error":
+                    out.append(_sse({"error": openai_error(500, ev["code"], ev["message"])}))
+            await resp.write(b"".join(out))
         if end is not None and reply.include_usage:
             await resp.write(reply.usage_chunk(end))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-    except ConnectionResetError:
-        pass  # the client went away: nobody is left to answer
-    finally:
-        if not gen.job.done:  # gone before or during the first chunk: the job would run for nobody
-            gen.engine.cancel(gen.job.job_id)
     return resp
 
 
