@@ -105,3 +105,87 @@ async def test_a_reused_chain_is_as_good_as_new(model, backend_sampling):
     assert a == b and a != c
     assert r1 != r2  # no seed: each job draws its own
     assert greedy  # the chain swap back to greedy works
+
+
+def without_timings(events: list[dict]) -> list[dict]:
+    drop = {"ttft_ms", "decode_time_ms", "tokens_per_sec", "started_at"}
+    return [{k: v for k, v in e.items() if k not in drop} for e in events]
+
+
+async def test_text_work_overlapped_with_the_next_step_changes_nothing_a_client_sees(model):
+    """On a GPU a token's text is done while the next step runs; the streams must be those of the plain order.
+
+    Stop sequences end a job after its next step was queued (that token is dropped, its KV cell freed), so a
+    job that follows on the same slot would show any leftover. Two slots run at once, one ending early.
+    """
+    prompt = model.tokenize("The capital of France is")
+    plain_text = text_of(await _solo(model, prompt, max_tokens=16))
+    stop = plain_text[len(plain_text) // 3 : len(plain_text) // 3 + 3]  # ends the job mid-stream, inside a token
+    cases = [{"max_tokens": 16}, {"max_tokens": 16, "stop": (stop,)}, {"max_tokens": 1},
+             {"max_tokens": 24, "ignore_eos": True}, {"max_tokens": 16, "stop": (plain_text[-2:],)}]
+
+    async def all_cases(overlap: bool) -> list[list[dict]]:
+        engine = Engine(model, ctx_size=256, parallel=2, max_queue=8, batch_size=64, threads=1, overlap=overlap)
+        engine.start(asyncio.get_running_loop())
+        try:
+            runs = [await run_job(engine, prompt, job_id=f"s{i}", **kw) for i, kw in enumerate(cases)]
+            runs += await asyncio.gather(*(run_job(engine, prompt, job_id=f"p{i}", **kw)
+                                           for i, kw in enumerate(cases[:2])))
+            runs.append(await run_job(engine, prompt, job_id="after", max_tokens=16))
+            assert engine.busy == 0 and engine.kv_usage() == 0
+            return [without_timings(r) for r in runs]
+        finally:
+            engine.close()
+
+    plain, overlapped = await all_cases(False), await all_cases(True)
+    assert overlapped == plain
+    ends = [r[-1] for r in plain]
+    assert [e["stop_reason"] for e in ends[:5]] == ["max_tokens", "stop_sequence", "max_tokens", "max_tokens",
+                                                    "stop_sequence"]
+    assert ends[1]["tokens_out"] < 16 and ends[3]["tokens_out"] == 24
+    assert text_of(overlapped[-1]) == plain_text  # the slot holds nothing of the jobs before
+
+
+async def _solo(model: Model, prompt: list[int], **kw) -> list[dict]:
+    engine = Engine(model, ctx_size=256, parallel=1, max_queue=4, batch_size=64, threads=1)
+    engine.start(asyncio.get_running_loop())
+    try:
+        return await run_job(engine, prompt, job_id="solo", **kw)
+    finally:
+        engine.close()
+
+
+async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(model, monkeypatch):
+    """Every step samples for every chain attached in the graph, busy or not; so chains idle for long are
+    detached, and a job is given the free slot whose chain already has its parameters."""
+    from worker.engine import scheduler
+
+    monkeypatch.setattr(scheduler, "CHAIN_IDLE_S", 1.0)
+    engine = Engine(model, ctx_size=256, parallel=3, max_queue=8, batch_size=64, threads=1, backend_sampling=True)
+    engine.start(asyncio.get_running_loop())
+
+    async def job(job_id: str, seed: int) -> tuple[str, int]:
+        queue: asyncio.Queue = asyncio.Queue()
+        engine.submit(Job(job_id=job_id, prompt_tokens=model.tokenize("Once upon a time"), max_tokens=12,
+                          params=SamplingParams(temperature=1.0, top_k=40, seed=seed), narration=True,
+                          deliver=queue.put_nowait))
+        events: list[dict] = []
+        while not events or events[-1]["type"] not in ("end", "error"):
+            events.extend(await asyncio.wait_for(queue.get(), 30))
+        slot = next(e["slot"] for e in events if e.get("action") == "inference_start")
+        return text_of(events), slot
+
+    attached = lambda: {s.seq_id: s.chain_params.seed for s in engine.slots if s.chain is not None}
+    try:
+        burst = await asyncio.gather(job("a", 1), job("b", 2), job("c", 3))
+        assert attached() == {0: 1, 1: 2, 2: 3}
+        again, slot = await job("b2", 2)  # no sleep: nothing is detached yet, and seed 2's chain is on slot 1
+        assert slot == 1 and again == burst[1][0]
+        await asyncio.sleep(1.3)
+        late, slot = await job("c2", 3)  # the idle chains of slots 0 and 1 are detached before this step
+        assert slot == 2 and late == burst[2][0]
+        assert attached() == {2: 3}
+        fresh, _ = await job("a2", 1)  # a chain attached anew samples as the first did
+        assert fresh == burst[0][0]
+    finally:
+        engine.close()

@@ -4,6 +4,9 @@ Requests wait in a bounded queue; between steps they join free slots (prompt pre
 size) and leave them (their KV cells are freed, whatever the reason). Each step is one llama_decode for all
 running sequences, then one sample per sequence that produced logits. Events go back to the asyncio loop once
 per step, in one call_soon_threadsafe.
+
+On a GPU, llama_decode only queues the step, so a token's text work (detokenizing, stop strings, metrics, events)
+is done while the GPU computes the next step: only the token id is needed to queue it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from worker.metrics import Metrics
 from worker.narration import narrate
 
 Event = dict[str, Any]
+
+# A chain attached in the decode graph is sampled every step, whether its slot is busy or not; one idle this long
+# is detached (the next job there attaches its own, at the cost of one graph re-reservation).
+CHAIN_IDLE_S = 1.0
 
 
 class SubmitError(Exception):
@@ -80,8 +87,11 @@ class Slot:
     prompt_pos: int = 0  # prompt tokens already decoded
     n_past: int = 0
     last_token: int = -1
+    pending: int | None = None  # sampled, its text not yet done (see _emit_pending)
+    pending_at: float = 0.0
     tokens_out: int = 0
     admitted_at: float = 0.0
+    idle_since: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -139,6 +149,7 @@ class Engine:
         threads_batch: int | None = None,
         flash_attn: str = "auto",
         backend_sampling: bool = False,
+        overlap: bool | None = None,
         metrics: Metrics | None = None,
         profile_path: str | None = None,
     ) -> None:
@@ -149,6 +160,9 @@ class Engine:
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.backend_sampling = backend_sampling
+        # Text work overlaps the next step where llama_decode is asynchronous (the GPU). On the CPU it would
+        # only delay each token by one step.
+        self.overlap = model.offloaded if overlap is None else overlap
         self.ctx = create_context(
             model, n_ctx=ctx_size * parallel, n_seq=parallel, n_batch=batch_size, threads=threads,
             threads_batch=threads_batch, flash_attn=flash_attn, n_outputs=parallel,
@@ -166,6 +180,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._out: dict[Job, list[Event]] = {}
         self._last_rc = 0
+        self._next_idle_check = 0.0
         # Where a step's time goes: llama.cpp (decode + sampling) against the rest (Python around it).
         self.stats = {"steps": 0, "step_s": 0.0, "llama_s": 0.0}
         self.profile_path = profile_path
@@ -289,6 +304,8 @@ class Engine:
                     break
                 self._expire_waiting()
                 self._admit()
+            if self.backend_sampling:
+                self._detach_idle_chains()
             started = time.perf_counter()
             try:
                 self._step()
@@ -309,20 +326,33 @@ class Engine:
             reason = job.cancel_reason or "timeout"
             self._end_unstarted(job, reason)
 
-    def _admit(self) -> None:
+    def _detach_idle_chains(self) -> None:
+        now = time.perf_counter()
+        if now < self._next_idle_check:
+            return
+        self._next_idle_check = now + CHAIN_IDLE_S / 4
         for slot in self.slots:
-            if not self._waiting:
-                return
-            if slot.job is None:
-                job = self._waiting.popleft()
-                try:
-                    self._start(slot, job)
-                except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
-                    logger.exception(f"could not start job {job.job_id}")
-                    if slot.job is job:
-                        self._fail(slot, "internal_error", f"{type(exc).__name__}: {exc}")
-                    else:
-                        self._end_unstarted(job, "cancelled")
+            if slot.job is None and slot.chain is not None and now - slot.idle_since > CHAIN_IDLE_S:
+                lc.llama_set_sampler(self.ctx, slot.seq_id, None)
+                free_chain(slot.chain)
+                slot.chain = slot.chain_params = None
+
+    def _admit(self) -> None:
+        free = [slot for slot in self.slots if slot.job is None]
+        while self._waiting and free:
+            job = self._waiting.popleft()
+            # A free slot whose chain has this job's parameters needs no new chain; else one whose stale chain
+            # can be swapped, so that no more chains are attached than needed.
+            slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain is None))
+            free.remove(slot)
+            try:
+                self._start(slot, job)
+            except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
+                logger.exception(f"could not start job {job.job_id}")
+                if slot.job is job:
+                    self._fail(slot, "internal_error", f"{type(exc).__name__}: {exc}")
+                else:
+                    self._end_unstarted(job, "cancelled")
 
     def _start(self, slot: Slot, job: Job) -> None:
         self._busy += 1
@@ -387,6 +417,8 @@ class Engine:
             # Find the culprit: a failed llama_decode leaves the KV cache as it was, so each sequence is
             # decoded on its own and only those that still fail end with an error.
             for part in parts:
+                if part[0].job is None:  # ended by a stop sequence while the failed step was queued
+                    continue
                 if not self._decode([part]):
                     self._fail(part[0], "decode_failed", f"llama_decode failed with status {self._last_rc}")
 
@@ -394,45 +426,71 @@ class Engine:
         """One llama_decode for these parts, then one sample per part that asked for logits."""
         batch = self._batch
         batch.n = 0
-        outputs = [(slot, batch.add(tokens, pos, slot.seq_id, logits)) for slot, tokens, pos, logits in parts]
+        outputs = []  # (slot, batch index) for each part that wants a token
+        for slot, tokens, pos, logits in parts:
+            idx = batch.add(tokens, pos, slot.seq_id, logits)
+            if logits:
+                outputs.append((slot, idx))
         t0 = time.perf_counter()
         self._last_rc = batch.decode(self.ctx)
+        t1 = time.perf_counter()
+        # While the GPU computes: the text of last step's tokens, and their events to the loop.
+        for slot in self.slots:
+            if slot.pending is not None:
+                self._emit_pending(slot)
+        self._flush()
         if self._last_rc != 0:
             return False
-        # On a GPU llama_decode only queues the work: the first read of a sampled token waits for it.
-        tokens = [(slot, lc.llama_sampler_sample(slot.chain, self.ctx, idx))
-                  for (slot, idx), (_, _, _, logits) in zip(outputs, parts) if logits]
-        self.stats["llama_s"] += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        # The first read of a sampled token waits for the step. A job that ended meanwhile (a stop sequence
+        # in the text just done) has its token dropped.
+        tokens = [(slot, lc.llama_sampler_sample(slot.chain, self.ctx, idx)) for slot, idx in outputs
+                  if slot.job is not None]
+        now = time.perf_counter()
+        self.stats["llama_s"] += (t1 - t0) + (now - t2)
         for slot, token in tokens:
-            self._on_token(slot, token)
+            self._on_token(slot, token, now)
         return True
 
-    def _on_token(self, slot: Slot, token: int) -> None:
+    def _on_token(self, slot: Slot, token: int, now: float) -> None:
+        """What the next step depends on: whether the sequence goes on, and with which token."""
         job = slot.job
-        assert job is not None and slot.text is not None
-        now = time.perf_counter()
+        assert job is not None
         if slot.tokens_out == 0 and not slot.first_token_at:
             slot.first_token_at = now
         if self.model.is_eog(token) and not job.ignore_eos:
             self._finish(slot, "eos")
             return
-        if slot.tokens_out == 0:
-            self.metrics.ttft.observe(now - job.submitted_at)
-        else:
-            self.metrics.itl.observe(now - slot.last_token_at)
-        slot.last_token_at = now
-        self.metrics.generated_tokens.inc()
         slot.tokens_out += 1
         slot.last_token = token
+        slot.pending, slot.pending_at = token, now
+        if not self.overlap:
+            self._emit_pending(slot)
+        if slot.job is job and slot.tokens_out >= job.max_tokens:
+            self._finish(slot, "max_tokens")
+
+    def _emit_pending(self, slot: Slot) -> None:
+        """The sampled token's text, metrics and event; a completed stop sequence ends the job."""
+        job, token, at = slot.job, slot.pending, slot.pending_at
+        assert job is not None and token is not None and slot.text is not None
+        slot.pending = None
+        if slot.tokens_out == 1:
+            self.metrics.ttft.observe(at - job.submitted_at)
+        else:
+            self.metrics.itl.observe(at - slot.last_token_at)
+        slot.last_token_at = at
+        self.metrics.generated_tokens.inc()
         text = slot.text.feed(self.model.piece(token))
         if text:
             self._emit(job, {"type": "token", "t": text, "i": slot.tokens_out - 1})
         if slot.text.matched is not None:
             self._finish(slot, "stop_sequence")
-        elif slot.tokens_out >= job.max_tokens:
-            self._finish(slot, "max_tokens")
 
     def _finish(self, slot: Slot, reason: str) -> None:
+        if slot.pending is not None:
+            self._emit_pending(slot)  # its text comes before the end, and it may complete a stop sequence
+            if slot.job is None:
+                return
         job = slot.job
         assert job is not None and slot.text is not None
         tail = slot.text.finish()
@@ -467,6 +525,10 @@ class Engine:
         self._release(slot)
 
     def _fail(self, slot: Slot, code: str, message: str) -> None:
+        if slot.pending is not None:
+            self._emit_pending(slot)
+            if slot.job is None:
+                return
         job = slot.job
         assert job is not None
         self._narrate(job, "inference_failed", f"Job {job.job_id} failed: {message}", level="error", code=code)
@@ -479,7 +541,8 @@ class Engine:
         assert job is not None
         job.done = True
         lc.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.job = slot.text = None
+        slot.job = slot.text = slot.pending = None
+        slot.idle_since = time.perf_counter()
         with self._cond:
             self._busy -= 1
 
