@@ -7,7 +7,7 @@
 #   is built once per x86-64 level (sse42 … haswell … zen4, sapphirerapids) and ggml picks the best one for the
 #   machine it runs on. cuda adds -DGGML_CUDA=on for CUDA_ARCHS (default 80;86;89;90: A100, A10/3090, L4/L40/4090,
 #   H100/H200). The backends are dynamically loaded modules; they are installed into llama_cpp/lib, beside
-#   libggml.so, and docker/launch.py loads them from there before the worker starts.
+#   libggml.so, and the worker (worker/engine/llama.py) loads them from there before it initialises llama.cpp.
 # metal: Apple GPUs (macOS), a plain build: -DGGML_METAL=on.
 #
 # Environment:

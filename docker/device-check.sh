@@ -6,7 +6,7 @@
 #   1. builder: docker/build-wheel.sh cuda, offline, from the kit's sdist (build deps: the machine's
 #      scikit-build-core, cmake, ninja, nvcc)
 #   2. runtime: that wheel beside the worker (the worker's deps that the machine lacks come from the kit's whl/),
-#      started through docker/launch.py, which loads the wheel's dynamically built backends
+#      started through docker/launch.py, as the images do (the worker loads the wheel's dynamically built backends)
 #   3. the worker serves a synthetic model with every layer on the GPU: /health, one generation, /metrics, SIGTERM
 #
 #   bash docker/device-check.sh            CUDA_ARCHS=90 by default, to fit in one 10-minute command; the image

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,19 +67,41 @@ def init_backend() -> None:
 _ggml_lib: ctypes.CDLL | None | bool = False
 
 
+def _libggml_path(libdir: str) -> str | None:
+    """The libggml that libllama was linked with, as the loader mapped it.
+
+    A wheel cannot hold symbolic links, so libggml.so, libggml.so.0 and libggml.so.0.x are copies of one file:
+    opening another name than libllama's own (its SONAME) would load a second ggml with a registry of its own, and
+    backends registered there would stay unknown to llama.cpp.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.rstrip("\n").split(maxsplit=5)[-1] for line in maps}
+        for pattern in (r"libggml\.so\.\d+", r"libggml\.so(\.\d+)*"):  # the SONAME first
+            found = sorted(p for p in mapped if re.fullmatch(pattern, os.path.basename(p)))
+            if found:
+                return found[0]
+    except OSError:  # not Linux
+        pass
+    return next((os.path.join(libdir, n) for n in ("libggml.so.0", "libggml.0.dylib", "libggml.dylib", "libggml.so")
+                 if os.path.exists(os.path.join(libdir, n))), None)
+
+
 def _ggml() -> ctypes.CDLL | None:
-    """libllama's own libggml, for the device API that llama-cpp-python does not bind. Opened by its SONAME: a
-    wheel holds libggml.so/.so.0/.so.0.x as copies, and another copy is a second ggml with an empty registry."""
+    """libllama's own libggml, for the backend and device API that llama-cpp-python does not bind."""
     global _ggml_lib
     if _ggml_lib is False:
-        libdir = os.path.dirname(lc.llama_cpp._lib._name)
-        name = next((n for n in ("libggml.so.0", "libggml.so") if os.path.exists(os.path.join(libdir, n))), None)
+        path = _libggml_path(os.path.dirname(lc.llama_cpp._lib._name))
         try:
-            lib = ctypes.CDLL(os.path.join(libdir, name)) if name else None
+            lib = ctypes.CDLL(path) if path else None
         except OSError:
             lib = None
         if lib is not None:
             lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+            lib.ggml_backend_reg_get.restype = ctypes.c_void_p
+            lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+            lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+            lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
             lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
             lib.ggml_backend_dev_count.restype = ctypes.c_size_t
             lib.ggml_backend_dev_get.restype = ctypes.c_void_p
@@ -87,6 +110,8 @@ def _ggml() -> ctypes.CDLL | None:
             lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
             lib.ggml_backend_dev_name.restype = ctypes.c_char_p
             lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+            lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+            lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
             lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
                                                     ctypes.POINTER(ctypes.c_size_t)]
         _ggml_lib = lib
@@ -99,6 +124,22 @@ def _load_backend_modules() -> None:
     lib = _ggml()
     if lib is not None and lib.ggml_backend_reg_count() == 0:
         lib.ggml_backend_load_all_from_path(os.path.dirname(lc.llama_cpp._lib._name).encode())
+
+
+def backends() -> dict[str, Any]:
+    """What this llama.cpp offers here, once initialised: its libggml, backends and devices."""
+    init_backend()
+    lib = _ggml()
+    if lib is None:
+        return {"libggml": None, "backends": [], "devices": []}
+    devices = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    return {
+        "libggml": lib._name,
+        "backends": [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
+                     for i in range(lib.ggml_backend_reg_count())],
+        "devices": [f"{lib.ggml_backend_dev_name(d).decode()} ({lib.ggml_backend_dev_description(d).decode()})"
+                    for d in devices],
+    }
 
 
 def gpu_memory_used() -> dict[str, int]:
