@@ -6,7 +6,6 @@ written first, then each tensor is read, transformed, cast and written before th
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from worker.models.convert.errors import ConvertError
+from worker.models.convert.errors import ConvertError, read_json
 from worker.models.convert.families import family_for
 from worker.models.convert.family import Family, Hparams
 from worker.models.convert.safetensors import Checkpoint
@@ -49,14 +48,7 @@ class ConvertStats:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConvertError(f"{folder}: no config.json, so not a SafeTensors checkpoint folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConvertError(f"{path}: not valid JSON ({exc})") from None
-    return config
+    return read_json(folder / "config.json", "no config.json, so not a SafeTensors checkpoint folder")
 
 
 def convert_checkpoint(folder: Path, out: Path, name: str | None = None) -> ConvertStats:

@@ -20,7 +20,7 @@ from typing import Any
 
 import gguf
 
-from worker.models.convert.errors import ConvertError
+from worker.models.convert.errors import ConvertError, read_json
 
 TokenType = gguf.TokenType
 
@@ -62,16 +62,11 @@ class Vocabulary:
 
 def read_tokenizer(folder: Path, n_vocab: int) -> Vocabulary:
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ConvertError(f"{folder}: no tokenizer.json (the GGUF must carry the tokenizer)")
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConvertError(f"{path}: not valid JSON ({exc})") from None
+    tok = read_json(path, "no tokenizer.json (the GGUF must carry the tokenizer)")
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise ConvertError(f"{path}: a {model.get('type')} tokenizer; supported: byte-level or SentencePiece-style BPE")
-    config = _read_json(folder / "tokenizer_config.json")
+    config = read_json(folder / "tokenizer_config.json")
 
     tokens: list[str | None] = [None] * n_vocab
     special_ids: set[int] = set()
@@ -107,15 +102,6 @@ def write_tokenizer(writer: gguf.GGUFWriter, vocab: Vocabulary, folder: Path) ->
     special.add_special_token.setdefault("bos", False)
     special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ConvertError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _place(tokens: list[str | None], i: int, text: str, path: Path, n_vocab: int) -> None:
