@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a decode step's time goes, on the device machine (after bench/gpu.sh made the model):
-# one stream greedy vs sampled (engine_stats: share of each step inside llama.cpp), then 32 streams under cProfile.
+# one stream greedy vs sampled (engine_stats: ms a step, queueing it and waiting for its tokens), then 32 streams under cProfile.
 set -uo pipefail
 source .gpu-kit/setup.sh
 export PYTHONPATH=$PWD:$PYTHONPATH

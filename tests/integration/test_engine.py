@@ -133,6 +133,8 @@ async def test_text_work_overlapped_with_the_next_step_changes_nothing_a_client_
                                            for i, kw in enumerate(cases[:2])))
             runs.append(await run_job(engine, prompt, job_id="after", max_tokens=16))
             assert engine.busy == 0 and engine.kv_usage() == 0
+            st = engine.stats  # what engine_stats narrates at shutdown
+            assert st["steps"] >= 16 * 3 and 0 < st["queue_s"] + st["wait_s"] < st["step_s"]
             return [without_timings(r) for r in runs]
         finally:
             engine.close()

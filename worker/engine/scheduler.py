@@ -181,8 +181,8 @@ class Engine:
         self._out: dict[Job, list[Event]] = {}
         self._last_rc = 0
         self._next_idle_check = 0.0
-        # Where a step's time goes: llama.cpp (decode + sampling) against the rest (Python around it).
-        self.stats = {"steps": 0, "step_s": 0.0, "llama_s": 0.0}
+        # Where a step's time goes: queueing it (llama_decode), waiting for its tokens, and the Python around them.
+        self.stats = {"steps": 0, "step_s": 0.0, "queue_s": 0.0, "wait_s": 0.0}
         self.profile_path = profile_path
 
     # ---- loop side -------------------------------------------------------------------------------------------
@@ -338,6 +338,8 @@ class Engine:
                 slot.chain = slot.chain_params = None
 
     def _admit(self) -> None:
+        if not self._waiting:
+            return
         free = [slot for slot in self.slots if slot.job is None]
         while self._waiting and free:
             job = self._waiting.popleft()
@@ -447,7 +449,8 @@ class Engine:
         tokens = [(slot, lc.llama_sampler_sample(slot.chain, self.ctx, idx)) for slot, idx in outputs
                   if slot.job is not None]
         now = time.perf_counter()
-        self.stats["llama_s"] += (t1 - t0) + (now - t2)
+        self.stats["queue_s"] += t1 - t0
+        self.stats["wait_s"] += now - t2
         for slot, token in tokens:
             self._on_token(slot, token, now)
         return True

@@ -155,10 +155,12 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(state.engine.close)
         st = state.engine.stats
         if st["steps"]:
-            narrate("engine_stats", f"{st['steps']} decode steps, {st['step_s'] / st['steps'] * 1000:.2f} ms each, "
-                    f"{st['llama_s'] / st['step_s']:.0%} of it in llama.cpp.", actor="engine", steps=st["steps"],
-                    step_ms=round(st["step_s"] / st["steps"] * 1000, 3),
-                    llama_share=round(st["llama_s"] / st["step_s"], 3))
+            per_step = lambda key: st[key] / st["steps"] * 1000
+            narrate("engine_stats", f"{st['steps']} decode steps, {per_step('step_s'):.2f} ms each: "
+                    f"{per_step('queue_s'):.2f} ms queueing them (llama_decode), {per_step('wait_s'):.2f} ms waiting "
+                    f"for their tokens.", actor="engine", steps=st["steps"], step_ms=round(per_step("step_s"), 3),
+                    queue_ms=round(per_step("queue_s"), 3), wait_ms=round(per_step("wait_s"), 3),
+                    llama_share=round((st["queue_s"] + st["wait_s"]) / st["step_s"], 3))
     if state.model is not None:
         state.model.close()
 
