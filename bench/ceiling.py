@@ -17,7 +17,7 @@ import llama_cpp as lc
 
 from bench.load import PROMPT
 from worker.config import default_threads
-from worker.engine.llama import init_backend
+from worker.engine.llama import init_backend, quiet_ggml_log
 from worker.narration import configure
 
 
@@ -46,6 +46,8 @@ def ceiling(model_path: str, *, streams: int, tokens: int, threads: int, threads
     cparams.flash_attn_type = flash_attn if flash_attn is not None else (1 if gpu_layers else 0)
     ctx = lc.llama_init_from_model(model, cparams)
     mem = lc.llama_get_memory(ctx)
+    if gpu_layers:
+        quiet_ggml_log()  # as the worker does once it serves
 
     chains = []
     for s in range(streams):

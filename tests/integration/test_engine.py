@@ -191,3 +191,27 @@ async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(mod
         assert fresh == burst[0][0]
     finally:
         engine.close()
+
+
+def test_quieting_ggml_log_drops_its_lines_and_keeps_llama_cpps():
+    """On a GPU the engine stops ggml's per-step log from crossing into Python; llama.cpp's own log stays."""
+    import subprocess
+    import sys
+
+    probe = """if True:
+        from worker.narration import configure
+        configure(worker_id=None, level="debug")
+        from worker.engine import llama
+        from worker.models.resolve import embedded_model_path
+        llama.init_backend()
+        ggml = llama._ggml()
+        ggml.ggml_log_internal(3, b"ggml line one\\n")
+        llama.quiet_ggml_log()
+        ggml.ggml_log_internal(3, b"ggml line two\\n")
+        llama.Model.load(embedded_model_path(), ref="e", fmt="gguf", gpu_layers=0).close()
+    """
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-2000:]
+    assert "ggml line one" in logs and "ggml line two" not in logs
+    assert "[llama.cpp] llama_model_loader" in logs or '"actor": "llama.cpp"' in logs

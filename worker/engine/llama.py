@@ -64,6 +64,24 @@ def init_backend() -> None:
         _backend_ready = True
 
 
+def quiet_ggml_log() -> None:
+    """From here on, ggml's own log lines (not llama.cpp's) are dropped without entering Python.
+
+    On CUDA, ggml logs a DEBUG line at every decode step ("CUDA Graph id N reused"). Each one is a call into our
+    Python callback from inside llama_decode, which must take the GIL from the event loop's thread: measured on an
+    H100, ~70 us of every 1.3 ms step. Once the model serves, ggml has nothing else to say through its log (its
+    fatal errors go to stderr directly), so its callback becomes a C function that ignores its arguments: libc's
+    abs() takes the level and returns, which the C calling conventions make safe for the callback's signature.
+    """
+    lib = _ggml()  # ggml_log_set is libggml-base's, found through libggml's dependencies
+    try:
+        sink = ctypes.CDLL(None).abs
+    except (OSError, AttributeError):  # no libc to borrow from: keep the Python callback
+        return
+    if lib is not None:
+        lib.ggml_log_set(ctypes.cast(sink, lc.llama_log_callback), None)
+
+
 _ggml_lib: ctypes.CDLL | None | bool = False
 
 

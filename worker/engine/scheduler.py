@@ -25,7 +25,7 @@ import llama_cpp as lc
 import numpy as np
 from loguru import logger
 
-from worker.engine.llama import Model, create_context
+from worker.engine.llama import Model, create_context, quiet_ggml_log
 from worker.engine.sampling import SamplingParams, build_chain, free_chain
 from worker.engine.text import TextStream
 from worker.metrics import Metrics
@@ -190,6 +190,8 @@ class Engine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._warm_up()
+        if self.model.offloaded:
+            quiet_ggml_log()
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
         self._thread.start()
 
