@@ -17,7 +17,7 @@ import llama_cpp as lc
 
 from bench.load import PROMPT
 from worker.config import default_threads
-from worker.engine.llama import init_backend, quiet_ggml_log
+from worker.engine.llama import init_backend, route_ggml_log
 from worker.narration import configure
 
 
@@ -47,7 +47,7 @@ def ceiling(model_path: str, *, streams: int, tokens: int, threads: int, threads
     ctx = lc.llama_init_from_model(model, cparams)
     mem = lc.llama_get_memory(ctx)
     if gpu_layers:
-        quiet_ggml_log()  # as the worker does once it serves
+        route_ggml_log(to_python=False)  # as the worker does in steady decode steps
 
     chains = []
     for s in range(streams):

@@ -22,7 +22,7 @@ import time
 import llama_cpp as lc
 
 from bench.load import PROMPT
-from worker.engine.llama import init_backend, quiet_ggml_log
+from worker.engine.llama import init_backend, route_ggml_log
 from worker.narration import configure
 
 
@@ -135,7 +135,7 @@ def main() -> None:
     mparams.n_gpu_layers = args.gpu_layers
     model = lc.llama_model_load_from_file(args.model.encode(), mparams)
     if args.gpu_layers:
-        quiet_ggml_log()  # as the worker does once it serves
+        route_ggml_log(to_python=False)  # as the worker does in steady decode steps
     vocab = lc.llama_model_get_vocab(model)
     for v in args.variants.split(","):
         print(run(model, vocab, v, args.tokens, args.threads, args.rounds), flush=True)

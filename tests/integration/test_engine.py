@@ -193,8 +193,8 @@ async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(mod
         engine.close()
 
 
-def test_quieting_ggml_log_drops_its_lines_and_keeps_llama_cpps():
-    """On a GPU the engine stops ggml's per-step log from crossing into Python; llama.cpp's own log stays."""
+def test_ggml_log_can_be_dropped_in_c_and_routed_back():
+    """In steady GPU steps the engine keeps ggml's per-step log out of Python; llama.cpp's own log stays."""
     import subprocess
     import sys
 
@@ -206,12 +206,39 @@ def test_quieting_ggml_log_drops_its_lines_and_keeps_llama_cpps():
         llama.init_backend()
         ggml = llama._ggml()
         ggml.ggml_log_internal(3, b"ggml line one\\n")
-        llama.quiet_ggml_log()
+        llama.route_ggml_log(to_python=False)
         ggml.ggml_log_internal(3, b"ggml line two\\n")
+        llama.route_ggml_log(to_python=True)
+        ggml.ggml_log_internal(3, b"ggml line three\\n")
         llama.Model.load(embedded_model_path(), ref="e", fmt="gguf", gpu_layers=0).close()
     """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     logs = out.stdout + out.stderr
     assert out.returncode == 0, logs[-2000:]
-    assert "ggml line one" in logs and "ggml line two" not in logs
+    assert "ggml line one" in logs and "ggml line two" not in logs and "ggml line three" in logs
     assert "[llama.cpp] llama_model_loader" in logs or '"actor": "llama.cpp"' in logs
+
+
+async def test_ggml_log_is_dropped_only_in_steady_gpu_steps(model, monkeypatch):
+    """Prompt steps and steps after a chain was attached or detached may allocate: there ggml's log must reach ours."""
+    from worker.engine import scheduler
+
+    routed: list[bool] = []
+    monkeypatch.setattr(scheduler, "route_ggml_log", lambda to_python: routed.append(to_python))
+    monkeypatch.setattr(model, "offloaded", True)  # the engine's GPU behaviour, on the CPU
+    engine = Engine(model, ctx_size=256, parallel=2, max_queue=8, batch_size=64, threads=1, backend_sampling=True,
+                    overlap=False)
+    engine.start(asyncio.get_running_loop())
+    try:
+        await run_job(engine, model.tokenize("The sky is"), job_id="a", max_tokens=6)
+        assert routed == [False]  # the prompt step (which also attached the chain) keeps the log; then quiet
+        await run_job(engine, model.tokenize("The sky is"), job_id="b", max_tokens=6)
+        assert routed == [False, True, False]  # a prompt step again: routed back, then quiet
+        queue: asyncio.Queue = asyncio.Queue()  # a one-token prompt: only the new chain makes its step unsteady
+        engine.submit(Job(job_id="c", prompt_tokens=model.tokenize("The")[:1], max_tokens=4,
+                          params=SamplingParams(temperature=0.7, seed=1), deliver=queue.put_nowait))
+        while not (events := await asyncio.wait_for(queue.get(), 30)) or events[-1]["type"] != "end":
+            pass
+        assert routed == [False, True, False, True, False]
+    finally:
+        engine.close()

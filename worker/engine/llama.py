@@ -64,22 +64,27 @@ def init_backend() -> None:
         _backend_ready = True
 
 
-def quiet_ggml_log() -> None:
-    """From here on, ggml's own log lines (not llama.cpp's) are dropped without entering Python.
+def route_ggml_log(to_python: bool) -> None:
+    """Send ggml's own log lines to our logger, or drop them in C. llama.cpp's own lines always reach our logger.
 
-    On CUDA, ggml logs a DEBUG line at every decode step ("CUDA Graph id N reused"). Each one is a call into our
-    Python callback from inside llama_decode, which must take the GIL from the event loop's thread: measured on an
-    H100, ~70 us of every 1.3 ms step. Once the model serves, ggml has nothing else to say through its log (its
-    fatal errors go to stderr directly), so its callback becomes a C function that ignores its arguments: libc's
-    abs() takes the level and returns, which the C calling conventions make safe for the callback's signature.
+    On CUDA, ggml logs a DEBUG line at every decode step ("CUDA Graph id N reused"). Each one calls our Python
+    callback from inside llama_decode, where it must take the GIL from the event loop's thread: ~70 us of a 1.3 ms
+    step, measured on an H100. The engine drops them in steady decode steps, which allocate nothing; everywhere
+    else they reach our log, where ggml's errors (a failed allocation, a CUDA error) say what went wrong.
+    The sink is libc's abs(): it takes the level and returns, which the C calling conventions make safe for the
+    callback's signature.
     """
-    lib = _ggml()  # ggml_log_set is libggml-base's, found through libggml's dependencies
-    try:
-        sink = ctypes.CDLL(None).abs
-    except (OSError, AttributeError):  # no libc to borrow from: keep the Python callback
+    lib, sink = _ggml(), _c_sink()
+    if lib is None or sink is None:
         return
-    if lib is not None:
-        lib.ggml_log_set(ctypes.cast(sink, lc.llama_log_callback), None)
+    lib.ggml_log_set(_log_callback if to_python else sink, None)
+
+
+def _c_sink() -> Any:
+    try:
+        return ctypes.cast(ctypes.CDLL(None).abs, lc.llama_log_callback)
+    except (OSError, AttributeError):  # no libc to borrow from: ggml's lines keep going to Python
+        return None
 
 
 _ggml_lib: ctypes.CDLL | None | bool = False

@@ -25,7 +25,7 @@ import llama_cpp as lc
 import numpy as np
 from loguru import logger
 
-from worker.engine.llama import Model, create_context, quiet_ggml_log
+from worker.engine.llama import Model, create_context, route_ggml_log
 from worker.engine.sampling import SamplingParams, build_chain, free_chain
 from worker.engine.text import TextStream
 from worker.metrics import Metrics
@@ -181,6 +181,8 @@ class Engine:
         self._out: dict[Job, list[Event]] = {}
         self._last_rc = 0
         self._next_idle_check = 0.0
+        self._chains_changed = False  # a chain attached or detached since the last step: llama.cpp re-reserves
+        self._ggml_quiet = False
         # Where a step's time goes: queueing it (llama_decode), waiting for its tokens, and the Python around them.
         self.stats = {"steps": 0, "step_s": 0.0, "queue_s": 0.0, "wait_s": 0.0}
         self.profile_path = profile_path
@@ -190,8 +192,6 @@ class Engine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._warm_up()
-        if self.model.offloaded:
-            quiet_ggml_log()
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -338,6 +338,7 @@ class Engine:
                 lc.llama_set_sampler(self.ctx, slot.seq_id, None)
                 free_chain(slot.chain)
                 slot.chain = slot.chain_params = None
+                self._chains_changed = True
 
     def _admit(self) -> None:
         if not self._waiting:
@@ -373,6 +374,7 @@ class Engine:
             slot.chain, slot.chain_params = build_chain(job.params, self.model.n_vocab), job.params
             if self.backend_sampling:
                 lc.llama_set_sampler(self.ctx, slot.seq_id, slot.chain)
+                self._chains_changed = True
         slot.text = TextStream(job.stop)
         slot.prompt_pos = slot.n_past = slot.tokens_out = 0
         slot.admitted_at = time.perf_counter()
@@ -435,6 +437,13 @@ class Engine:
             idx = batch.add(tokens, pos, slot.seq_id, logits)
             if logits:
                 outputs.append((slot, idx))
+        # ggml's log: dropped in steady steps (a token a sequence, no chain attached or detached: nothing to
+        # allocate), kept for the others, where its errors say why a step failed. See route_ggml_log.
+        steady = self.model.offloaded and not self._chains_changed and batch.n == len(parts)
+        if steady != self._ggml_quiet:
+            route_ggml_log(to_python=not steady)
+            self._ggml_quiet = steady
+        self._chains_changed = False
         t0 = time.perf_counter()
         self._last_rc = batch.decode(self.ctx)
         t1 = time.perf_counter()
