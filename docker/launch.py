@@ -3,8 +3,7 @@
 The images build llama.cpp with dynamically loaded backends (GGML_BACKEND_DL=ON): the CPU code once per x86-64
 level, picked at start for the machine it runs on, and the CUDA backend as a module that loads only where a
 driver is. docker/build-wheel.sh puts them in llama_cpp/lib beside libggml.so, and the worker's llama layer
-(worker/engine/llama.py) loads them from there when none is linked in. A worker that finds no backend at all
-exits 3 here, before it reads its settings.
+(worker/engine/llama.py) loads them from there when none is linked in.
 
     python docker/launch.py [worker flags]      # what the entrypoint runs
     python docker/launch.py --list-backends     # the backends and devices this llama.cpp build offers here
@@ -16,16 +15,15 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from worker.engine.llama import backends
-
-    found = backends()
-    if not found["backends"]:
-        print(f"llm-worker-rbee: no llama.cpp backend could be loaded (libggml: {found['libggml']})", file=sys.stderr)
-        return 3
     if argv[:1] == ["--list-backends"]:
+        from worker.engine.llama import backends
+        from worker.narration import configure
+
+        configure(worker_id=None, level="warning")
+        found = backends()
         for key, value in found.items():
             print(f"{key}: {value}")
-        return 0
+        return 0 if found["backends"] else 3
     from worker.cli import main as worker_main
 
     return worker_main(argv)
