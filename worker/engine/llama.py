@@ -101,7 +101,8 @@ def _libggml_path(libdir: str) -> str | None:
         with open("/proc/self/maps") as maps:
             mapped = {line.rstrip("\n").split(maxsplit=5)[-1] for line in maps}
         for pattern in (r"libggml\.so\.\d+", r"libggml\.so(\.\d+)*"):  # the SONAME first
-            found = sorted(p for p in mapped if re.fullmatch(pattern, os.path.basename(p)))
+            found = sorted((p for p in mapped if re.fullmatch(pattern, os.path.basename(p))),
+                           key=lambda p: (os.path.dirname(p) != os.path.realpath(libdir), p))  # libllama's first
             if found:
                 return found[0]
     except OSError:  # not Linux
