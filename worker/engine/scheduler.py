@@ -399,6 +399,14 @@ class Engine:
             if job is not None and (job.cancel_reason or (job.deadline and now >= job.deadline)):
                 self._finish(slot, job.cancel_reason or "timeout")
 
+        # A steady step (a token a sequence, no chain attached or detached since the last) is quick to queue, and
+        # on a GPU the text of last step's tokens is done while it runs. Before any other step, llama_decode itself
+        # is long (a prompt, or llama.cpp re-reserving after a chain change): that text goes out first.
+        steady = not self._chains_changed and all(s.job is None or s.prompt_pos == len(s.job.prompt_tokens)
+                                                  for s in self.slots)
+        if not (self.overlap and steady):
+            self._emit_all_pending()
+
         # This step's work: (slot, tokens, first position, wants logits) — one token per decoding sequence,
         # then prompt chunks as far as the batch allows.
         parts: list[tuple[Slot, list[int], int, bool]] = []
@@ -419,7 +427,7 @@ class Engine:
             budget -= len(chunk)
         if not parts:
             return
-        if not self._decode(parts):
+        if not self._decode(parts, steady):
             # Find the culprit: a failed llama_decode leaves the KV cache as it was, so each sequence is
             # decoded on its own and only those that still fail end with an error.
             for part in parts:
@@ -428,7 +436,7 @@ class Engine:
                 if not self._decode([part]):
                     self._fail(part[0], "decode_failed", f"llama_decode failed with status {self._last_rc}")
 
-    def _decode(self, parts: list[tuple[Slot, list[int], int, bool]]) -> bool:
+    def _decode(self, parts: list[tuple[Slot, list[int], int, bool]], steady: bool = False) -> bool:
         """One llama_decode for these parts, then one sample per part that asked for logits."""
         batch = self._batch
         batch.n = 0
@@ -437,21 +445,17 @@ class Engine:
             idx = batch.add(tokens, pos, slot.seq_id, logits)
             if logits:
                 outputs.append((slot, idx))
-        # ggml's log: dropped in steady steps (a token a sequence, no chain attached or detached: nothing to
-        # allocate), kept for the others, where its errors say why a step failed. See route_ggml_log.
-        steady = self.model.offloaded and not self._chains_changed and batch.n == len(parts)
-        if steady != self._ggml_quiet:
-            route_ggml_log(to_python=not steady)
-            self._ggml_quiet = steady
+        # ggml's log: dropped in steady GPU steps, which allocate nothing; kept for the others, where its errors
+        # say why a step failed. See route_ggml_log.
+        quiet = steady and self.model.offloaded
+        if quiet != self._ggml_quiet:
+            route_ggml_log(to_python=not quiet)
+            self._ggml_quiet = quiet
         self._chains_changed = False
         t0 = time.perf_counter()
         self._last_rc = batch.decode(self.ctx)
         t1 = time.perf_counter()
-        # While the GPU computes: the text of last step's tokens, and their events to the loop.
-        for slot in self.slots:
-            if slot.pending is not None:
-                self._emit_pending(slot)
-        self._flush()
+        self._emit_all_pending()  # while the GPU computes, in a steady step (else done before it)
         if self._last_rc != 0:
             return False
         t2 = time.perf_counter()
@@ -478,10 +482,14 @@ class Engine:
         slot.tokens_out += 1
         slot.last_token = token
         slot.pending, slot.pending_at = token, now
-        if not self.overlap:
-            self._emit_pending(slot)
-        if slot.job is job and slot.tokens_out >= job.max_tokens:
+        if slot.tokens_out >= job.max_tokens:
             self._finish(slot, "max_tokens")
+
+    def _emit_all_pending(self) -> None:
+        for slot in self.slots:
+            if slot.pending is not None:
+                self._emit_pending(slot)
+        self._flush()
 
     def _emit_pending(self, slot: Slot) -> None:
         """The sampled token's text, metrics and event; a completed stop sequence ends the job."""
