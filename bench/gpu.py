@@ -182,7 +182,8 @@ def render(res: dict[str, Any]) -> str:
     lines.append("")
     w, ls = res.get("worker"), res.get("llama-server")
     if w and "llama_bench" in res and 1 in w:
-        lines.append(f"one stream: worker / llama-bench tg = {w[1]['per_stream_tps_p50'] / res['llama_bench']['tg128']:.3f}")
+        ratio = w[1]["per_stream_tps_p50"] / res["llama_bench"]["tg128"]
+        lines.append(f"one stream: worker / llama-bench tg = {ratio:.3f}")
     if w and ls:
         n = max(res["levels"])
         lines.append(f"{n} streams aggregate: worker / llama-server = "

@@ -147,7 +147,8 @@ async def run_load(url: str, *, streams: int, tokens: int, dialect: str = "nativ
 
 def format_row(name: str, fig: dict[str, Any]) -> str:
     return (f"| {name} | {fig['streams']} | {fig['per_stream_tps_p50']:.1f} | {fig['aggregate_tps']:.1f} | "
-            f"{fig['ttft_ms_p50']:.1f} / {fig['ttft_ms_p95']:.1f} | {fig['itl_ms_p50']:.2f} / {fig['itl_ms_p95']:.2f} | "
+            f"{fig['ttft_ms_p50']:.1f} / {fig['ttft_ms_p95']:.1f} | "
+            f"{fig['itl_ms_p50']:.2f} / {fig['itl_ms_p95']:.2f} | "
             f"{fig['errors']} |")
 
 

@@ -22,7 +22,7 @@ import time
 import llama_cpp as lc
 
 from bench.load import PROMPT
-from worker.engine.llama import init_backend, route_ggml_log
+from worker.llamacpp.backend import init_backend, route_ggml_log
 from worker.narration import configure
 
 

@@ -16,7 +16,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--list-backends"]:
-        from worker.engine.llama import backends
+        from worker.llamacpp.backend import backends
         from worker.narration import configure
 
         configure(worker_id=None, level="warning")

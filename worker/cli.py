@@ -8,20 +8,16 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 
 from worker.config import ConfigError, Settings, load_settings
-from worker.http.app import EXIT_CONFIG, create_app
-from worker.http.state import STATE, WorkerState
+from worker.exit_codes import ExitCode
+from worker.http.app import create_app, drain
+from worker.http.state import STATE
 from worker.narration import configure, narrate
-from worker.pool import announce_ready, heartbeat
-
-EXIT_CALLBACK = 4
-EXIT_SIGNAL_BASE = 128  # a second signal exits at once with 128 + its number
 
 # What the HTTP parser accepts before a request reaches any route (aiohttp's defaults, kept explicit): a longer
 # request line or header line, or more headers, is refused with 400 and the connection closed.
@@ -67,12 +63,11 @@ async def serve(settings: Settings) -> int:
     except OSError as exc:
         narrate("startup", f"Cannot listen on {settings.host}:{settings.port}: {exc}", level="error")
         await runner.cleanup()
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     host, port = runner.addresses[0][:2]
     state.url = settings.advertise_url or f"http://{_reachable_host(settings.host, host)}:{port}"
     narrate("server_listening", f"Listening on http://{host}:{port}", target=f"{host}:{port}", host=host,
             port=port, url=state.url, cute="Ears open!")
-    pool = asyncio.create_task(_pool_duties(state, settings))
 
     loop = asyncio.get_running_loop()
     signals = 0
@@ -91,10 +86,8 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    code = await state.stopped
-    pool.cancel()
-    if state.engine is not None:
-        await _drain(state, settings.drain_timeout)
+    code = int(await state.stopped)
+    await drain(app, settings.drain_timeout)
     await runner.cleanup()
     narrate("shutdown", f"Stopped with exit code {code}.", exit_code=code)
     return code
@@ -104,7 +97,7 @@ def _exit_now(signum: int) -> None:
     """A second SIGTERM/SIGINT: exit now, with what a shell reports for a process killed by that signal (128 + N:
     143 for SIGTERM, 130 for SIGINT). Running streams are cut off without an end event; the OS frees the rest."""
     name = signal.Signals(signum).name
-    code = EXIT_SIGNAL_BASE + signum
+    code = ExitCode.SIGNAL_BASE + signum
     narrate("shutdown", f"Received {name} again: exiting at once with code {code}, not waiting for running "
             "requests.", level="warning", signal=name, exit_code=code)
     for stream in (sys.stderr, sys.stdout):
@@ -115,56 +108,11 @@ def _exit_now(signum: int) -> None:
     os._exit(code)
 
 
-async def _pool_duties(state: WorkerState, settings: Settings) -> None:
-    """Once ready: the callback (a failure stops the worker with exit 4), then heartbeats until stopped."""
-    await state.ready.wait()
-    assert state.url is not None and state.model is not None
-    if settings.callback_url:
-        payload = {
-            "worker_id": settings.worker_id,
-            "url": state.url,
-            "model_ref": state.model.info.ref,
-            "model": state.model.info.public(),
-            "backend": state.backend,
-            "device": state.device,
-            "vram_bytes": state.vram_bytes,
-            "slots": settings.parallel,
-        }
-        if not await announce_ready(settings.callback_url, payload, timeout=settings.callback_timeout):
-            state.stop(EXIT_CALLBACK)
-            return
-    if settings.heartbeat_url:
-        def snapshot() -> dict[str, Any]:
-            engine = state.engine
-            return {"worker_id": settings.worker_id, "state": state.status,
-                    "running": engine.busy if engine else 0, "waiting": engine.waiting if engine else 0}
-
-        await heartbeat(settings.heartbeat_url, settings.heartbeat_interval, snapshot)
-
-
 def _reachable_host(configured: str, bound: str) -> str:
     """A host name others can use: the bound address, unless it is a wildcard."""
     if configured in ("0.0.0.0", "::", ""):
         return socket.getfqdn()
     return f"[{bound}]" if ":" in bound else bound
-
-
-async def _drain(state, timeout: float) -> None:
-    """New requests get 503; running ones may finish up to `timeout`, then they are cancelled."""
-    engine = state.engine
-    state.status = "draining"
-    engine.drain()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not engine.idle and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if not engine.idle:
-        engine.cancel_all("cancelled")
-        for _ in range(100):  # cancelled streams end within a step; give them time to write their end event
-            if engine.idle:
-                break
-            await asyncio.sleep(0.02)
-    await asyncio.sleep(0.05)  # let the handlers flush their last events
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
     except ConfigError as exc:
         print(f"llm-worker-rbee: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     configure(worker_id=settings.worker_id, log_format=settings.log_format, level=settings.log_level)
     narrate("startup", f"Worker {settings.worker_id} starting.", target=settings.worker_id,
             parallel=settings.parallel, ctx_size=settings.ctx_size, backend=settings.backend)

@@ -142,7 +142,7 @@ class Settings(BaseSettings):
         if isinstance(v, str) and v.strip().lower() == "all":
             return "all"
         try:
-            n = int(v)  # type: ignore[arg-type]
+            n = int(v)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise ValueError("must be a number of layers ≥ 0 or 'all'") from None
         if n < 0:
@@ -226,7 +226,7 @@ def load_settings(argv: list[str]) -> Settings:
         raise ConfigError(f"config file not found: {path}")
     token = _toml_file.set(path)
     try:
-        return Settings(_cli_parse_args=argv)
+        return Settings(_cli_parse_args=argv)  # type: ignore[call-arg]
     except SettingsError as exc:
         raise ConfigError(_one_line(str(exc))) from None
     except ValueError as exc:  # pydantic ValidationError is a ValueError

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from worker.config import ConfigError, load_settings
-from worker.models.resolve import ModelResolveError, resolve
+from worker.exit_codes import ExitCode
+from worker.models.errors import ModelResolveError
+from worker.models.resolve import resolve
 from worker.narration import configure
-
-EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
 
 
 def convert_main(argv: list[str]) -> int:
@@ -31,7 +31,7 @@ def convert_main(argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its usage message
-        return EXIT_OK if exc.code == 0 else EXIT_CONFIG
+        return ExitCode.OK if exc.code == 0 else ExitCode.CONFIG
     # The serve path's settings (flags > env > TOML > defaults) decide quantize and cache_dir here too.
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
              if name in ("quantize", "cache_dir", "config", "log_format") and value is not None]
@@ -39,24 +39,24 @@ def convert_main(argv: list[str]) -> int:
         settings = load_settings(flags)
     except ConfigError as exc:
         print(f"llm-worker-rbee convert: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     configure(worker_id=None, log_format=settings.log_format, level=settings.log_level)
     try:
         resolved = resolve(args.source, cache_dir=settings.cache_dir, quantize=settings.quantize)
     except ModelResolveError as exc:
         print(f"llm-worker-rbee convert: {exc}", file=sys.stderr)
-        return EXIT_MODEL
+        return ExitCode.MODEL
     if resolved.format != "safetensors":
         print(f"llm-worker-rbee convert: {args.source} is already a GGUF ({resolved.path}); nothing to convert",
               file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     try:
         _publish(resolved.path, args.output)
     except OSError as exc:
         print(f"llm-worker-rbee convert: cannot write {args.output}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     print(args.output)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _publish(cached: Path, out: Path) -> None:

@@ -7,10 +7,9 @@ from sub-millisecond (GPU batches) to a second (CPU under load).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-
-from worker.engine.llama import gpu_memory_used
 
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -55,6 +54,30 @@ class Metrics:
         self.waiting.set_function(waiting)
         self.kv_usage.set_function(kv_usage)
 
-    def bind_device_memory(self) -> None:
-        for name in gpu_memory_used():
-            self.device_memory.labels(device=name).set_function(lambda name=name: gpu_memory_used().get(name, 0))
+    def bind_device_memory(self, used: Callable[[], dict[str, int]]) -> None:
+        """device_memory_used_bytes{device} read at scrape time from `used` (bytes per device)."""
+        for name in used():
+            self.device_memory.labels(device=name).set_function(partial(_used_on, used, name))
+
+    # The engine's events (worker.engine.scheduler.SchedulerMetrics).
+
+    def job_admitted(self, queue_wait_s: float, prompt_tokens: int) -> None:
+        self.queue_wait.observe(queue_wait_s)
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def token_generated(self, ttft_s: float | None, itl_s: float | None) -> None:
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if itl_s is not None:
+            self.itl.observe(itl_s)
+        self.generated_tokens.inc()
+
+    def job_finished(self, stop_reason: str) -> None:
+        self.finished.labels(stop_reason=stop_reason).inc()
+
+    def job_failed(self, code: str) -> None:
+        self.errors.labels(code=code).inc()
+
+
+def _used_on(used: Callable[[], dict[str, int]], device: str) -> float:
+    return used().get(device, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -44,7 +45,7 @@ async def announce_ready(url: str, payload: dict[str, Any], *, timeout: float) -
     return False
 
 
-async def heartbeat(url: str, interval: float, snapshot) -> None:
+async def heartbeat(url: str, interval: float, snapshot: Callable[[], dict[str, Any]]) -> None:
     """POST `snapshot()` plus a timestamp every `interval` seconds until cancelled; failures only narrate."""
     async with aiohttp.ClientSession() as http:
         while True:

@@ -64,7 +64,7 @@ def rebuild_checkpoint(reader: gguf.GGUFReader, folder: Path) -> None:
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True}
-                         for i, (t, ty) in enumerate(zip(tokens, types)) if ty == gguf.TokenType.CONTROL],
+                         for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty == gguf.TokenType.CONTROL],
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                                 byte_level]},
         "post_processor": {**byte_level, "trim_offsets": False}, "decoder": byte_level,

@@ -6,9 +6,12 @@ import asyncio
 
 import pytest
 
-from worker.engine.llama import Model
+from worker.engine.core import EngineCore
+from worker.engine.outputs import Job
 from worker.engine.sampling import SamplingParams
-from worker.engine.scheduler import Engine, Job
+from worker.http.routes_native import native_event
+from worker.llamacpp import Context, Model
+from worker.metrics import Metrics
 from worker.models.resolve import embedded_model_path
 from worker.narration import recording
 
@@ -20,19 +23,36 @@ def model():
     m.close()
 
 
-async def run_job(engine: Engine, tokens: list[int], **kw) -> list[dict]:
+def make_engine(model: Model, *, ctx_size: int, parallel: int, max_queue: int, batch_size: int, threads: int,
+           backend_sampling: bool = False, overlap: bool | None = None, offloaded: bool = False,
+           chain_idle_s: float = 1.0) -> EngineCore:
+    """The engine as the runtime builds it, on the CPU."""
+    ctx = Context(model, n_ctx=ctx_size * parallel, n_seq=parallel, n_batch=batch_size, threads=threads,
+                  in_graph_sampling=backend_sampling)
+    assert ctx.warm_up() == 0
+    return EngineCore(ctx, model, ctx_size=ctx_size, parallel=parallel, max_queue=max_queue, batch_size=batch_size,
+                      in_graph_sampling=backend_sampling, offloaded=offloaded, overlap=overlap,
+                      chain_idle_s=chain_idle_s, metrics=Metrics())
+
+
+async def events_of(job: Job | None, queue: asyncio.Queue) -> list[dict]:
+    """The job's outputs as the native stream's events."""
+    events: list[dict] = []
+    while not events or events[-1]["type"] not in ("end", "error"):
+        events.extend(native_event(o, "embedded") for o in await asyncio.wait_for(queue.get(), 30))
+    return events
+
+
+async def run_job(engine: EngineCore, tokens: list[int], **kw) -> list[dict]:
     queue: asyncio.Queue = asyncio.Queue()
     job = Job(job_id=kw.pop("job_id", "j"), prompt_tokens=tokens, params=SamplingParams(temperature=0),
               max_tokens=kw.pop("max_tokens", 4), deliver=queue.put_nowait, **kw)
     engine.submit(job)
-    events: list[dict] = []
-    while not events or events[-1]["type"] not in ("end", "error"):
-        events.extend(await asyncio.wait_for(queue.get(), 30))
-    return events
+    return await events_of(job, queue)
 
 
 async def test_a_failed_decode_ends_the_request_with_error_and_the_engine_serves_on(model):
-    engine = Engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1)
+    engine = make_engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1)
     engine.start(asyncio.get_running_loop())
     try:
         with recording() as narrated:
@@ -45,7 +65,8 @@ async def test_a_failed_decode_ends_the_request_with_error_and_the_engine_serves
         failed = [e for e in narrated if e["action"] == "inference_failed"]
         assert failed[0]["job_id"] == "bad" and failed[0]["level"] == "error"
         assert engine.busy == 0 and engine.kv_usage() == 0
-        assert engine.metrics.errors.labels(code="decode_failed")._value.get() == 1
+        assert engine.scheduler.metrics.registry.get_sample_value("llm_worker_errors_total",
+                                                                  {"code": "decode_failed"}) == 1
     finally:
         engine.close()
 
@@ -58,7 +79,7 @@ async def test_model_load_progress_callback_reaches_one():
 
 
 async def test_a_bad_sequence_does_not_take_its_batch_mates_down(model):
-    engine = Engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1)
+    engine = make_engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1)
     engine.start(asyncio.get_running_loop())
     try:
         solo = await run_job(engine, model.tokenize("The sky is"), job_id="solo", max_tokens=12)
@@ -78,21 +99,18 @@ def text_of(events: list[dict]) -> str:
     return "".join(e["t"] for e in events if e["type"] == "token")
 
 
-async def sampled(engine: Engine, model: Model, seed: int | None, job_id: str) -> str:
+async def sampled(engine: EngineCore, model: Model, seed: int | None, job_id: str) -> str:
     queue: asyncio.Queue = asyncio.Queue()
     job = Job(job_id=job_id, prompt_tokens=model.tokenize("Once upon a time"), max_tokens=24,
               params=SamplingParams(temperature=1.0, top_k=40, top_p=0.95, seed=seed), deliver=queue.put_nowait)
     engine.submit(job)
-    events: list[dict] = []
-    while not events or events[-1]["type"] not in ("end", "error"):
-        events.extend(await asyncio.wait_for(queue.get(), 30))
-    return text_of(events)
+    return text_of(await events_of(job, queue))
 
 
 @pytest.mark.parametrize("backend_sampling", [False, True], ids=["cpu-chain", "in-graph"])
 async def test_a_reused_chain_is_as_good_as_new(model, backend_sampling):
     """Slots keep their sampler chain between jobs with equal parameters; a reset must make it new."""
-    engine = Engine(model, ctx_size=256, parallel=1, max_queue=4, batch_size=64, threads=1,
+    engine = make_engine(model, ctx_size=256, parallel=1, max_queue=4, batch_size=64, threads=1,
                     backend_sampling=backend_sampling)
     engine.start(asyncio.get_running_loop())
     try:
@@ -125,7 +143,7 @@ async def test_text_work_overlapped_with_the_next_step_changes_nothing_a_client_
              {"max_tokens": 24, "ignore_eos": True}, {"max_tokens": 16, "stop": (plain_text[-2:],)}]
 
     async def all_cases(overlap: bool) -> list[list[dict]]:
-        engine = Engine(model, ctx_size=256, parallel=2, max_queue=8, batch_size=64, threads=1, overlap=overlap)
+        engine = make_engine(model, ctx_size=256, parallel=2, max_queue=8, batch_size=64, threads=1, overlap=overlap)
         engine.start(asyncio.get_running_loop())
         try:
             runs = [await run_job(engine, prompt, job_id=f"s{i}", **kw) for i, kw in enumerate(cases)]
@@ -134,7 +152,7 @@ async def test_text_work_overlapped_with_the_next_step_changes_nothing_a_client_
             runs.append(await run_job(engine, prompt, job_id="after", max_tokens=16))
             assert engine.busy == 0 and engine.kv_usage() == 0
             st = engine.stats  # what engine_stats narrates at shutdown
-            assert st["steps"] >= 16 * 3 and 0 < st["queue_s"] + st["wait_s"] < st["step_s"]
+            assert st.steps >= 16 * 3 and 0 < st.queue_s + st.wait_s < st.step_s
             return [without_timings(r) for r in runs]
         finally:
             engine.close()
@@ -149,7 +167,7 @@ async def test_text_work_overlapped_with_the_next_step_changes_nothing_a_client_
 
 
 async def _solo(model: Model, prompt: list[int], **kw) -> list[dict]:
-    engine = Engine(model, ctx_size=256, parallel=1, max_queue=4, batch_size=64, threads=1)
+    engine = make_engine(model, ctx_size=256, parallel=1, max_queue=4, batch_size=64, threads=1)
     engine.start(asyncio.get_running_loop())
     try:
         return await run_job(engine, prompt, job_id="solo", **kw)
@@ -157,13 +175,11 @@ async def _solo(model: Model, prompt: list[int], **kw) -> list[dict]:
         engine.close()
 
 
-async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(model, monkeypatch):
+async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(model):
     """Every step samples for every chain attached in the graph, busy or not; so chains idle for long are
     detached, and a job is given the free slot whose chain already has its parameters."""
-    from worker.engine import scheduler
-
-    monkeypatch.setattr(scheduler, "CHAIN_IDLE_S", 1.0)
-    engine = Engine(model, ctx_size=256, parallel=3, max_queue=8, batch_size=64, threads=1, backend_sampling=True)
+    engine = make_engine(model, ctx_size=256, parallel=3, max_queue=8, batch_size=64, threads=1, backend_sampling=True,
+                    chain_idle_s=1.0)
     engine.start(asyncio.get_running_loop())
 
     async def job(job_id: str, seed: int) -> tuple[str, int]:
@@ -171,13 +187,11 @@ async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(mod
         engine.submit(Job(job_id=job_id, prompt_tokens=model.tokenize("Once upon a time"), max_tokens=12,
                           params=SamplingParams(temperature=1.0, top_k=40, seed=seed), narration=True,
                           deliver=queue.put_nowait))
-        events: list[dict] = []
-        while not events or events[-1]["type"] not in ("end", "error"):
-            events.extend(await asyncio.wait_for(queue.get(), 30))
+        events = await events_of(None, queue)
         slot = next(e["slot"] for e in events if e.get("action") == "inference_start")
         return text_of(events), slot
 
-    attached = lambda: {s.seq_id: s.chain_params.seed for s in engine.slots if s.chain is not None}
+    attached = lambda: {s.seq_id: s.chain_params.seed for s in engine.scheduler.slots if s.chain_params is not None}
     try:
         burst = await asyncio.gather(job("a", 1), job("b", 2), job("c", 3))
         assert attached() == {0: 1, 1: 2, 2: 3}
@@ -201,7 +215,7 @@ def test_ggml_log_can_be_dropped_in_c_and_routed_back():
     probe = """if True:
         from worker.narration import configure
         configure(worker_id=None, level="debug")
-        from worker.engine import llama
+        from worker.llamacpp import backend as llama, Model
         from worker.models.resolve import embedded_model_path
         llama.init_backend()
         ggml = llama._ggml()
@@ -210,7 +224,7 @@ def test_ggml_log_can_be_dropped_in_c_and_routed_back():
         ggml.ggml_log_internal(3, b"ggml line two\\n")
         llama.route_ggml_log(to_python=True)
         ggml.ggml_log_internal(3, b"ggml line three\\n")
-        llama.Model.load(embedded_model_path(), ref="e", fmt="gguf", gpu_layers=0).close()
+        Model.load(embedded_model_path(), ref="e", fmt="gguf", gpu_layers=0).close()
     """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     logs = out.stdout + out.stderr
@@ -221,13 +235,13 @@ def test_ggml_log_can_be_dropped_in_c_and_routed_back():
 
 async def test_ggml_log_is_dropped_only_in_steady_gpu_steps(model, monkeypatch):
     """Prompt steps and steps after a chain was attached or detached may allocate: there ggml's log must reach ours."""
-    from worker.engine import scheduler
+    from worker.llamacpp import context
 
     routed: list[bool] = []
-    monkeypatch.setattr(scheduler, "route_ggml_log", lambda to_python: routed.append(to_python))
-    monkeypatch.setattr(model, "offloaded", True)  # the engine's GPU behaviour, on the CPU
-    engine = Engine(model, ctx_size=256, parallel=2, max_queue=8, batch_size=64, threads=1, backend_sampling=True,
-                    overlap=False)
+    monkeypatch.setattr(context, "route_ggml_log", lambda to_python: routed.append(to_python))
+    # the engine's GPU behaviour, on the CPU
+    engine = make_engine(model, ctx_size=256, parallel=2, max_queue=8, batch_size=64, threads=1, backend_sampling=True,
+                    overlap=False, offloaded=True)
     engine.start(asyncio.get_running_loop())
     try:
         await run_job(engine, model.tokenize("The sky is"), job_id="a", max_tokens=6)
@@ -237,8 +251,7 @@ async def test_ggml_log_is_dropped_only_in_steady_gpu_steps(model, monkeypatch):
         queue: asyncio.Queue = asyncio.Queue()  # a one-token prompt: only the new chain makes its step unsteady
         engine.submit(Job(job_id="c", prompt_tokens=model.tokenize("The")[:1], max_tokens=4,
                           params=SamplingParams(temperature=0.7, seed=1), deliver=queue.put_nowait))
-        while not (events := await asyncio.wait_for(queue.get(), 30)) or events[-1]["type"] != "end":
-            pass
+        await events_of(None, queue)
         assert routed == [False, True, False, True, False]
     finally:
         engine.close()

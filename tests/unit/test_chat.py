@@ -108,8 +108,10 @@ def test_raise_exception_in_the_template_is_a_render_error():
 
 
 def test_trim_blocks_and_lstrip_blocks():
-    template = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU: {{ m.content }}\n    {% endif %}\n{% endfor %}"
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    template = ("{% for m in messages %}\n    {% if m.role == 'user' %}\nU: {{ m.content }}\n    {% endif %}\n"
+                "{% endfor %}")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}]
     assert render(template, messages, bos_token=None, eos_token=None) == "U: a\nU: c\n"
 
 

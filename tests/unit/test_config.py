@@ -9,7 +9,8 @@ from worker.config import ConfigError, load_settings
 
 def test_defaults_match_the_contract():
     s = load_settings([])
-    assert (s.host, s.port, s.parallel, s.max_queue, s.backend, s.gpu_layers) == ("127.0.0.1", 8080, 4, 64, "auto", "all")
+    assert (s.host, s.port, s.parallel, s.max_queue, s.backend, s.gpu_layers) == \
+        ("127.0.0.1", 8080, 4, 64, "auto", "all")
     assert s.max_body_bytes == 4 * 1024 * 1024 and s.drain_timeout == 30 and s.log_format == "pretty"
     assert s.worker_id.startswith("worker-")
 

@@ -368,7 +368,7 @@ def test_launch_registers_backends_and_runs_the_worker_cli():
     assert result.returncode == 0, result.stderr
     assert re.search(r"^backends: \[.*'CPU'.*\]$", result.stdout, re.MULTILINE), result.stdout
     # It talks to libllama's own libggml (the SONAME file the loader mapped), not a second copy of it.
-    probe = "import os; from worker.engine.llama import backends; print(os.path.basename(backends()['libggml']))"
+    probe = "import os; from worker.llamacpp.backend import backends; print(os.path.basename(backends()['libggml']))"
     result = _run([sys.executable, "-c", probe], cwd=ROOT)
     assert re.fullmatch(r"libggml\.so\.\d+", result.stdout.strip()), result.stdout + result.stderr
     # Everything else is the worker's command line: a bad flag is its configuration error (exit 2).
@@ -717,8 +717,9 @@ def test_k8s_manifest_validates_against_the_kubernetes_schemas(k8s):
 def test_wheel_layout_assumed_by_launch_matches_build_wheel():
     """The worker loads backends from the folder of libllama; build-wheel.sh installs them into llama_cpp/lib."""
     assert "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib" in (DOCKER / "build-wheel.sh").read_text()
-    assert "lib.ggml_backend_load_all_from_path(os.path.dirname(lc.llama_cpp._lib._name)" in (
-        ROOT / "worker/engine/llama.py").read_text()
+    backend = (ROOT / "worker/llamacpp/backend.py").read_text()
+    assert "lib.ggml_backend_load_all_from_path(_libllama_dir()" in backend
+    assert "os.path.dirname(lc.llama_cpp._lib._name)" in backend
     # a wheel built the upstream way (with backends linked in) keeps its libraries in llama_cpp/lib too
     import llama_cpp.llama_cpp as lc
 

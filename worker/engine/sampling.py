@@ -1,13 +1,22 @@
-"""A llama.cpp sampler chain per request, built from its sampling parameters."""
+"""Sampling parameters: their defaults and ranges, in one place for every API."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Annotated, Any
 
-import llama_cpp as lc
+from pydantic import Field
 
-PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/presence/frequency penalties
+# The ranges both APIs validate with. Where the OpenAI routes differ, it is to take what OpenAI's API takes.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]  # 0 = greedy
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]  # the native contract: (0, 1]
+OpenAITopP = Annotated[float, Field(ge=0.0, le=1.0)]  # OpenAI's range; 0 keeps only the most likely token
+TopK = Annotated[int, Field(ge=0)]  # 0 = off
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # presence and frequency
+Seed = Annotated[int, Field(ge=0)]  # the native contract
+OpenAISeed = int  # OpenAI takes any integer; the sampler reduces it modulo 2^32
 
 
 @dataclass(frozen=True)
@@ -19,49 +28,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # None: a random seed per request
+
+    @classmethod
+    def given(cls, **values: Any) -> SamplingParams:
+        """The fields a request set; None (not sent) takes the default."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-
-def build_chain(params: SamplingParams, n_vocab: int) -> Any:
-    """llama.cpp's usual order: penalties → top-k → top-p → min-p → temperature → dist (or greedy).
-
-    Every stage used here has a backend (in-graph) implementation in llama.cpp, so the chain can be attached with
-    llama_set_sampler; the same chain also samples on the CPU through llama_sampler_sample.
-    """
-    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)
-    if params.has_penalties:
-        add(
-            lc.llama_sampler_init_penalties(
-                n_vocab,
-                PENALTY_LAST_N,
-                params.repetition_penalty,
-                params.frequency_penalty,
-                params.presence_penalty,
-            )
-        )
-    if params.greedy:
-        add(lc.llama_sampler_init_greedy())
-        return chain
-    if params.top_k > 0:
-        add(lc.llama_sampler_init_top_k(params.top_k))
-    if params.top_p < 1.0:
-        add(lc.llama_sampler_init_top_p(params.top_p, 1))
-    if params.min_p > 0.0:
-        add(lc.llama_sampler_init_min_p(params.min_p, 1))
-    add(lc.llama_sampler_init_temp(params.temperature))
-    seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed % lc.LLAMA_DEFAULT_SEED
-    add(lc.llama_sampler_init_dist(seed))
-    return chain
-
-
-def free_chain(chain: Any) -> None:
-    lc.llama_sampler_free(chain)

@@ -55,5 +55,5 @@ def render(source: str, messages: list[dict[str, Any]], *, bos_token: str | None
     try:
         return template.render(messages=messages, bos_token=bos_token or "", eos_token=eos_token or "",
                                add_generation_prompt=add_generation_prompt, tools=None, documents=None)
-    except Exception as exc:  # noqa: BLE001 - raise_exception, a sandbox refusal, or the template tripping on messages
+    except Exception as exc:
         raise TemplateRenderError(str(exc) or type(exc).__name__) from None

@@ -8,11 +8,22 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from worker.engine.outputs import SubmitError
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
         self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
+
+
+# Why the engine refused a job, as an HTTP status.
+_SUBMIT_STATUS = {"overloaded": 503, "draining": 503, "duplicate_job_id": 409}
+
+
+def submit_error(exc: SubmitError) -> ApiError:
+    status = _SUBMIT_STATUS.get(exc.code, 503)
+    return ApiError(status, exc.code, str(exc), headers={"Retry-After": "1"} if status == 503 else None)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 import worker
+from worker.engine.outputs import StopReason
 from worker.http.auth import OPEN_PATHS
 from worker.http.routes_openai import (
     NEUTRAL,
@@ -39,7 +40,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 _INT = {"type": "integer"}
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
-STOP_REASONS = ["max_tokens", "eos", "stop_sequence", "cancelled", "timeout"]
+STOP_REASONS = [reason.value for reason in StopReason]
 FINISH_REASONS = ["stop", "length"]
 
 

@@ -6,9 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
+from worker.engine.outputs import Failed, Finished, Narrated, Output, Started, TokenText
 from worker.http import sse
 from worker.http.errors import ApiError
-from worker.http.generation import start_generation
+from worker.http.jobs import submit_job
 from worker.http.schemas import InferenceRequest, parse, read_json
 from worker.http.state import STATE, WorkerState
 
@@ -47,35 +48,62 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=503)
 
 
+def end_fields(end: Finished) -> dict[str, Any]:
+    """The native `end` event's fields (and the non-streamed answer's)."""
+    fields: dict[str, Any] = {
+        "job_id": end.job_id,
+        "tokens_out": end.tokens_out,
+        "prompt_tokens": end.prompt_tokens,
+        "ttft_ms": round(end.ttft_s * 1000, 3) if end.ttft_s is not None else None,
+        "decode_time_ms": round(end.decode_s * 1000, 3),
+        "tokens_per_sec": round(end.tokens_per_sec, 2),
+        "stop_reason": end.stop_reason.value,
+    }
+    if end.stop_sequence is not None:
+        fields["stop_sequence_matched"] = end.stop_sequence
+    return fields
+
+
+def native_event(out: Output, model_ref: str) -> dict[str, Any]:
+    """An engine output as the native stream's event object."""
+    if isinstance(out, TokenText):
+        return {"type": "token", "t": out.text, "i": out.index}
+    if isinstance(out, Started):
+        return {"type": "started", "job_id": out.job_id, "model": model_ref, "prompt_tokens": out.prompt_tokens,
+                "started_at": out.started_at.isoformat(timespec="milliseconds")}
+    if isinstance(out, Finished):
+        return {"type": "end", **end_fields(out)}
+    if isinstance(out, Failed):
+        return {"type": "error", "code": out.code, "message": out.message}
+    assert isinstance(out, Narrated)
+    return {**out.event, "type": "narration"}
+
+
 @routes.post("/v1/inference")
 async def inference(request: web.Request) -> web.StreamResponse:
-    _state(request).require_ready()
+    runtime = _state(request).require_ready()
     req = parse(InferenceRequest, await read_json(request))
-    gen = await start_generation(request, req.prompt, req.sampling(), max_tokens=req.max_tokens, stop=req.stop,
-                                 job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos)
+    job = await submit_job(request, req.prompt, req.sampling(), max_tokens=req.max_tokens, stop=req.stop,
+                           job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos)
 
     if not req.stream:
-        text, end = await gen.collect()
-        return web.json_response({
-            "job_id": gen.job.job_id,
-            "text": text,
-            **{k: end[k] for k in ("tokens_out", "prompt_tokens", "stop_reason", "ttft_ms", "decode_time_ms",
-                                   "tokens_per_sec")},
-            **({"stop_sequence_matched": end["stop_sequence_matched"]} if "stop_sequence_matched" in end else {}),
-        })
+        text, end = await job.collect()
+        fields = end_fields(end)
+        return web.json_response({"job_id": fields.pop("job_id"), "text": text, **fields})
 
-    resp = gen.sse_response(request)
-    async with gen:
+    model_ref = runtime.model.info.ref
+    resp = job.sse_response(request)
+    async with job:
         await resp.prepare(request)
-        async for batch in gen.batches():
-            await resp.write(b"".join(sse.encode(ev) for ev in batch))
+        async for batch in job.batches():
+            await resp.write(b"".join(sse.encode(native_event(out, model_ref)) for out in batch))
         await resp.write_eof()
     return resp
 
 
 @routes.delete("/v1/inference/{job_id}")
 async def cancel(request: web.Request) -> web.Response:
-    engine = _state(request).require_ready()
+    engine = _state(request).require_ready().engine
     job_id = request.match_info["job_id"]
     if not engine.cancel(job_id):
         raise ApiError(404, "not_found", f"no running or waiting job {job_id!r}", job_id=job_id)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize.
 
-Generation goes through generation.start_generation like the native route. Errors take OpenAI's shape
+Generation goes through jobs.submit_job like the native route. Errors take OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}) in errors.json_errors, so the openai SDK raises its typed exceptions.
 Unknown request fields are refused as OpenAI refuses them; OpenAI fields this worker does not implement are accepted
 only at their neutral value (null, false, 1, "none", ...), so a client that sends them explicitly unset still works.
@@ -19,22 +19,34 @@ from typing import Any, ClassVar, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from worker.engine.llama import Model, ModelInfo
-from worker.engine.sampling import SamplingParams
+from worker.engine.outputs import Failed, Finished, StopReason, TokenText
+from worker.engine.sampling import (
+    MinP,
+    OpenAISeed,
+    OpenAITopP,
+    Penalty,
+    RepetitionPenalty,
+    SamplingParams,
+    Temperature,
+    TopK,
+)
 from worker.http import chat
 from worker.http.errors import ApiError, openai_error
-from worker.http.generation import Generation, start_generation
+from worker.http.jobs import JobStream, submit_job
 from worker.http.schemas import read_json
 from worker.http.state import STATE
+from worker.llamacpp import ModelInfo
 
 routes = web.RouteTableDef()
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="_Strict")
 
 # The engine's stop reasons in OpenAI's terms: anything that cut the text short before the model ended it is "length".
-FINISH_REASONS = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length", "timeout": "length",
-                  "cancelled": "length"}
+FINISH_REASONS = {StopReason.EOS: "stop", StopReason.STOP_SEQUENCE: "stop", StopReason.MAX_TOKENS: "length",
+                  StopReason.TIMEOUT: "length", StopReason.CANCELLED: "length"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the context
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "seed"}
 
 # OpenAI parameters this worker does not implement, with the values that ask for nothing.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -63,10 +75,6 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(type(value) is type(n) and value == n for n in neutral)  # type-exact: 0 is not False
 
 
-def _given(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     unsupported: ClassVar[tuple[str, ...]] = ()
@@ -90,16 +98,16 @@ class _Generate(_Strict):
 
     model: str | None = None  # one worker serves one model: any name is served by it (as llama-server does)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # native extras, as llama.cpp's server takes them
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    temperature: Temperature | None = None
+    top_p: OpenAITopP | None = None
+    top_k: TopK | None = None  # native extras, as llama.cpp's server takes them
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool | None = None  # vLLM's extra, for benchmarks: generate exactly max_tokens
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     stop: Any = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: OpenAISeed | None = None
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -140,16 +148,7 @@ class _Generate(_Strict):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=_given(self.temperature, 1.0),
-            top_p=_given(self.top_p, 1.0),
-            top_k=_given(self.top_k, 0),
-            min_p=_given(self.min_p, 0.0),
-            repetition_penalty=_given(self.repetition_penalty, 1.0),
-            presence_penalty=_given(self.presence_penalty, 0.0),
-            frequency_penalty=_given(self.frequency_penalty, 0.0),
-            seed=self.seed,
-        )
+        return SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
 
 
 class Message(_Strict):
@@ -171,7 +170,7 @@ class Message(_Strict):
         if isinstance(v, str):
             return v
         if not isinstance(v, list):
-            raise ValueError("must be a string or a list of text parts")  # noqa: TRY004 - pydantic reports ValueError
+            raise ValueError("must be a string or a list of text parts")
         for i, part in enumerate(v):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
@@ -277,13 +276,6 @@ def _parse(model: type[M], body: Any) -> M:
     return req
 
 
-def _prompt_tokens(model: Model, text: str) -> list[int]:
-    """Special tokens in the text are special; BOS is added only where the model wants one and the text has none."""
-    bos = model.info.bos
-    add_bos = model.add_bos and not (bos and text.startswith(bos))
-    return model.tokenize(text, add_special=add_bos, parse_special=True)
-
-
 def _check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
     if bad is not None:
@@ -295,8 +287,8 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(end: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = end["prompt_tokens"], end["tokens_out"]
+def _usage(end: Finished) -> dict[str, int]:
+    prompt, completion = end.prompt_tokens, end.tokens_out
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -316,8 +308,9 @@ class Reply:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, end: dict[str, Any]) -> dict[str, Any]:
-        finish = FINISH_REASONS.get(end["stop_reason"], "stop")
+    def whole(self, text: str, end: Finished) -> dict[str, Any]:
+        finish = FINISH_REASONS[end.stop_reason]
+        choice: dict[str, Any]
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish}
@@ -327,6 +320,7 @@ class Reply:
                 "usage": _usage(end)}
 
     def chunk(self, text: str | None = None, *, finish: str | None = None, role: str | None = None) -> bytes:
+        choice: dict[str, Any]
         if self.chat:
             delta = {**({"role": role} if role else {}), **({"content": text} if text is not None else {})}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -337,7 +331,7 @@ class Reply:
             body["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
         return _sse(body)
 
-    def usage_chunk(self, end: dict[str, Any]) -> bytes:
+    def usage_chunk(self, end: Finished) -> bytes:
         return _sse({**self._head(self._chunk_object), "choices": [], "usage": _usage(end)})
 
     @property
@@ -345,30 +339,30 @@ class Reply:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
 
-async def _respond(request: web.Request, gen: Generation, reply: Reply, stream: bool) -> web.StreamResponse:
+async def _respond(request: web.Request, job: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
     if not stream:
-        text, end = await gen.collect()
+        text, end = await job.collect()
         return web.json_response(reply.whole(text, end))
 
-    resp = gen.sse_response(request)
-    async with gen:
+    resp = job.sse_response(request)
+    async with job:
         await resp.prepare(request)
         if reply.chat:
             await resp.write(reply.chunk("", role="assistant"))
-        end = None
-        async for batch in gen.batches():
-            out = []
-            for ev in batch:
-                if ev["type"] == "token":
-                    out.append(reply.chunk(ev["t"]))
-                elif ev["type"] == "end":
-                    end = ev
-                    out.append(reply.chunk(finish=FINISH_REASONS.get(ev["stop_reason"], "stop")))
-                elif ev["type"] == "error":
-                    out.append(_sse({"error": openai_error(500, ev["code"], ev["message"])}))
-            await resp.write(b"".join(out))
-        if end is not None and reply.include_usage:
-            await resp.write(reply.usage_chunk(end))
+        finished = None
+        async for batch in job.batches():
+            chunks = []
+            for out in batch:
+                if isinstance(out, TokenText):
+                    chunks.append(reply.chunk(out.text))
+                elif isinstance(out, Finished):
+                    finished = out
+                    chunks.append(reply.chunk(finish=FINISH_REASONS[out.stop_reason]))
+                elif isinstance(out, Failed):
+                    chunks.append(_sse({"error": openai_error(500, out.code, out.message)}))
+            await resp.write(b"".join(chunks))
+        if finished is not None and reply.include_usage:
+            await resp.write(reply.usage_chunk(finished))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     return resp
@@ -376,9 +370,10 @@ async def _respond(request: web.Request, gen: Generation, reply: Reply, stream: 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app[STATE].require_ready()
+    runtime = request.app[STATE].require_ready()
     req = _parse(ChatRequest, await read_json(request))
-    info = engine.model.info
+    model = runtime.model
+    info = model.info
     if not info.chat_template:
         raise ApiError(400, "no_chat_template",
                        f"the model {info.ref} has no chat template (tokenizer.chat_template in its GGUF); "
@@ -391,28 +386,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except chat.TemplateRenderError as exc:
         raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
                        field="messages") from None
-    tokens = await asyncio.to_thread(_prompt_tokens, engine.model, prompt)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(engine.ctx_size - len(tokens), 1)
+    tokens = await asyncio.to_thread(model.prompt_tokens, prompt)
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
     reply = Reply(chat=True, model=info.ref, include_usage=req.include_usage)
-    gen = await start_generation(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
-                                 ignore_eos=bool(req.ignore_eos), job_id=reply.id)
-    return await _respond(request, gen, reply, bool(req.stream))
+    job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
+                           ignore_eos=bool(req.ignore_eos), job_id=reply.id)
+    return await _respond(request, job, reply, bool(req.stream))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app[STATE].require_ready()
+    model = request.app[STATE].require_ready().model
     req = _parse(CompletionRequest, await read_json(request))
     if isinstance(req.prompt, str):
-        tokens = await asyncio.to_thread(_prompt_tokens, engine.model, req.prompt)
+        tokens = await asyncio.to_thread(model.prompt_tokens, req.prompt)
     else:
-        _check_token_ids(req.prompt, engine.model.n_vocab, "prompt")
+        _check_token_ids(req.prompt, model.n_vocab, "prompt")
         tokens = req.prompt
-    reply = Reply(chat=False, model=engine.model.info.ref, include_usage=req.include_usage)
-    gen = await start_generation(request, tokens, req.sampling(),
-                                 max_tokens=_given(req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS), stop=req.stop,
-                                 ignore_eos=bool(req.ignore_eos), job_id=reply.id)
-    return await _respond(request, gen, reply, bool(req.stream))
+    reply = Reply(chat=False, model=model.info.ref, include_usage=req.include_usage)
+    max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
+                           ignore_eos=bool(req.ignore_eos), job_id=reply.id)
+    return await _respond(request, job, reply, bool(req.stream))
 
 
 def _model_object(info: ModelInfo) -> dict[str, Any]:
@@ -426,8 +421,8 @@ def _model_object(info: ModelInfo) -> dict[str, Any]:
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    engine = request.app[STATE].require_ready()
-    return web.json_response({"object": "list", "data": [_model_object(engine.model.info)]})
+    model = request.app[STATE].require_ready().model
+    return web.json_response({"object": "list", "data": [_model_object(model.info)]})
 
 
 @routes.get("/v1/models/{model_id:.+}")
@@ -435,8 +430,8 @@ async def get_model(request: web.Request) -> web.Response:
     info = request.app[STATE].require_ready().model.info
     model_id = request.match_info["model_id"]
     if model_id != info.ref:
-        raise ApiError(404, "model_not_found", f"the model {model_id!r} does not exist; this worker serves {info.ref!r}",
-                       field="model")
+        raise ApiError(404, "model_not_found",
+                       f"the model {model_id!r} does not exist; this worker serves {info.ref!r}", field="model")
     return web.json_response(_model_object(info))
 
 
@@ -447,7 +442,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
     def run() -> list[int]:
         if req.add_special and req.parse_special:
-            return _prompt_tokens(model, req.text)  # exactly what a completion prompt of this text gets
+            return model.prompt_tokens(req.text)  # exactly what a completion prompt of this text gets
         return model.tokenize(req.text, add_special=req.add_special, parse_special=req.parse_special)
 
     return web.json_response({"tokens": await asyncio.to_thread(run)})

@@ -10,11 +10,12 @@ import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from worker.engine.sampling import SamplingParams
+from worker.engine.sampling import MinP, Penalty, RepetitionPenalty, SamplingParams, Seed, Temperature, TopK, TopP
 from worker.http.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
 
+DEFAULTS = SamplingParams()
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 
 
@@ -24,15 +25,15 @@ class InferenceRequest(BaseModel):
     prompt: str = Field(min_length=1)
     job_id: JobId | None = None
     max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    temperature: Temperature = DEFAULTS.temperature
+    top_p: TopP = DEFAULTS.top_p
+    top_k: TopK = DEFAULTS.top_k
+    min_p: MinP = DEFAULTS.min_p
+    repetition_penalty: RepetitionPenalty = DEFAULTS.repetition_penalty
+    presence_penalty: Penalty = DEFAULTS.presence_penalty
+    frequency_penalty: Penalty = DEFAULTS.frequency_penalty
     stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
     stream: bool = True
     narration: bool = False
     ignore_eos: bool = False
@@ -48,16 +49,7 @@ class InferenceRequest(BaseModel):
         return v
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-        )
+        return SamplingParams.given(**self.model_dump())
 
 
 # No request of this API nests deeper than a handful of levels; a body that does is refused before it is parsed.

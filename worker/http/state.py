@@ -9,10 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from worker.config import Settings
-from worker.engine.llama import Model
-from worker.engine.scheduler import Engine
+from worker.engine.core import EngineCore
 from worker.http.errors import ApiError
+from worker.llamacpp import Model
 from worker.metrics import Metrics
+from worker.runtime import Runtime
 
 
 @dataclass
@@ -20,11 +21,9 @@ class WorkerState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     status: str = "loading"  # loading | ready | draining | failed
-    engine: Engine | None = None
-    model: Model | None = None
+    runtime: Runtime | None = None  # the model and its engine, once loaded
     backend: str = "cpu"
     device: str = "cpu"
-    vram_bytes: int = 0
     url: str | None = None  # where this worker listens, once it does
     error: str | None = None
     # The last loading progress event, and the /v1/loading/progress streams that want the next ones.
@@ -38,9 +37,17 @@ class WorkerState:
         if not self.stopped.done():
             self.stopped.set_result(code)
 
-    def require_ready(self) -> Engine:
-        if self.status == "ready" and self.engine is not None:
-            return self.engine
+    @property
+    def engine(self) -> EngineCore | None:
+        return self.runtime.engine if self.runtime else None
+
+    @property
+    def model(self) -> Model | None:
+        return self.runtime.model if self.runtime else None
+
+    def require_ready(self) -> Runtime:
+        if self.status == "ready" and self.runtime is not None:
+            return self.runtime
         if self.status == "loading":
             raise ApiError(503, "loading", "the model is still loading", headers={"Retry-After": "1"},
                            progress=round(self.progress["progress"], 3))

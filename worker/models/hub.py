@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-from worker.models.resolve import ModelResolveError
+from worker.models.errors import ModelResolveError
 
 # What a SafeTensors conversion needs from a repository (subfolders and Mistral's consolidated.* left out).
 SAFETENSORS_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
@@ -88,7 +88,7 @@ def _list_repo(repo_id: str) -> list[str] | None:
         if exc.response is not None and exc.response.status_code in (401, 403, 404):
             raise
         return None
-    except Exception:  # noqa: BLE001  connection refused, DNS, timeouts: the types vary with the HTTP client
+    except Exception:
         return None
 
 

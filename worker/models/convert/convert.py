@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -157,7 +158,7 @@ def plan_tensors(family: Family, hp: Hparams, checkpoint: Checkpoint) -> list[Pl
         plan.append(PlannedTensor(name, ref.shape, dtype, _producer(checkpoint, hf_name, hp, transform, shift, dtype)))
     if family.extra_tensors is not None:
         for name, data in family.extra_tensors(hp).items():
-            plan.append(PlannedTensor(name, data.shape, np.float32, lambda data=data: data))
+            plan.append(PlannedTensor(name, data.shape, np.float32, partial(_constant, data)))
     _check_complete(plan, hp, tied)
     return sorted(plan, key=_gguf_order)
 
@@ -196,3 +197,7 @@ def _gguf_order(t: PlannedTensor) -> tuple[int, str]:
     if t.name.startswith("blk."):
         return int(t.name.split(".")[1]), t.name
     return (-1 if t.name.startswith(("token_embd", "rope")) else 1 << 30), t.name
+
+
+def _constant(data: np.ndarray) -> np.ndarray:
+    return data

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from worker.models.resolve import ModelResolveError
+from worker.models.errors import ModelResolveError
 
 
 class ConvertError(ModelResolveError):

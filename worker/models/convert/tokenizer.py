@@ -154,7 +154,7 @@ def _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path) -> Voca
         pre = "smaug-bpe"  # Llama 3's regex, but merges apply to whole words too
     if pre == "smollm" and config.get("clean_up_tokenization_spaces", False):
         pre = "starcoder"  # same splits; llama.cpp cleans up spaces when decoding
-    types = [TokenType.NORMAL] * len(tokens)
+    types: list[int] = [TokenType.NORMAL] * len(tokens)
     for i in added_ids:
         types[i] = TokenType.CONTROL if i in special_ids or _looks_special(tokens[i]) else TokenType.USER_DEFINED
     return Vocabulary(model="gpt2", pre=pre, tokens=_fill(tokens, types), types=types)
@@ -196,7 +196,7 @@ def _sentencepiece_vocab(tok, tokens, special_ids, added_ids) -> Vocabulary:
             scores[i] = -float(len(merges) + i)  # reachable only through no merge: last
 
     unk = model.get("unk_token")
-    types = [TokenType.NORMAL] * len(tokens)
+    types: list[int] = [TokenType.NORMAL] * len(tokens)
     for i, text in enumerate(tokens):
         if text is None:
             continue

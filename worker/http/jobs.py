@@ -1,4 +1,4 @@
-"""One generation seen from the event loop: tokenize, check the context, submit, then read events per step.
+"""One job seen from the event loop: tokenized, checked against the context, submitted; then its outputs per step.
 
 Every route that generates (native and OpenAI) goes through here: generation has one code path.
 """
@@ -11,22 +11,24 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
+from worker.engine.core import EngineCore
+from worker.engine.outputs import Failed, Finished, Job, Output, SubmitError, TokenText, is_last
 from worker.engine.sampling import SamplingParams
-from worker.engine.scheduler import Engine, Event, Job, SubmitError
 from worker.http import sse
-from worker.http.errors import ApiError
+from worker.http.errors import ApiError, submit_error
 from worker.http.state import STATE
 
 
-class Generation:
-    """Use as `async with gen:` around everything that serves it. However the block ends (a write to a closed
-    connection, a cancelled handler, a bug) the job is cancelled at once unless it already ended, so its slot is
-    free at the next step; a client that went away (ConnectionResetError) ends the block quietly."""
+class JobStream:
+    """A handle on one job's outputs (llama.cpp server's response reader). Use as `async with stream:` around
+    everything that serves it: however the block ends (a write to a closed connection, a cancelled handler, a bug)
+    the job is cancelled at once unless it already ended, so its slot is free at the next step; a client that went
+    away (ConnectionResetError) ends the block quietly."""
 
-    def __init__(self, engine: Engine, job: Job, events: asyncio.Queue[list[Event]]) -> None:
-        self.engine, self.job, self.events = engine, job, events
+    def __init__(self, engine: EngineCore, job: Job, outputs: asyncio.Queue[Sequence[Output]]) -> None:
+        self.engine, self.job, self._outputs = engine, job, outputs
 
-    async def __aenter__(self) -> Generation:
+    async def __aenter__(self) -> JobStream:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
@@ -38,35 +40,36 @@ class Generation:
         return web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
                                            "X-Job-Id": self.job.job_id})
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
-        """Yield this job's events a step's worth at a time, until its end or error event."""
+    async def batches(self) -> AsyncIterator[list[Output]]:
+        """This job's outputs a step's worth at a time, until its Finished or Failed."""
         while True:
-            batch = await self.events.get()
-            while not self.events.empty():
-                batch.extend(self.events.get_nowait())
+            batch = list(await self._outputs.get())
+            while not self._outputs.empty():
+                batch.extend(self._outputs.get_nowait())
             yield batch
-            if batch[-1]["type"] in ("end", "error"):
+            if is_last(batch[-1]):
                 return
 
-    async def collect(self) -> tuple[str, Event]:
-        """Run to the end; return the text and the end event (an error event raises ApiError)."""
+    async def collect(self) -> tuple[str, Finished]:
+        """Run to the end; the text and how it ended (a failure raises ApiError)."""
         text: list[str] = []
-        last: Event | None = None
+        last: Output | None = None
         async with self:
             async for batch in self.batches():
-                for ev in batch:
-                    if ev["type"] == "token":
-                        text.append(ev["t"])
-                    elif ev["type"] in ("end", "error"):
-                        last = ev
+                for out in batch:
+                    if isinstance(out, TokenText):
+                        text.append(out.text)
+                    elif is_last(out):
+                        last = out
         if last is None:  # the client went away before the end
             raise ConnectionResetError("the client went away")
-        if last["type"] == "error":
-            raise ApiError(500, last["code"], last["message"], job_id=self.job.job_id)
+        if isinstance(last, Failed):
+            raise ApiError(500, last.code, last.message, job_id=self.job.job_id)
+        assert isinstance(last, Finished)
         return "".join(text), last
 
 
-async def start_generation(
+async def submit_job(
     request: web.Request,
     prompt: str | list[int],
     params: SamplingParams,
@@ -77,12 +80,13 @@ async def start_generation(
     narration: bool = False,
     ignore_eos: bool = False,
     parse_special: bool = False,
-) -> Generation:
+) -> JobStream:
     """Tokenize (off the loop), refuse what cannot fit before it takes a slot, and submit."""
     state = request.app[STATE]
-    engine = state.require_ready()
+    runtime = state.require_ready()
+    engine = runtime.engine
     if isinstance(prompt, str):
-        tokens = await asyncio.to_thread(engine.model.tokenize, prompt, parse_special=parse_special)
+        tokens = await asyncio.to_thread(runtime.model.tokenize, prompt, parse_special=parse_special)
     else:
         tokens = list(prompt)
     if not tokens:
@@ -92,7 +96,7 @@ async def start_generation(
         raise ApiError(400, "context_length_exceeded",
                        f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                        f"of {limit} tokens", prompt_tokens=len(tokens), n_ctx=limit)
-    events: asyncio.Queue[list[Event]] = asyncio.Queue()
+    outputs: asyncio.Queue[Sequence[Output]] = asyncio.Queue()
     job = Job(
         job_id=job_id or f"job-{uuid.uuid4().hex}",
         prompt_tokens=tokens,
@@ -103,11 +107,10 @@ async def start_generation(
         ignore_eos=ignore_eos,
         correlation_id=request.get("correlation_id"),
         timeout=state.settings.request_timeout,
-        deliver=events.put_nowait,
+        deliver=outputs.put_nowait,
     )
     try:
         engine.submit(job)
     except SubmitError as exc:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        raise ApiError(exc.status, exc.code, str(exc), headers=headers) from None
-    return Generation(engine, job, events)
+        raise submit_error(exc) from None
+    return JobStream(engine, job, outputs)

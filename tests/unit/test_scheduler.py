@@ -1,0 +1,312 @@
+"""The engine's policy against a fake llama.cpp context: no model, no thread, milliseconds.
+
+The fake "model" continues every sequence with the token after the last one it saw (t → t + 1); token 0 is
+end-of-generation and each token's text is one letter, so outputs are predictable. Token ids over 1000 make the
+fake decode fail, as a token outside the vocabulary makes llama_decode fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.engine.core import EngineCore
+from worker.engine.outputs import (
+    Draining,
+    DuplicateJob,
+    Failed,
+    Finished,
+    Job,
+    Narrated,
+    Output,
+    Overloaded,
+    Started,
+    StopReason,
+    TokenText,
+)
+from worker.engine.sampling import SamplingParams
+from worker.engine.scheduler import Part, Scheduler
+
+EOG = 0
+BAD = 1000
+
+
+class FakeVocab:
+    def piece(self, token: int) -> bytes:
+        return bytes([ord("a") + token % 26])
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.batches: list[list[Part]] = []
+        self.chains: dict[int, SamplingParams] = {}
+        self.chain_ops: list[tuple[str, int]] = []
+        self.kv: dict[int, set[int]] = {}  # seq → positions held
+        self._last: dict[int, int] = {}  # batch index → token there
+
+    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None:
+        assert not reuse or self.chains.get(seq_id) == params
+        self.chain_ops.append(("reuse" if reuse else "build", seq_id))
+        self.chains[seq_id] = params
+
+    def drop_chain(self, seq_id: int) -> None:
+        self.chain_ops.append(("drop", seq_id))
+        del self.chains[seq_id]
+
+    def forget(self, seq_id: int) -> None:
+        self.kv.pop(seq_id, None)
+
+    def decode(self, parts: list[Part]) -> int:
+        if any(t >= BAD for part in parts for t in part.tokens):
+            return 1  # llama_decode leaves the KV cache as it was
+        self.batches.append(list(parts))
+        self._last.clear()
+        index = -1
+        for part in parts:
+            cells = self.kv.setdefault(part.seq_id, set())
+            for offset, token in enumerate(part.tokens):
+                index += 1
+                assert part.pos + offset not in cells, "a position decoded twice without forget"
+                cells.add(part.pos + offset)
+                self._last[index] = token
+        return 0
+
+    def sample(self, seq_id: int, index: int) -> int:
+        assert seq_id in self.chains, "sampled without a chain"
+        return (self._last[index] + 1) % 26
+
+    def quiet_log(self, quiet: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def engine(parallel: int = 2, max_queue: int = 4, batch_size: int = 64, **kw) -> tuple[EngineCore, FakeContext]:
+    ctx = FakeContext()
+    return EngineCore(ctx, FakeVocab(), ctx_size=256, parallel=parallel, max_queue=max_queue, batch_size=batch_size,
+                      **kw), ctx
+
+
+def submit(core: EngineCore, job_id: str, prompt: list[int], **kw) -> list[Output]:
+    got: list[Output] = []
+    kw.setdefault("max_tokens", 4)
+    kw.setdefault("params", SamplingParams(temperature=0))
+    core.submit(Job(job_id=job_id, prompt_tokens=prompt, deliver=got.extend, **kw))
+    return got
+
+
+def run(core: EngineCore, steps: int = 200) -> None:
+    for _ in range(steps):
+        if core.idle:
+            return
+        core.step()
+        core._publish()
+    raise AssertionError("the engine did not finish its jobs")
+
+
+def text(outputs: list[Output]) -> str:
+    return "".join(o.text for o in outputs if isinstance(o, TokenText))
+
+
+def end(outputs: list[Output]) -> Finished:
+    assert isinstance(outputs[-1], Finished), outputs[-1]
+    return outputs[-1]
+
+
+def test_tokens_become_text_and_max_tokens_ends_the_job():
+    core, ctx = engine()
+    got = submit(core, "a", [1, 2, 3], max_tokens=4)
+    run(core)
+    assert isinstance(got[0], Started) and got[0].prompt_tokens == 3
+    assert text(got) == "efgh"  # 3 → 4 ("e"), 5, 6, 7
+    assert end(got).stop_reason is StopReason.MAX_TOKENS and end(got).tokens_out == 4
+    assert ctx.kv == {} and core.busy == 0
+
+
+def test_end_of_generation_ends_the_job_without_its_token():
+    core, _ = engine()
+    got = submit(core, "a", [23], max_tokens=10)  # 24, 25, then 0 (EOG)
+    run(core)
+    assert text(got) == "yz" and end(got).stop_reason is StopReason.EOS and end(got).tokens_out == 2
+
+
+def test_ignore_eos_generates_through_end_of_generation():
+    core, _ = engine()
+    got = submit(core, "a", [23], max_tokens=5, ignore_eos=True)
+    run(core)
+    assert end(got).tokens_out == 5 and end(got).stop_reason is StopReason.MAX_TOKENS
+
+
+def test_a_stop_sequence_ends_the_job_and_never_reaches_the_text():
+    core, ctx = engine()
+    got = submit(core, "a", [1], max_tokens=10, stop=("de",))
+    run(core)
+    assert text(got) == "c" and end(got).stop_reason is StopReason.STOP_SEQUENCE and end(got).stop_sequence == "de"
+    assert ctx.kv == {}
+
+
+def test_the_text_is_the_same_when_it_is_done_while_the_next_step_runs():
+    def outputs(overlap: bool) -> list[list[Output]]:
+        core, ctx = engine(overlap=overlap)
+        jobs = [submit(core, "a", [1], max_tokens=10, stop=("fg",)), submit(core, "b", [5], max_tokens=6),
+                submit(core, "c", [2], max_tokens=1)]
+        run(core)
+        assert ctx.kv == {}
+        return [[o for o in job if not isinstance(o, (Started, Finished))] + [end(job).stop_reason] for job in jobs]
+
+    assert outputs(True) == outputs(False)
+
+
+def test_jobs_wait_for_a_slot_and_take_it_in_order():
+    core, _ = engine(parallel=1)
+    a, b = submit(core, "a", [1], max_tokens=2), submit(core, "b", [1], max_tokens=2)
+    core.step()
+    core._publish()
+    assert isinstance(a[0], Started) and b == [] and core.busy == 1 and core.waiting == 1
+    run(core)
+    assert text(a) == text(b) == "cd"
+
+
+def test_the_queue_is_bounded_and_job_ids_are_unique_and_a_draining_engine_takes_nothing():
+    core, _ = engine(parallel=1, max_queue=1)
+    submit(core, "a", [1])
+    submit(core, "b", [1])  # a is not admitted yet: with b, one waits beyond the free slot
+    with pytest.raises(Overloaded):
+        submit(core, "c", [1])
+    with pytest.raises(DuplicateJob):
+        submit(core, "a", [1])
+    run(core)
+    core.drain()
+    with pytest.raises(Draining):
+        submit(core, "d", [1])
+
+
+def test_prompts_are_chunked_to_the_batch_and_decoding_sequences_go_first():
+    core, ctx = engine(batch_size=4)
+    first = submit(core, "a", [1], max_tokens=3)
+    core.step()  # a's prompt
+    second = submit(core, "b", list(range(1, 11)), max_tokens=1)
+    core.step()
+    core.step()
+    assert [(p.seq_id, len(p.tokens), p.logits) for p in ctx.batches[1]] == [(0, 1, True), (1, 3, False)]
+    assert [(p.seq_id, len(p.tokens), p.logits) for p in ctx.batches[2]] == [(0, 1, True), (1, 3, False)]
+    run(core)
+    assert [(p.seq_id, len(p.tokens), p.logits) for p in ctx.batches[3]] == [(1, 4, True)]
+    assert [p.pos for p in ctx.batches[3]] == [6]
+    assert text(first) == "cde" and text(second) == "l"
+
+
+def test_cancel_while_waiting_ends_without_a_start_and_while_running_frees_the_slot():
+    core, ctx = engine(parallel=1)
+    running = submit(core, "a", [1], max_tokens=50, narration=True)
+    waiting = submit(core, "b", [1], max_tokens=50, narration=True)
+    core.step()
+    core.step()
+    assert core.cancel("b") and core.cancel("a")
+    assert not core.cancel("nobody")
+    run(core)
+    assert not any(isinstance(o, Started) for o in waiting)
+    assert end(waiting).stop_reason is StopReason.CANCELLED and end(waiting).ttft_s is None
+    assert [o.event["action"] for o in waiting if isinstance(o, Narrated)] == ["inference_cancelled"]
+    assert end(running).stop_reason is StopReason.CANCELLED and 0 < end(running).tokens_out < 50
+    assert ctx.kv == {} and core.busy == 0 and core.idle
+
+
+def test_timeout_while_waiting_and_while_running():
+    core, _ = engine(parallel=1)
+    running = submit(core, "a", [1], max_tokens=50, timeout=60.0)
+    waiting = submit(core, "b", [1], max_tokens=50, timeout=0.0)
+    core.step()
+    core.step()
+    running_job = core._jobs["a"]
+    running_job.timeout = 0.0  # its deadline has passed
+    run(core)
+    assert end(waiting).stop_reason is StopReason.TIMEOUT and not any(isinstance(o, Started) for o in waiting)
+    assert end(running).stop_reason is StopReason.TIMEOUT and end(running).tokens_out >= 1
+
+
+def test_a_failed_decode_ends_only_the_sequence_that_fails():
+    core, ctx = engine()
+    solo = submit(core, "solo", [1], max_tokens=6)
+    run(core)
+    good, bad = submit(core, "good", [1], max_tokens=6), submit(core, "bad", [1, BAD], max_tokens=6)
+    run(core)
+    assert isinstance(bad[-1], Failed) and bad[-1].code == "decode_failed"
+    assert text(good) == text(solo) and end(good).tokens_out == 6
+    assert ctx.kv == {} and core.busy == 0
+
+
+def test_an_exception_in_a_step_fails_the_running_jobs_and_the_engine_goes_on():
+    core, ctx = engine()
+    got = submit(core, "a", [1], max_tokens=6)
+    core.step()
+
+    def broken(seq_id: int, index: int) -> int:
+        raise RuntimeError("boom")
+
+    sample, ctx.sample = ctx.sample, broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        core.step()
+    core.scheduler.fail_running("internal_error", "RuntimeError: boom")  # what the engine thread does
+    core._publish()
+    assert isinstance(got[-1], Failed) and got[-1].code == "internal_error"
+    ctx.sample = sample  # type: ignore[method-assign]
+    after = submit(core, "b", [1], max_tokens=2)
+    run(core)
+    assert text(after) == "cd"
+
+
+def test_a_slot_keeps_its_chain_for_a_job_with_the_same_parameters():
+    core, ctx = engine(parallel=2)
+    warm = SamplingParams(temperature=0.8, seed=1)
+    submit(core, "a", [1], params=warm)
+    submit(core, "b", [1], params=SamplingParams(temperature=0))
+    run(core)
+    submit(core, "c", [1], params=warm)
+    run(core)
+    assert ctx.chain_ops == [("build", 0), ("build", 1), ("reuse", 0)]
+
+
+def test_idle_in_graph_chains_are_detached_and_that_makes_the_next_step_unsteady():
+    ctx = FakeContext()
+    sched = Scheduler(n_slots=2, batch_size=16, resources=ctx, vocab=FakeVocab(), in_graph_sampling=True,
+                      chain_idle_s=1.0, clock=lambda: 0.0)
+    sched.add(Job("a", [1], SamplingParams(), 1, deliver=lambda outs: None))
+    assert not sched.schedule(0.0).steady  # a new chain in the graph: llama.cpp re-reserves
+    sched.update([(sched.slots[0], 5)], 0.0)  # max_tokens 1: the job ends, its chain stays
+    assert sched.schedule(0.5).parts == [] and ctx.chains
+    sched.schedule(2.0)
+    assert ctx.chains == {} and ctx.chain_ops[-1] == ("drop", 0)
+    sched.add(Job("b", [1], SamplingParams(), 1, deliver=lambda outs: None))
+    assert not sched.schedule(2.1).steady
+
+
+def test_outputs_come_in_order_and_the_metrics_see_every_token():
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: list[tuple] = []
+
+        def job_admitted(self, queue_wait_s: float, prompt_tokens: int) -> None:
+            self.events.append(("admitted", prompt_tokens))
+
+        def token_generated(self, ttft_s: float | None, itl_s: float | None) -> None:
+            self.events.append(("token", ttft_s is not None, itl_s is not None))
+
+        def job_finished(self, stop_reason: str) -> None:
+            self.events.append(("finished", stop_reason))
+
+        def job_failed(self, code: str) -> None:
+            self.events.append(("failed", code))
+
+    metrics = Recorder()
+    core, _ = engine(metrics=metrics)
+    got = submit(core, "a", [1, 2], max_tokens=3, narration=True)
+    run(core)
+    kinds = [type(o).__name__ if not isinstance(o, Narrated) else o.event["action"] for o in got]
+    assert kinds == ["Started", "inference_start", "TokenText", "TokenText", "TokenText", "inference_complete",
+                     "Finished"]
+    assert metrics.events == [("admitted", 2), ("token", True, False), ("token", False, True),
+                              ("token", False, True), ("finished", "max_tokens")]

@@ -1,0 +1,256 @@
+"""The engine core: one thread owns the llama.cpp context and runs the scheduler's steps.
+
+Requests wait in a bounded queue; between steps they join free slots (prompt prefill, chunked to the batch size)
+and leave them (their KV cells are freed, whatever the reason). Each step is one llama_decode for all running
+sequences, then one sample per sequence that produced logits. Outputs go back to the asyncio loop once per step,
+in one call_soon_threadsafe.
+
+On a GPU, llama_decode only queues the step, so a token's text work (detokenizing, stop strings, metrics, outputs)
+is done while the GPU computes the next step: only the token id is needed to queue it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from loguru import logger
+
+from worker.engine.outputs import Draining, DuplicateJob, Job, Output, Overloaded, StopReason
+from worker.engine.scheduler import Part, Scheduler, SchedulerMetrics, SlotResources, StepPlan, Vocab
+
+
+class EngineContext(SlotResources, Protocol):
+    """The llama.cpp context as the core uses it (worker.llamacpp.Context; a fake in unit tests)."""
+
+    def decode(self, parts: Sequence[Part]) -> int: ...
+    def sample(self, seq_id: int, index: int) -> int: ...
+    def quiet_log(self, quiet: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class StepStats:
+    """Where a step's time goes: queueing it (llama_decode), waiting for its tokens, and the Python around them."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    queue_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        ctx: EngineContext,
+        vocab: Vocab,
+        *,
+        ctx_size: int,
+        parallel: int,
+        max_queue: int,
+        batch_size: int,
+        in_graph_sampling: bool = False,
+        offloaded: bool = False,
+        overlap: bool | None = None,
+        chain_idle_s: float = 1.0,
+        metrics: SchedulerMetrics | None = None,
+        profile_path: str | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.ctx_size = ctx_size
+        self.n_slots = parallel
+        self.max_queue = max_queue
+        self.offloaded = offloaded
+        # Text work overlaps the next step where llama_decode is asynchronous (the GPU). On the CPU it would
+        # only delay each token by one step.
+        self.overlap = offloaded if overlap is None else overlap
+        self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
+                                   in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s, metrics=metrics)
+        self.stats = StepStats()
+        self.profile_path = profile_path
+        self._inbox: list[Job] = []
+        self._jobs: dict[str, Job] = {}  # submitted and not yet delivered their end
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- loop side -------------------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._draining or self._stopping:
+                raise Draining("the worker is shutting down")
+            if job.job_id in self._jobs:
+                raise DuplicateJob(f"job {job.job_id!r} is already running or waiting")
+            waiting = self.waiting
+            if waiting - (self.n_slots - self.busy) >= self.max_queue:
+                raise Overloaded(f"{waiting} requests are waiting; the queue holds {self.max_queue}")
+            self._jobs[job.job_id] = job
+            self._inbox.append(job)
+            self._idle.clear()
+            self._cond.notify()
+
+    def cancel(self, job_id: str, reason: StopReason = StopReason.CANCELLED) -> bool:
+        """Ask a running or waiting job to end; its stream ends with stop_reason `reason`."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return False
+            if job.cancel_reason is None:
+                job.cancel_reason = reason
+            self._cond.notify()
+            return True
+
+    def cancel_all(self, reason: StopReason = StopReason.CANCELLED) -> None:
+        with self._cond:
+            for job in self._jobs.values():
+                job.cancel_reason = job.cancel_reason or reason
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """New jobs are refused from now on; running and waiting ones go on."""
+        with self._cond:
+            self._draining = True
+
+    async def wait_idle(self) -> None:
+        """Until every job submitted has delivered its end."""
+        await self._idle.wait()
+
+    @property
+    def busy(self) -> int:
+        return self.scheduler.n_running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._jobs
+
+    def kv_usage(self) -> float:
+        """Share of the KV cache cells that running sequences hold."""
+        return self.scheduler.kv_cells_used() / (self.ctx_size * self.n_slots)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self.ctx.close()
+
+    def _dispatch(self, out: dict[Job, list[Output]]) -> None:
+        for job, outputs in out.items():
+            job.deliver(outputs)
+            if job.done:
+                with self._cond:
+                    if self._jobs.get(job.job_id) is job:
+                        del self._jobs[job.job_id]
+                    if not self._jobs:
+                        self._idle.set()
+
+    # ---- engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.profile_path is None:
+            return self._loop_steps()
+        import cProfile  # performance work only: --profile-dir
+
+        prof = cProfile.Profile()
+        try:
+            prof.enable()
+        except ValueError:  # Python 3.12+: one profiler per process, already on in the main thread, sees all
+            return self._loop_steps()
+        try:
+            self._loop_steps()
+        finally:
+            prof.disable()
+            prof.dump_stats(self.profile_path)
+
+    def _loop_steps(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._inbox and not self.scheduler.waiting and self.busy == 0:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            started = time.perf_counter()
+            try:
+                self.step()
+            except Exception as exc:  # a bug must end the affected streams, never hang them
+                logger.exception("engine step failed")
+                self.scheduler.fail_running("internal_error", f"{type(exc).__name__}: {exc}")
+            self._publish()
+            self.stats.steps += 1
+            self.stats.step_s += time.perf_counter() - started
+        self._publish()
+
+    def step(self) -> None:
+        """Plan, decode, the previous step's text while the GPU runs, sample, update."""
+        with self._cond:  # admissions and the queue's size change together, as submit sees them
+            for job in self._inbox:
+                self.scheduler.add(job)
+            self._inbox.clear()
+            plan = self.scheduler.schedule(time.perf_counter(), overlap=self.overlap)
+        self._publish()  # ends, starts, and the text done before a long llama_decode
+        if not plan.parts:
+            return
+        # ggml's log: dropped in steady GPU steps, which allocate nothing; kept for the others, where its errors
+        # say why a step failed (see route_ggml_log).
+        self.ctx.quiet_log(plan.steady and self.offloaded)
+        t0 = time.perf_counter()
+        status = self.ctx.decode(plan.parts)
+        t1 = time.perf_counter()
+        self._flush_text()  # in a steady GPU step, while it computes
+        if status != 0:
+            return self._isolate_failure(plan, status)
+        t2 = time.perf_counter()
+        sampled = [(slot, self.ctx.sample(slot.seq_id, index)) for slot, index in plan.sample_at()]
+        now = time.perf_counter()  # the first read of a sampled token waited for the step
+        self.stats.queue_s += t1 - t0
+        self.stats.wait_s += now - t2
+        self.scheduler.update(sampled, now)
+
+    def _isolate_failure(self, plan: StepPlan, status: int) -> None:
+        """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those
+        that still fail end with an error."""
+        self.ctx.quiet_log(False)
+        for slot, part in zip(plan.slots, plan.parts, strict=True):
+            if slot.job is None:  # ended by a stop sequence while the failed step was queued
+                continue
+            status = self.ctx.decode([part])
+            if status != 0:
+                self.scheduler.fail(slot, "decode_failed", f"llama_decode failed with status {status}")
+            elif part.logits:
+                token = self.ctx.sample(slot.seq_id, len(part.tokens) - 1)
+                self.scheduler.update([(slot, token)], time.perf_counter())
+
+    def _flush_text(self) -> None:
+        self.scheduler.flush_text()
+        self._publish()
+
+    def _publish(self) -> None:
+        out = self.scheduler.take_outputs()
+        if not out:
+            return
+        if self._loop is None:  # stepped by hand (tests): deliver at once
+            self._dispatch(out)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, out)
+        except RuntimeError:  # the loop is closed: nobody is left to read these outputs
+            pass

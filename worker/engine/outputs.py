@@ -1,0 +1,118 @@
+"""What the engine takes and gives: jobs in, typed outputs out. No wire format and no HTTP status lives here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from worker.engine.sampling import SamplingParams
+
+
+class StopReason(str, Enum):
+    MAX_TOKENS = "max_tokens"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job has a slot; its prompt is being decoded."""
+
+    job_id: str
+    prompt_tokens: int
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """New text of a job (valid UTF-8; several tokens' worth when bytes of a character were held back)."""
+
+    text: str
+    index: int  # the index of the last generated token it comes from
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The job ended; `ttft_s` is None when no token was generated. Ended before a slot: `started` is False."""
+
+    job_id: str
+    stop_reason: StopReason
+    tokens_out: int
+    prompt_tokens: int
+    ttft_s: float | None
+    decode_s: float
+    stop_sequence: str | None = None
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return (self.tokens_out - 1) / self.decode_s if self.tokens_out > 1 and self.decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job ended with an error (a refused decode, a bug); other jobs go on."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Narrated:
+    """A narration event of this job, for a client that asked for them in its stream."""
+
+    event: dict[str, Any]
+
+
+Output = Started | TokenText | Finished | Failed | Narrated
+Deliver = Callable[[Sequence[Output]], None]
+
+
+def is_last(output: Output) -> bool:
+    return isinstance(output, (Finished, Failed))
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request as the engine sees it."""
+
+    job_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    deliver: Deliver  # runs on the event loop with this step's outputs of the job, in order
+    stop: tuple[str, ...] = ()
+    narration: bool = False
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    correlation_id: str | None = None
+    timeout: float | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancel_reason: StopReason | None = None  # set from the loop; read by the scheduler between steps
+    done: bool = False
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.submitted_at + self.timeout
+
+
+class SubmitError(Exception):
+    """The engine cannot take the job; `code` says why (the HTTP layer maps it to a status)."""
+
+    code = "unavailable"
+
+
+class Overloaded(SubmitError):
+    code = "overloaded"
+
+
+class Draining(SubmitError):
+    code = "draining"
+
+
+class DuplicateJob(SubmitError):
+    code = "duplicate_job_id"

@@ -1,0 +1,209 @@
+"""A llama.cpp context: one batch decode per step, a sampler chain per sequence, the KV cells of each sequence.
+
+Owned by the engine thread alone (llama.cpp contexts are not thread-safe). The engine speaks to it in its own terms:
+decode these parts, sample that output, give this sequence a chain, forget that sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable
+from typing import Protocol
+
+import llama_cpp as lc
+import numpy as np
+
+from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
+from worker.llamacpp.model import Model, ModelLoadError
+
+PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/presence/frequency penalties
+
+# (seq_id, tokens, first position, wants logits for the last token)
+BatchPart = tuple[int, list[int], int, bool]
+
+
+class ChainParams(Protocol):
+    """What a sampler chain is built from (the engine's SamplingParams)."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
+
+
+class SamplerChain:
+    """llama.cpp's usual order: penalties → top-k → top-p → min-p → temperature → dist (or greedy).
+
+    Every stage used here has a backend (in-graph) implementation in llama.cpp, so the chain can be attached with
+    llama_set_sampler; the same chain also samples on the CPU through llama_sampler_sample.
+    """
+
+    def __init__(self, params: ChainParams, n_vocab: int) -> None:
+        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
+        if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
+                                                params.frequency_penalty, params.presence_penalty))
+        if params.temperature == 0.0:
+            add(lc.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(lc.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(lc.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(lc.llama_sampler_init_min_p(params.min_p, 1))
+        add(lc.llama_sampler_init_temp(params.temperature))
+        seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed % lc.LLAMA_DEFAULT_SEED
+        add(lc.llama_sampler_init_dist(seed))
+
+    def reset(self) -> None:
+        """As new: penalty history cleared, the seed drawn again."""
+        lc.llama_sampler_reset(self.ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+class Batch:
+    """A llama_batch over numpy arrays, so a prompt chunk is filled by slicing, not per-token ctypes calls."""
+
+    def __init__(self, capacity: int) -> None:
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (ctypes.POINTER(lc.llama_seq_id) * capacity)(
+            *(ctypes.cast(base + 4 * i, ctypes.POINTER(lc.llama_seq_id)) for i in range(capacity))
+        )
+        self.struct = lc.llama_batch()
+        self.struct.token = self.tokens.ctypes.data_as(ctypes.POINTER(lc.llama_token))
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
+        self.struct.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(lc.llama_seq_id)))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n = 0
+
+    def fill(self, parts: Iterable[BatchPart]) -> None:
+        n = 0
+        for seq_id, tokens, start_pos, last_logits in parts:
+            k = len(tokens)
+            self.tokens[n : n + k] = tokens
+            self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
+            self.seq[n : n + k] = seq_id
+            self.logits[n : n + k] = 0
+            self.logits[n + k - 1] = 1 if last_logits else 0
+            n += k
+        self.n = self.struct.n_tokens = n
+
+
+class Context:
+    def __init__(
+        self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
+        flash_attn: str = "auto", in_graph_sampling: bool = False,
+    ) -> None:
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per sequence and step, and
+        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output).
+        params.n_outputs_max = n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads_batch or threads
+        # Each sequence gets its own n_ctx/n_seq cells: an admitted request can never run out of KV cache.
+        params.kv_unified = False
+        params.flash_attn_type = {
+            "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
+        params.no_perf = True
+        clear_errors()
+        self.ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens: {last_errors()}")
+        self.model = model
+        self.in_graph_sampling = in_graph_sampling
+        self._mem = lc.llama_get_memory(self.ptr)
+        self._batch = Batch(n_batch)
+        self._chains: dict[int, SamplerChain] = {}
+        self._ggml_quiet = False
+
+    # ---- sampler chains --------------------------------------------------------------------------------------
+
+    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool) -> None:
+        """Give a sequence its chain: the one it has, reset (reuse), or a new one built from params. In the decode
+        graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not."""
+        chain = self._chains.get(seq_id)
+        if reuse and chain is not None:
+            chain.reset()
+            return
+        self.drop_chain(seq_id)
+        chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab)
+        if self.in_graph_sampling:
+            lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
+
+    def drop_chain(self, seq_id: int) -> None:
+        chain = self._chains.pop(seq_id, None)
+        if chain is not None:
+            if self.in_graph_sampling:
+                lc.llama_set_sampler(self.ptr, seq_id, None)
+            chain.close()
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+
+    def decode(self, parts: Iterable[BatchPart]) -> int:
+        """One llama_decode; 0 on success. On a GPU this only queues the step: sample() waits for it."""
+        self._batch.fill(parts)
+        return int(lc.llama_decode(self.ptr, self._batch.struct))
+
+    def sample(self, seq_id: int, index: int) -> int:
+        """The token sampled for the output at batch position `index` (in the graph, or here on the CPU)."""
+        return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
+
+    def quiet_log(self, quiet: bool) -> None:
+        """ggml's own log kept out of Python (see route_ggml_log), for steps that allocate nothing."""
+        if quiet != self._ggml_quiet:
+            route_ggml_log(to_python=not quiet)
+            self._ggml_quiet = quiet
+
+    def warm_up(self) -> int:
+        """One decode at load pays the one-time costs (graph allocation, kernels, weights paging in)."""
+        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True)])
+        self.clear()
+        return status
+
+    # ---- KV cache --------------------------------------------------------------------------------------------
+
+    def forget(self, seq_id: int) -> None:
+        """Free every KV cell of a sequence."""
+        lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self._mem, True)
+
+    def close(self) -> None:
+        for seq_id in list(self._chains):
+            self.drop_chain(seq_id)
+        if self.ptr:
+            lc.llama_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,190 @@
+"""A loaded llama.cpp model: its metadata (the contract's model object) and its vocabulary."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as lc
+
+from worker.llamacpp.backend import clear_errors, init_backend, last_errors
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message names the file and llama.cpp's reason."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The contract's model object, plus what the engine needs from the GGUF metadata."""
+
+    ref: str
+    path: str
+    architecture: str
+    quantization: str
+    n_params: int
+    n_ctx_train: int
+    n_vocab: int
+    n_layers: int
+    size_bytes: int
+    format: str
+    name: str | None
+    chat_template: str | None
+    bos: str | None
+    eos: str | None
+    unk: str | None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "architecture": self.architecture,
+            "quantization": self.quantization,
+            "n_params": self.n_params,
+            "n_ctx_train": self.n_ctx_train,
+            "n_vocab": self.n_vocab,
+            "size_bytes": self.size_bytes,
+            "format": self.format,
+        }
+
+
+class Model:
+    """A loaded llama.cpp model and its vocabulary. Tokenization is safe from any thread."""
+
+    def __init__(self, ptr: Any, info: ModelInfo, offloaded: bool) -> None:
+        self.ptr = ptr
+        self.vocab = lc.llama_model_get_vocab(ptr)
+        self.info = info
+        self.offloaded = offloaded
+        self.n_vocab = info.n_vocab
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab))
+        self._piece_cache: dict[int, bytes] = {}
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        ref: str,
+        fmt: str,
+        gpu_layers: int,
+        main_gpu: int = 0,
+        tensor_split: list[float] | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> Model:
+        init_backend()
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        params.main_gpu = main_gpu
+        keep: list[Any] = []  # ctypes objects that must outlive the load call
+        if tensor_split:
+            n = lc.llama_max_devices()
+            arr = (ctypes.c_float * n)(*(tensor_split + [0.0] * n)[:n])
+            params.tensor_split = ctypes.cast(arr, ctypes.POINTER(ctypes.c_float))
+            params.split_mode = lc.LLAMA_SPLIT_MODE_LAYER
+            keep.append(arr)
+        if progress is not None:
+
+            def _on_progress(value: float, _user: ctypes.c_void_p) -> bool:
+                progress(float(value))
+                return True
+
+            cb = lc.llama_progress_callback(_on_progress)
+            params.progress_callback = cb
+            keep.append(cb)
+        clear_errors()
+        ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelLoadError(f"llama.cpp could not load {path}: {last_errors()}")
+        info = _read_info(ptr, path, ref, fmt)
+        return cls(ptr, info, offloaded=gpu_layers != 0 and lc.llama_supports_gpu_offload())
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as nothing)."""
+        cached = self._piece_cache.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            cached = self._piece_cache[token] = buf.raw[:n]
+        return cached
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos_token(self) -> int:
+        return int(lc.llama_vocab_bos(self.vocab))
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """Special tokens in the text are special; BOS is added only where the model wants one and the text has
+        none (so a chat template that writes it never leads to two)."""
+        bos = self.info.bos
+        add_bos = self.add_bos and not (bos and text.startswith(bos))
+        return self.tokenize(text, add_special=add_bos, parse_special=True)
+
+
+def _meta(ptr: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = lc.llama_model_meta_val_str(ptr, key.encode(), buf, 256)
+    if n < 0:
+        return None
+    if n >= 256:
+        buf = ctypes.create_string_buffer(n + 1)
+        lc.llama_model_meta_val_str(ptr, key.encode(), buf, n + 1)
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _token_text(vocab: Any, token: int) -> str | None:
+    if token < 0:
+        return None
+    text = lc.llama_vocab_get_text(vocab, token)
+    return text.decode("utf-8", errors="replace") if text else None
+
+
+def _read_info(ptr: Any, path: Path, ref: str, fmt: str) -> ModelInfo:
+    vocab = lc.llama_model_get_vocab(ptr)
+    ftype = (lc.llama_ftype_name(lc.llama_model_ftype(ptr)) or b"unknown").decode()
+    template = lc.llama_model_chat_template(ptr, None)
+    return ModelInfo(
+        ref=ref,
+        path=str(path),
+        architecture=_meta(ptr, "general.architecture") or "unknown",
+        quantization=ftype,
+        n_params=int(lc.llama_model_n_params(ptr)),
+        n_ctx_train=int(lc.llama_model_n_ctx_train(ptr)),
+        n_vocab=int(lc.llama_vocab_n_tokens(vocab)),
+        n_layers=int(lc.llama_model_n_layer(ptr)),
+        size_bytes=path.stat().st_size,
+        format=fmt,
+        name=_meta(ptr, "general.name"),
+        chat_template=template.decode("utf-8", errors="replace") if template else None,
+        bos=_token_text(vocab, lc.llama_vocab_bos(vocab)),
+        eos=_token_text(vocab, lc.llama_vocab_eos(vocab)),
+        unk=_token_text(vocab, int(_meta(ptr, "tokenizer.ggml.unknown_token_id") or -1)),
+    )

@@ -1,0 +1,162 @@
+"""Loading: resolve the model reference, place it (backend, device, layers), load it, and start the engine on it.
+
+The HTTP app calls load() off the event loop and close() at shutdown; it knows nothing of llama.cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from worker.config import Settings
+from worker.engine.core import EngineCore
+from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
+from worker.metrics import Metrics
+from worker.models.resolve import resolve
+from worker.narration import narrate
+
+Progress = Callable[..., None]  # (stage, value, **extra)
+
+
+class BackendUnavailable(Exception):
+    """The configured backend is not in this llama.cpp build (a configuration error, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    backend: str  # cpu, cuda, metal, ...
+    device: str  # "cpu", "cuda:0", or "cuda:0,1" for a model split over GPUs
+    gpu_layers: int  # llama.cpp's n_gpu_layers: -1 = all
+
+    @property
+    def offloaded(self) -> bool:
+        return self.gpu_layers != 0 and self.backend != "cpu"
+
+
+def placement(settings: Settings) -> Placement:
+    """Where the model goes, from --backend, --device, --gpu-layers and --tensor-split."""
+    gpu = gpu_backend_name()
+    if settings.backend == "cpu" or (settings.backend == "auto" and gpu is None):
+        return Placement("cpu", "cpu", 0)
+    if gpu is None or (settings.backend != "auto" and settings.backend != gpu):
+        raise BackendUnavailable(
+            f"--backend {settings.backend} was asked for, but this llama.cpp build has "
+            f"{'no GPU backend' if gpu is None else 'the ' + gpu + ' backend'}; use --backend auto or cpu, "
+            "or reinstall llama-cpp-python with CMAKE_ARGS for that backend"
+        )
+    layers = -1 if settings.gpu_layers == "all" else int(settings.gpu_layers)
+    split = settings.tensor_split_values
+    if split and sum(1 for share in split if share > 0) > 1:  # one model across several GPUs: name them all
+        return Placement(gpu, f"{gpu}:" + ",".join(str(i) for i, share in enumerate(split) if share > 0), layers)
+    return Placement(gpu, f"{gpu}:{settings.device}", layers)
+
+
+def flash_attn_policy(setting: str, *, offloaded: bool) -> str:
+    # auto = on with the GPU; off on the CPU, where llama.cpp's flash attention changed SmolLM2's greedy output
+    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's).
+    if setting != "auto":
+        return setting
+    return "on" if offloaded else "off"
+
+
+@dataclass
+class Runtime:
+    """A loaded model and the engine serving it."""
+
+    model: Model
+    engine: EngineCore
+    placement: Placement
+    vram_bytes: int  # what this worker put on its GPU: weights, KV cache and compute buffers (0 on the CPU)
+    load_s: float
+
+    def close(self) -> None:
+        self.engine.close()
+        self.model.close()
+        st = self.engine.stats
+        if st.steps:
+            per_step = lambda s: s / st.steps * 1000
+            narrate("engine_stats", f"{st.steps} decode steps, {per_step(st.step_s):.2f} ms each: "
+                    f"{per_step(st.queue_s):.2f} ms queueing them (llama_decode), {per_step(st.wait_s):.2f} ms "
+                    "waiting for their tokens.", actor="engine", steps=st.steps, step_ms=round(per_step(st.step_s), 3),
+                    queue_ms=round(per_step(st.queue_s), 3), wait_ms=round(per_step(st.wait_s), 3),
+                    llama_share=round((st.queue_s + st.wait_s) / st.step_s, 3))
+
+
+def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.AbstractEventLoop,
+         progress: Progress) -> Runtime:
+    """Resolve, load and warm up the model, and start its engine (runs off the event loop)."""
+    s = settings
+    t0 = time.perf_counter()
+    progress("resolve", 0.0)
+    resolved = resolve(s.model, cache_dir=s.cache_dir, quantize=s.quantize)
+    narrate("model_resolve", f"Model {resolved.ref} resolves to {resolved.path}.", target=resolved.ref,
+            path=str(resolved.path), format=resolved.format)
+    vram_before = gpu_memory_used()
+
+    last = [-1.0]
+
+    def on_weights(value: float) -> None:  # llama.cpp calls this per tensor: pass on whole percents only
+        if value - last[0] >= 0.01 or value >= 1.0:
+            last[0] = value
+            progress("load_weights", 0.05 + 0.85 * value)
+
+    progress("load_weights", 0.05)
+    model = Model.load(resolved.path, ref=resolved.ref, fmt=resolved.format, gpu_layers=where.gpu_layers,
+                       main_gpu=s.device, tensor_split=s.tensor_split_values, progress=on_weights)
+    info = model.info
+    narrate("gguf_metadata_loaded", f"{info.architecture} model, {info.quantization}, "
+            f"{info.n_params / 1e6:.0f}M parameters, trained on {info.n_ctx_train} tokens of context.",
+            target=resolved.ref, architecture=info.architecture, quantization=info.quantization,
+            n_params=info.n_params, n_ctx_train=info.n_ctx_train, n_layers=info.n_layers,
+            has_chat_template=info.chat_template is not None)
+    narrate("gguf_tokenizer_extracted", f"Tokenizer with {info.n_vocab} tokens.", target=resolved.ref,
+            vocab_size=info.n_vocab, bos=info.bos, eos=info.eos, unk=info.unk)
+    try:
+        progress("warmup", 0.9)
+        ctx_size = s.ctx_size or min(info.n_ctx_train or 4096, 4096)
+        in_graph = s.backend_sampling == "on" or (s.backend_sampling == "auto" and where.offloaded)
+        ctx = Context(model, n_ctx=ctx_size * s.parallel, n_seq=s.parallel, n_batch=s.batch_size,
+                      threads=s.threads, threads_batch=s.threads_batch,
+                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded),
+                      in_graph_sampling=in_graph)
+        try:
+            if (status := ctx.warm_up()) != 0:
+                logger.warning(f"warm-up decode returned {status}")
+            engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
+                                batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
+                                metrics=metrics,
+                                profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
+        except BaseException:
+            ctx.close()
+            raise
+        engine.start(loop)
+    except BaseException:
+        model.close()
+        raise
+    vram_after = gpu_memory_used()
+    vram = sum(max(0, vram_after.get(d, 0) - vram_before.get(d, 0)) for d in vram_after)
+    load_s = time.perf_counter() - t0
+    _bind_metrics(metrics, engine, model, where, load_s)
+    narrate("model_load_complete", f"Model ready on {where.device} in {load_s:.2f} s: "
+            f"{s.parallel} slots of {ctx_size} tokens.", target=resolved.ref,
+            duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
+            slots=s.parallel, ctx_size=ctx_size, backend_sampling=in_graph, vram_bytes=vram,
+            cute="Ready to tell stories!")
+    return Runtime(model, engine, where, vram, load_s)
+
+
+def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float) -> None:
+    info = model.info
+    m.bind_engine(slots=engine.n_slots, running=lambda: engine.busy, waiting=lambda: engine.waiting,
+                  kv_usage=engine.kv_usage)
+    m.bind_device_memory(gpu_memory_used)
+    m.load_seconds.set(load_s)
+    m.model_size.set(info.size_bytes)
+    labels: dict[str, Any] = {"model": info.ref, "architecture": info.architecture,
+                              "quantization": info.quantization, "backend": where.backend, "device": where.device}
+    m.model_info.info(labels)
