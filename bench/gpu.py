@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import TABLE_HEAD, format_row, run_load
+from bench.multiturn import run_burst, run_conversations
 
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
@@ -106,6 +107,10 @@ def main() -> None:
     ap.add_argument("--worker-args", default="", help="extra flags for the worker")
     ap.add_argument("--lcp-streams", default="1,8",
                     help="levels for llama-cpp-python's server, which serves one request at a time")
+    ap.add_argument("--chat", action="store_true",
+                    help="also the chat workloads: multi-turn conversations and a shared-prefix burst, side by side "
+                         "with llama-server")
+    ap.add_argument("--system-tokens", type=int, default=5000)
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
     only = set(args.only.split(","))
@@ -150,11 +155,56 @@ def main() -> None:
             server.stop()
         shutil.copy(f"/tmp/{server.name}.log", out / f"{server.name}.log")
 
+    if args.chat:
+        res["system_tokens"] = args.system_tokens
+        res["chat"] = chat_workloads(args.model, args.system_tokens, args.worker_args, out, only)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     table = render(res)
     (out / "results.md").write_text(table)
     print(table)
     plot(res, out / "throughput.png")
+
+
+CHAT_SLOTS = 8
+CHAT_CTX = 8192  # per slot: the system prompt and four turns
+
+
+def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, only: set[str]) -> dict[str, Any]:
+    """Chat traffic on 8 slots, each server with its defaults for prompt caching (llama-server: cache_prompt on,
+    its --cache-ram default) and the same KV memory (8 x 8192 cells)."""
+    cells = CHAT_SLOTS * CHAT_CTX
+    starts = {
+        "llama-server": lambda port: Server("llama-server-chat", [
+            "llama-server", "-m", model, "-ngl", "99", "-fa", "on", "-np", str(CHAT_SLOTS), "-c", str(cells),
+            "--port", str(port), "--no-webui"], "/health", port),
+        "worker": lambda port: Server("llm-worker-rbee-chat", [
+            sys.executable, "-m", "worker", "--model", model, "--parallel", str(CHAT_SLOTS),
+            "--ctx-size", str(CHAT_CTX), "--kv-size", str(cells), "--max-queue", "512", "--batch-size", "2048",
+            "--flash-attn", "on", "--port", str(port), *worker_args.split()], "/v1/ready", port),
+    }
+    workloads = {
+        "8 conversations x 4 turns": lambda url: run_conversations(url, conversations=8, turns=4,
+                                                                   system_tokens=system_tokens),
+        "32 conversations x 4 turns": lambda url: run_conversations(url, conversations=32, turns=4,
+                                                                    system_tokens=system_tokens),
+        "32-request shared-prefix burst": lambda url: run_burst(url, requests=32, system_tokens=system_tokens),
+    }
+    res: dict[str, Any] = {}
+    for name, start in starts.items():
+        if name not in only:
+            continue
+        server = start(free_port())
+        try:
+            for workload, run in workloads.items():
+                res.setdefault(workload, {})[name] = fig = asyncio.run(run(server.url))
+                print(f"{name:13s} {workload}: {json.dumps(fig)}", flush=True)
+        except Exception as exc:
+            log = Path(f"/tmp/{server.name}.log").read_text().splitlines()
+            print(f"{name} failed the chat workloads ({exc!r}); the end of its log:\n" + "\n".join(log[-40:]))
+        finally:
+            server.stop()
+            shutil.copy(f"/tmp/{server.name}.log", out / f"{server.name}.log")
+    return res
 
 
 def _gpu_name() -> str:
@@ -190,6 +240,26 @@ def render(res: dict[str, Any]) -> str:
                      f"{w[n]['aggregate_tps'] / ls[n]['aggregate_tps']:.2f}")
         lines.append(f"{n} streams TTFT p50: worker {w[n]['ttft_ms_p50']:.1f} ms, llama-server "
                      f"{ls[n]['ttft_ms_p50']:.1f} ms")
+    for workload, by_server in res.get("chat", {}).items():
+        lines += ["", f"{workload} (system prompt of {res.get('system_tokens', '~5000')} words, 8 slots):",
+                  "| server | wall s | TTFT p50 by turn (ms) | TTFT p50 turns 2+ (ms) | cached tokens p50 by turn |",
+                  "|---|---|---|---|---|"]
+        for server, fig in by_server.items():
+            if fig["workload"] == "burst":
+                lines.append(f"| {server} | {fig['wall_s']} | p50 {fig['ttft_ms_p50']} / p95 {fig['ttft_ms_p95']} "
+                             "| – | – |")
+            else:
+                lines.append(f"| {server} | {fig['wall_s']} | {fig['ttft_ms_p50_by_turn']} | "
+                             f"{fig['ttft_ms_p50_later_turns']} | {fig['cached_tokens_p50_by_turn']} |")
+        if {"worker", "llama-server"} <= by_server.keys():
+            w, ls = by_server["worker"], by_server["llama-server"]
+            ratios = [f"wall {w['wall_s'] / ls['wall_s']:.2f}"]
+            if w["workload"] == "burst":
+                ratios.append(f"TTFT p50 {w['ttft_ms_p50'] / ls['ttft_ms_p50']:.2f}")
+            else:
+                ratios.append(f"turn 1 TTFT p50 {w['ttft_ms_p50_by_turn'][0] / ls['ttft_ms_p50_by_turn'][0]:.2f}")
+                ratios.append(f"turns 2+ TTFT p50 {w['ttft_ms_p50_later_turns'] / ls['ttft_ms_p50_later_turns']:.2f}")
+            lines.append("worker / llama-server: " + ", ".join(ratios))
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,19 @@ class Metrics:
         self.waiting = Gauge(p + "requests_waiting", "requests waiting for a slot", registry=r)
         self.slots = Gauge(p + "slots_total", "sequences decoded together (--parallel)", registry=r)
         self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "KV cache cells in use / all cells", registry=r)
+        self.kv_pool_cells = Gauge(p + "kv_pool_cells", "KV cells in the pool every sequence shares", registry=r)
+        self.kv_pool_used = Gauge(p + "kv_pool_cells_used", "KV cells some sequence holds (running or cached)",
+                                  registry=r)
+        self.kv_pool_cached = Gauge(p + "kv_pool_cells_cached", "KV cells only cached prefixes hold (evictable)",
+                                    registry=r)
+        self.prefix_lookups = Counter(p + "prefix_cache_lookups", "requests that looked up their prompt's prefix",
+                                      registry=r)
+        self.prefix_hits = Counter(p + "prefix_cache_hits", "lookups that found a cached prefix", registry=r)
+        self.prefix_hit_tokens = Counter(p + "prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache "
+                                         "instead of computed", registry=r)
+        self.prefix_evictions = Counter(p + "prefix_cache_evictions", "cached prefixes evicted", registry=r)
+        self.prefix_evicted_cells = Counter(p + "prefix_cache_evicted_cells", "KV cells freed by evictions",
+                                            registry=r)
         self.load_seconds = Gauge(p + "model_load_seconds", "seconds the model took to load", registry=r)
         self.model_size = Gauge(p + "model_size_bytes", "size of the model file", registry=r)
         self.device_memory = Gauge(p + "device_memory_used_bytes", "memory in use on the GPU, as the backend "
@@ -47,12 +60,15 @@ class Metrics:
         self.model_info = Info(p + "model", "the model being served", registry=r)
 
     def bind_engine(self, *, slots: int, running: Callable[[], float], waiting: Callable[[], float],
-                    kv_usage: Callable[[], float]) -> None:
+                    kv_usage: Callable[[], float], kv_cells: Callable[[], tuple[int, int]], pool_cells: int) -> None:
         """Gauges read at scrape time, so they are never stale."""
         self.slots.set(slots)
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.kv_usage.set_function(kv_usage)
+        self.kv_pool_cells.set(pool_cells)
+        self.kv_pool_used.set_function(lambda: kv_cells()[0])
+        self.kv_pool_cached.set_function(lambda: kv_cells()[1])
 
     def bind_device_memory(self, used: Callable[[], dict[str, int]]) -> None:
         """device_memory_used_bytes{device} read at scrape time from `used` (bytes per device)."""
@@ -61,9 +77,13 @@ class Metrics:
 
     # The engine's events (worker.engine.scheduler.SchedulerMetrics).
 
-    def job_admitted(self, queue_wait_s: float, prompt_tokens: int) -> None:
+    def job_admitted(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None:
         self.queue_wait.observe(queue_wait_s)
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_lookups.inc()
+        if cached_tokens:
+            self.prefix_hits.inc()
+            self.prefix_hit_tokens.inc(cached_tokens)
 
     def token_generated(self, ttft_s: float | None, itl_s: float | None) -> None:
         if ttft_s is not None:
@@ -77,6 +97,10 @@ class Metrics:
 
     def job_failed(self, code: str) -> None:
         self.errors.labels(code=code).inc()
+
+    def prefix_evicted(self, cells: int) -> None:
+        self.prefix_evictions.inc()
+        self.prefix_evicted_cells.inc(cells)
 
 
 def _used_on(used: Callable[[], dict[str, int]], device: str) -> float:

@@ -39,12 +39,27 @@ class FakeVocab:
 
 
 class FakeContext:
-    def __init__(self) -> None:
+    """llama.cpp's unified KV cache as cells tagged with sequence ids, and a decode that checks every position."""
+
+    def __init__(self, pool: int = 10_000) -> None:
+        self.pool = pool
         self.batches: list[list[Part]] = []
         self.chains: dict[int, SamplingParams] = {}
         self.chain_ops: list[tuple[str, int]] = []
-        self.kv: dict[int, set[int]] = {}  # seq → positions held
+        self.cells: list[tuple[int, int, set[int]]] = []  # (position, token, sequences)
         self._last: dict[int, int] = {}  # batch index → token there
+
+    @property
+    def kv(self) -> dict[int, set[int]]:
+        """sequence → the positions it holds"""
+        out: dict[int, set[int]] = {}
+        for pos, _, seqs in self.cells:
+            for seq in seqs:
+                out.setdefault(seq, set()).add(pos)
+        return out
+
+    def tokens(self, seq: int) -> list[int]:
+        return [tok for _, tok, seqs in sorted(self.cells, key=lambda c: c[0]) if seq in seqs]
 
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None:
         assert not reuse or self.chains.get(seq_id) == params
@@ -56,21 +71,41 @@ class FakeContext:
         del self.chains[seq_id]
 
     def forget(self, seq_id: int) -> None:
-        self.kv.pop(seq_id, None)
+        for _, _, seqs in self.cells:
+            seqs.discard(seq_id)
+        self.cells = [c for c in self.cells if c[2]]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        assert dst not in self.kv
+        for pos, _, seqs in self.cells:
+            if src in seqs and pos < n:
+                seqs.add(dst)
+        assert self.kv[dst] == set(range(n)), "a prefix copied with holes"
+
+    def move(self, src: int, dst: int) -> None:
+        assert dst not in self.kv
+        for _, _, seqs in self.cells:
+            if src in seqs:
+                seqs.discard(src)
+                seqs.add(dst)
+
+    def reusable(self, src: int, n: int) -> bool:
+        return True
 
     def decode(self, parts: list[Part]) -> int:
         if any(t >= BAD for part in parts for t in part.tokens):
             return 1  # llama_decode leaves the KV cache as it was
         self.batches.append(list(parts))
         self._last.clear()
+        held = self.kv
         index = -1
         for part in parts:
-            cells = self.kv.setdefault(part.seq_id, set())
+            assert held.get(part.seq_id, set()) == set(range(part.pos)), "a sequence's positions must be 0..pos-1"
             for offset, token in enumerate(part.tokens):
                 index += 1
-                assert part.pos + offset not in cells, "a position decoded twice without forget"
-                cells.add(part.pos + offset)
+                self.cells.append((part.pos + offset, token, {part.seq_id}))
                 self._last[index] = token
+        assert len(self.cells) <= self.pool, "the pool overflowed: llama_decode would fail"
         return 0
 
     def sample(self, seq_id: int, index: int) -> int:
@@ -84,10 +119,11 @@ class FakeContext:
         pass
 
 
-def engine(parallel: int = 2, max_queue: int = 4, batch_size: int = 64, **kw) -> tuple[EngineCore, FakeContext]:
-    ctx = FakeContext()
+def engine(parallel: int = 2, max_queue: int = 4, batch_size: int = 64, pool: int = 10_000, cache_seqs: int = 0,
+           **kw) -> tuple[EngineCore, FakeContext]:
+    ctx = FakeContext(pool)
     return EngineCore(ctx, FakeVocab(), ctx_size=256, parallel=parallel, max_queue=max_queue, batch_size=batch_size,
-                      **kw), ctx
+                      pool_cells=pool, cache_seqs=cache_seqs, **kw), ctx
 
 
 def submit(core: EngineCore, job_id: str, prompt: list[int], **kw) -> list[Output]:
@@ -98,13 +134,26 @@ def submit(core: EngineCore, job_id: str, prompt: list[int], **kw) -> list[Outpu
     return got
 
 
-def run(core: EngineCore, steps: int = 200) -> None:
+def run(core: EngineCore, steps: int = 400) -> None:
     for _ in range(steps):
         if core.idle:
             return
         core.step()
         core._publish()
+        check_accounting(core)
     raise AssertionError("the engine did not finish its jobs")
+
+
+def check_accounting(core: EngineCore) -> None:
+    """The scheduler's view of the pool is llama.cpp's: the same cells, the same tokens in each sequence."""
+    sched, ctx = core.scheduler, core.ctx
+    assert isinstance(ctx, FakeContext)
+    sched.cache.check()
+    assert sched.cache.cells_used == len(ctx.cells)
+    assert (sched.cells_free() or 0) >= 0
+    for seq in sched.cache.leaf:
+        assert sched.cache.tokens_of(seq) == ctx.tokens(seq), seq
+    assert set(ctx.kv) <= set(sched.cache.leaf)
 
 
 def text(outputs: list[Output]) -> str:
@@ -289,8 +338,11 @@ def test_outputs_come_in_order_and_the_metrics_see_every_token():
         def __init__(self) -> None:
             self.events: list[tuple] = []
 
-        def job_admitted(self, queue_wait_s: float, prompt_tokens: int) -> None:
+        def job_admitted(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None:
             self.events.append(("admitted", prompt_tokens))
+
+        def prefix_evicted(self, cells: int) -> None:
+            self.events.append(("evicted", cells))
 
         def token_generated(self, ttft_s: float | None, itl_s: float | None) -> None:
             self.events.append(("token", ttft_s is not None, itl_s is not None))
@@ -310,3 +362,93 @@ def test_outputs_come_in_order_and_the_metrics_see_every_token():
                      "Finished"]
     assert metrics.events == [("admitted", 2), ("token", True, False), ("token", False, True),
                               ("token", False, True), ("finished", "max_tokens")]
+
+
+# ---- the KV pool and the prefix cache ----------------------------------------------------------------------------
+
+
+def test_a_cached_prefix_is_taken_and_only_the_rest_is_prefilled():
+    core, ctx = engine(parallel=1, cache_seqs=4)
+    system = list(range(1, 21))
+    first = submit(core, "a", system + [3, 4], max_tokens=3)
+    run(core)
+    second = submit(core, "b", system + [5, 6, 7], max_tokens=3)
+    run(core)
+    assert isinstance(second[0], Started) and second[0].cached_tokens == 20
+    assert end(second).cached_tokens == 20 and end(first).cached_tokens == 0
+    assert [len(b[0].tokens) for b in ctx.batches if b[0].pos == 20] == [3]  # b decoded only its own 3 tokens
+    assert text(second) == "ijk"
+
+
+def test_the_whole_conversation_is_reused_on_the_next_turn():
+    core, _ = engine(parallel=1, cache_seqs=4)
+    turn1 = [1, 2, 3, 4]
+    got = submit(core, "a", turn1, max_tokens=3)  # 5, 6, 7: cells hold 1 2 3 4 5 6 (7 was never decoded)
+    run(core)
+    turn2 = turn1 + [5, 6, 7] + [9, 9]
+    again = submit(core, "b", turn2, max_tokens=2)
+    run(core)
+    assert text(got) == "fgh" and again[0].cached_tokens == 6
+
+
+def test_concurrent_jobs_with_one_long_prefix_prefill_it_once():
+    core, ctx = engine(parallel=4, cache_seqs=8, batch_size=32)
+    system = [7] * 200
+    jobs = [submit(core, f"j{i}", system + [i + 1], max_tokens=2) for i in range(4)]
+    run(core)
+    prefilled = sum(max(0, min(len(p.tokens), 200 - p.pos)) for batch in ctx.batches for p in batch)
+    assert prefilled == 200  # once, not four times
+    assert sorted(j[0].cached_tokens for j in jobs) == [0, 200, 200, 200]
+
+
+def test_jobs_wait_when_the_pool_is_full_of_running_work_and_cached_prefixes_are_evicted_first():
+    core, ctx = engine(parallel=2, cache_seqs=4, pool=60)
+    submit(core, "old", [20] * 30, max_tokens=2)
+    run(core)
+    assert core.scheduler.cells_cached() == 31
+    a = submit(core, "a", [1] * 20, max_tokens=20)  # needs 40 cells: the cached entry is evicted
+    b = submit(core, "b", [2] * 10, max_tokens=20)  # needs 30: waits until a has ended
+    core.step()
+    core._publish()
+    assert isinstance(a[0], Started) and b == [] and core.waiting == 1
+    run(core)
+    assert end(a).tokens_out == 20 and end(b).tokens_out == 20
+
+
+def test_a_failed_job_leaves_nothing_cached_and_others_reuse_what_is_good():
+    core, ctx = engine(parallel=2, cache_seqs=4)
+    bad = submit(core, "bad", [1, 2, BAD], max_tokens=2)
+    run(core)
+    assert isinstance(bad[-1], Failed) and ctx.cells == []
+    good = submit(core, "good", [1, 2, 3], max_tokens=2)
+    run(core)
+    assert good[0].cached_tokens == 0 and end(good).tokens_out == 2
+
+
+def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact():
+    import random
+
+    rng = random.Random(3)
+    core, ctx = engine(parallel=3, cache_seqs=5, pool=400, batch_size=16, max_queue=1000)
+    prompts = [[rng.randrange(1, 20) for _ in range(rng.randrange(1, 60))] for _ in range(12)]
+    live: list[str] = []
+    for i in range(300):
+        base = rng.choice(prompts)
+        prompt = base[: rng.randrange(1, len(base) + 1)] + [rng.randrange(1, 20) for _ in range(rng.randrange(3))]
+        submit(core, f"j{i}", prompt, max_tokens=rng.randrange(1, 30), stop=("xyz",) if rng.random() < 0.2 else (),
+               timeout=0.0 if rng.random() < 0.05 else None)
+        live.append(f"j{i}")
+        for _ in range(rng.randrange(4)):
+            core.step()
+            core._publish()
+            check_accounting(core)
+        if rng.random() < 0.3:
+            core.cancel(rng.choice(live))
+    run(core, steps=20_000)
+    sched = core.scheduler
+    assert core.busy == 0 and not sched.waiting
+    assert sched.cache.cells_used == len(ctx.cells) == sched.cells_cached()
+    assert set(ctx.kv) == set(sched._entries)  # only cache entries hold cells now
+    while sched._entries:
+        sched._evict(next(iter(sched._entries)))
+    assert ctx.cells == [] and sched.cache.cells_used == 0

@@ -57,6 +57,8 @@ class EngineCore:
         offloaded: bool = False,
         overlap: bool | None = None,
         chain_idle_s: float = 1.0,
+        pool_cells: int | None = None,
+        cache_seqs: int = 0,
         metrics: SchedulerMetrics | None = None,
         profile_path: str | None = None,
     ) -> None:
@@ -68,10 +70,13 @@ class EngineCore:
         # Text work overlaps the next step where llama_decode is asynchronous (the GPU). On the CPU it would
         # only delay each token by one step.
         self.overlap = offloaded if overlap is None else overlap
+        self.pool_cells = pool_cells or ctx_size * parallel
         self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
-                                   in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s, metrics=metrics)
+                                   in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
+                                   pool_cells=self.pool_cells, cache_seqs=cache_seqs, metrics=metrics)
         self.stats = StepStats()
         self.profile_path = profile_path
+        self._kv_cells = (0, 0)
         self._inbox: list[Job] = []
         self._jobs: dict[str, Job] = {}  # submitted and not yet delivered their end
         self._cond = threading.Condition()
@@ -142,8 +147,12 @@ class EngineCore:
         return not self._jobs
 
     def kv_usage(self) -> float:
-        """Share of the KV cache cells that running sequences hold."""
-        return self.scheduler.kv_cells_used() / (self.ctx_size * self.n_slots)
+        """Share of the KV pool's cells that some sequence holds (running, or a cached prefix)."""
+        return self.scheduler.kv_cells_used() / self.pool_cells
+
+    def kv_cells(self) -> tuple[int, int]:
+        """(cells in use, of which only cached prefixes hold), as of the last step."""
+        return self._kv_cells
 
     def close(self) -> None:
         with self._cond:
@@ -195,6 +204,7 @@ class EngineCore:
                 logger.exception("engine step failed")
                 self.scheduler.fail_running("internal_error", f"{type(exc).__name__}: {exc}")
             self._publish()
+            self._kv_cells = (self.scheduler.kv_cells_used(), self.scheduler.cells_cached())
             self.stats.steps += 1
             self.stats.step_s += time.perf_counter() - started
         self._publish()
@@ -215,9 +225,11 @@ class EngineCore:
         t0 = time.perf_counter()
         status = self.ctx.decode(plan.parts)
         t1 = time.perf_counter()
-        self._flush_text()  # in a steady GPU step, while it computes
         if status != 0:
+            self._flush_text()
             return self._isolate_failure(plan, status)
+        self.scheduler.decoded(zip(plan.slots, plan.parts, strict=True))  # its cells are taken now
+        self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
         sampled = [(slot, self.ctx.sample(slot.seq_id, index)) for slot, index in plan.sample_at()]
         now = time.perf_counter()  # the first read of a sampled token waited for the step
@@ -235,7 +247,9 @@ class EngineCore:
             status = self.ctx.decode([part])
             if status != 0:
                 self.scheduler.fail(slot, "decode_failed", f"llama_decode failed with status {status}")
-            elif part.logits:
+                continue
+            self.scheduler.decoded([(slot, part)])
+            if part.logits:
                 token = self.ctx.sample(slot.seq_id, len(part.tokens) - 1)
                 self.scheduler.update([(slot, token)], time.perf_counter())
 

@@ -27,6 +27,7 @@ class Started:
     job_id: str
     prompt_tokens: int
     started_at: datetime
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Finished:
     ttft_s: float | None
     decode_s: float
     stop_sequence: str | None = None
+    cached_tokens: int = 0
 
     @property
     def tokens_per_sec(self) -> float:

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from worker.engine.outputs import Failed, Finished, Job, Narrated, Output, Started, StopReason, TokenText
+from worker.engine.prefix_cache import Match, PrefixCache
 from worker.engine.sampling import SamplingParams
 from worker.engine.text import TextStream
 from worker.narration import narrate
@@ -32,6 +35,9 @@ class SlotResources(Protocol):
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
     def forget(self, seq_id: int) -> None: ...
+    def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
+    def move(self, src: int, dst: int) -> None: ...
+    def reusable(self, src: int, n: int) -> bool: ...
 
 
 class Vocab(Protocol):
@@ -40,17 +46,19 @@ class Vocab(Protocol):
 
 
 class SchedulerMetrics(Protocol):
-    def job_admitted(self, queue_wait_s: float, prompt_tokens: int) -> None: ...
+    def job_admitted(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None: ...
     def token_generated(self, ttft_s: float | None, itl_s: float | None) -> None: ...
     def job_finished(self, stop_reason: str) -> None: ...
     def job_failed(self, code: str) -> None: ...
+    def prefix_evicted(self, cells: int) -> None: ...
 
 
 class NoMetrics:
-    def job_admitted(self, queue_wait_s: float, prompt_tokens: int) -> None: ...
+    def job_admitted(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None: ...
     def token_generated(self, ttft_s: float | None, itl_s: float | None) -> None: ...
     def job_finished(self, stop_reason: str) -> None: ...
     def job_failed(self, code: str) -> None: ...
+    def prefix_evicted(self, cells: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -62,6 +70,8 @@ class Slot:
     prompt_pos: int = 0  # prompt tokens already decoded
     n_past: int = 0  # KV cells this sequence holds
     last_token: int = -1
+    cached: int = 0  # prompt tokens whose cells came from the prefix cache
+    reserved: int = 0  # cells the job may still take from the pool (the rest of its prompt, its output)
     pending: int | None = None  # sampled, its text not yet done (see flush_text)
     pending_at: float = 0.0
     tokens_out: int = 0
@@ -113,10 +123,19 @@ class Scheduler:
         vocab: Vocab,
         in_graph_sampling: bool = False,
         chain_idle_s: float = 1.0,
+        pool_cells: int | None = None,
+        cache_seqs: int = 0,
         metrics: SchedulerMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
+        # The one KV pool: cells held by running sequences and by cached prefixes (the tree), and cells running jobs
+        # may still need. A job is admitted only when its worst case fits, so none fails mid-generation for KV.
+        self.pool_cells = pool_cells
+        self.cache = PrefixCache()
+        # Sequence ids that hold cached prefixes once their job ended (none: nothing is kept), least recent first.
+        self._idle_holders = list(range(n_slots, n_slots + cache_seqs))
+        self._entries: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.batch_size = batch_size
         self.resources = resources
         self.vocab = vocab
@@ -190,38 +209,148 @@ class Scheduler:
 
     def _admit(self) -> None:
         free = [slot for slot in self.slots if slot.job is None]
+        deferred: list[Job] = []
         while self.waiting and free:
             job = self.waiting.popleft()
+            if self._prefix_in_flight(job):
+                deferred.append(job)  # another job is prefilling this one's prefix: share it once it is there
+                continue
             # A free slot whose chain has this job's parameters needs no new chain; else one whose stale chain
             # can be swapped, so that no more chains are attached than needed.
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
+            cached = self._take_prefix(slot, job)
+            if cached < 0:
+                self.waiting.appendleft(job)  # the pool is full of running work: wait, in order
+                break
             free.remove(slot)
             try:
-                self._start(slot, job)
+                self._start(slot, job, cached)
             except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
                 if slot.job is job:
                     self.fail(slot, "internal_error", f"could not start the job: {type(exc).__name__}: {exc}")
                 else:
+                    self._drop_sequence(slot.seq_id)
                     self._end_unstarted(job, StopReason.CANCELLED)
+        self.waiting.extendleft(reversed(deferred))
 
-    def _start(self, slot: Slot, job: Job) -> None:
+    # ---- the KV pool and the prefix cache ----------------------------------------------------------------------
+
+    def cells_free(self) -> int | None:
+        """Pool cells neither held (running sequences, cached prefixes) nor promised to running jobs."""
+        if self.pool_cells is None:
+            return None
+        return self.pool_cells - self.cache.cells_used - sum(s.reserved for s in self.slots if s.job is not None)
+
+    def cells_cached(self) -> int:
+        """Cells that only cached prefixes hold (what eviction can free)."""
+        return self.cache.cells_held_only_by(set(self._entries))
+
+    def _take_prefix(self, slot: Slot, job: Job) -> int:
+        """The longest cached prefix of the job's prompt into the slot's sequence, and room in the pool for the rest
+        (evicting cached prefixes, least recently used first). The prefix length, or -1 when it does not fit."""
+        match = Match(self.cache.root, 0)
+        if self._idle_holders or self._entries:  # prefix caching is on
+            # at least the prompt's last token is decoded: its logits give the first token
+            match = self.cache.match(job.prompt_tokens[:-1])
+            src = match.source()
+            if src is None or not self.resources.reusable(src, match.length):
+                match = Match(self.cache.root, 0)
+            if match.length:
+                assert src is not None
+                self.resources.copy_prefix(src, slot.seq_id, match.length)
+            self.cache.attach(slot.seq_id, match)
+            if src is not None and match.length and src in self._entries:
+                if self.cache.length[src] - match.length <= RETIRE_SLACK:
+                    # the conversation goes on in this job, which holds all of the entry but maybe a few tokens
+                    # that the client's text tokenizes differently: one entry per conversation, not one per turn
+                    self._retire(src)
+                else:
+                    self._entries.move_to_end(src)
+        need = len(job.prompt_tokens) - match.length + job.max_tokens
+        free = self.cells_free()
+        while free is not None and free < need and self._entries:
+            self._evict(next(iter(self._entries)))
+            free = self.cells_free()
+        if free is not None and free < need:
+            self._drop_sequence(slot.seq_id)
+            return -1
+        slot.reserved = need
+        return match.length
+
+    def _prefix_in_flight(self, job: Job) -> bool:
+        """Whether a running job is still prefilling a longer prefix of this job's prompt than the cache holds."""
+        if not (self._idle_holders or self._entries):
+            return False
+        have = self.cache.match(job.prompt_tokens[:-1]).length
+        for slot in self.slots:
+            other = slot.job
+            if other is None or slot.decoding:
+                continue
+            done = self.cache.length.get(slot.seq_id, 0)
+            shared = _common_prefix(job.prompt_tokens, other.prompt_tokens, limit=len(job.prompt_tokens) - 1)
+            if shared > max(done, have) and shared >= MIN_SHARED_PREFILL:
+                return True  # waiting costs at most that prefill's remaining steps
+        return False
+
+    def decoded(self, parts: Iterable[tuple[Slot, Part]]) -> None:
+        """These parts are in the KV cache now (llama_decode took them): the tree and the pool know it."""
+        for slot, part in parts:
+            self.cache.extend(part.seq_id, part.tokens)
+            slot.reserved = max(0, slot.reserved - len(part.tokens))
+
+    def _retire(self, holder: int) -> None:
+        """Drop an entry that a running job continues: it frees an id, and at most RETIRE_SLACK cells."""
+        del self._entries[holder]
+        self.cache.release(holder)
+        self.resources.forget(holder)
+        self._idle_holders.append(holder)
+
+    def _evict(self, holder: int) -> None:
+        del self._entries[holder]
+        freed = self.cache.release(holder)
+        self.resources.forget(holder)
+        self._idle_holders.append(holder)
+        self.metrics.prefix_evicted(freed)
+        narrate("prefix_evicted", f"Evicted a cached prefix: {freed} KV cells freed.", actor="engine",
+                target=f"seq:{holder}", cells=freed, level="debug")
+
+    def _drop_sequence(self, seq_id: int) -> None:
+        self.cache.release(seq_id)
+        self.resources.forget(seq_id)
+
+    def _keep_sequence(self, seq_id: int) -> None:
+        """A finished job's cells become a cache entry (under a holder id), or are freed when nothing is kept."""
+        if not self._idle_holders and self._entries:
+            self._evict(next(iter(self._entries)))
+        if not self._idle_holders or self.cache.length.get(seq_id, 0) == 0:
+            self._drop_sequence(seq_id)
+            return
+        holder = self._idle_holders.pop()
+        self.resources.move(seq_id, holder)
+        self.cache.move(seq_id, holder)
+        self._entries[holder] = None
+
+    def _start(self, slot: Slot, job: Job, cached: int = 0) -> None:
         self.n_running += 1
         slot.job = job
         slot.text = TextStream(job.stop)
+        slot.cached = cached
         reuse = slot.chain_params == job.params
         slot.chain_params = None  # until the context has the chain
         if not reuse and self.in_graph_sampling:
             self._chains_changed = True
         self.resources.use_chain(slot.seq_id, job.params, reuse=reuse)
         slot.chain_params = job.params
-        slot.prompt_pos = slot.n_past = slot.tokens_out = 0
+        slot.prompt_pos = slot.n_past = cached
+        slot.tokens_out = 0
         slot.admitted_at = self.clock()
         slot.first_token_at = 0.0
         queue_wait = slot.admitted_at - job.submitted_at
-        self.metrics.job_admitted(queue_wait, len(job.prompt_tokens))
-        self._emit(job, Started(job.job_id, len(job.prompt_tokens), datetime.now(timezone.utc)))
-        self._narrate(job, "inference_start", f"Started job {job.job_id}: {len(job.prompt_tokens)} prompt tokens.",
-                      prompt_tokens=len(job.prompt_tokens), slot=slot.seq_id, queue_wait_ms=round(queue_wait * 1000, 2))
+        self.metrics.job_admitted(queue_wait, len(job.prompt_tokens), cached)
+        self._emit(job, Started(job.job_id, len(job.prompt_tokens), datetime.now(timezone.utc), cached))
+        self._narrate(job, "inference_start", f"Started job {job.job_id}: {len(job.prompt_tokens)} prompt tokens"
+                      f"{f', {cached} of them cached' if cached else ''}.", prompt_tokens=len(job.prompt_tokens),
+                      cached_tokens=cached, slot=slot.seq_id, queue_wait_ms=round(queue_wait * 1000, 2))
 
     # ---- results ---------------------------------------------------------------------------------------------
 
@@ -279,7 +408,7 @@ class Scheduler:
         end = Finished(
             job_id=job.job_id, stop_reason=reason, tokens_out=slot.tokens_out, prompt_tokens=len(job.prompt_tokens),
             ttft_s=first - job.submitted_at if slot.first_token_at else None, decode_s=end_at - first,
-            stop_sequence=text.matched,
+            stop_sequence=text.matched, cached_tokens=slot.cached,
         )
         if reason is StopReason.CANCELLED:
             self._narrate(job, "inference_cancelled", f"Cancelled job {job.job_id} after {slot.tokens_out} tokens.",
@@ -292,7 +421,7 @@ class Scheduler:
                           tokens_per_sec=round(end.tokens_per_sec, 2))
         self._emit(job, end)
         self.metrics.job_finished(reason.value)
-        self._release(slot)
+        self._release(slot, keep=True)
 
     def fail(self, slot: Slot, code: str, message: str) -> None:
         if slot.pending is not None:
@@ -311,11 +440,16 @@ class Scheduler:
             if slot.job is not None:
                 self.fail(slot, code, message)
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: Slot, keep: bool = False) -> None:
+        """The slot is free. A job that ended well leaves its cells cached; a failed one's are freed."""
         assert slot.job is not None
         slot.job.done = True
-        self.resources.forget(slot.seq_id)
+        if keep:
+            self._keep_sequence(slot.seq_id)
+        else:
+            self._drop_sequence(slot.seq_id)
         slot.job = slot.text = slot.pending = None
+        slot.reserved = slot.cached = 0
         slot.idle_since = self.clock()
         self.n_running -= 1
 
@@ -343,4 +477,18 @@ class Scheduler:
         return out
 
     def kv_cells_used(self) -> int:
-        return sum(slot.n_past for slot in self.slots if slot.job is not None)
+        """Cells in the pool that some sequence holds (running or cached)."""
+        return self.cache.cells_used
+
+
+MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
+RETIRE_SLACK = 16  # tokens at an entry's end that a follow-up may tokenize otherwise (the reply's last word)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    differ = np.flatnonzero(x != y)
+    return int(differ[0]) if differ.size else n

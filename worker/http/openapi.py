@@ -54,7 +54,8 @@ def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None, *, cl
 
 
 def _response_schemas() -> dict[str, Any]:
-    usage = _obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT})
+    usage = _obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
+                  "prompt_tokens_details": _obj({"cached_tokens": _INT})})
     return {
         "ModelInfo": _obj({
             "ref": _STR, "architecture": _STR, "quantization": _STR, "n_params": _INT, "n_ctx_train": _INT,
@@ -85,7 +86,7 @@ def _response_schemas() -> dict[str, Any]:
         "InferenceResult": _obj(
             {"job_id": _STR, "text": _STR, "tokens_out": _INT, "prompt_tokens": _INT,
              "stop_reason": {"enum": STOP_REASONS}, "ttft_ms": _nullable(_NUM), "decode_time_ms": _NUM,
-             "tokens_per_sec": _NUM},
+             "tokens_per_sec": _NUM, "cached_tokens": _INT},
             {"stop_sequence_matched": _STR},
         ),
         "Cancelling": _obj({"job_id": _STR, "status": {"const": "cancelling"}}),
@@ -121,7 +122,7 @@ def _response_schemas() -> dict[str, Any]:
         "EndEvent": _obj(
             {"type": {"const": "end"}, "job_id": _STR, "tokens_out": _INT, "prompt_tokens": _INT,
              "ttft_ms": _nullable(_NUM), "decode_time_ms": _NUM, "tokens_per_sec": _NUM,
-             "stop_reason": {"enum": STOP_REASONS}},
+             "stop_reason": {"enum": STOP_REASONS}, "cached_tokens": _INT},
             {"stop_sequence_matched": _STR},
         ),
         "ErrorEvent": _obj({"type": {"const": "error"}, "code": _STR, "message": _STR}),

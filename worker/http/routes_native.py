@@ -58,6 +58,7 @@ def end_fields(end: Finished) -> dict[str, Any]:
         "decode_time_ms": round(end.decode_s * 1000, 3),
         "tokens_per_sec": round(end.tokens_per_sec, 2),
         "stop_reason": end.stop_reason.value,
+        "cached_tokens": end.cached_tokens,
     }
     if end.stop_sequence is not None:
         fields["stop_sequence_matched"] = end.stop_sequence

@@ -287,9 +287,10 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(end: Finished) -> dict[str, int]:
+def _usage(end: Finished) -> dict[str, Any]:
     prompt, completion = end.prompt_tokens, end.tokens_out
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": end.cached_tokens}}
 
 
 @dataclass

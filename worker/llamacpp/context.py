@@ -117,20 +117,25 @@ class Batch:
 class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
-        flash_attn: str = "auto", in_graph_sampling: bool = False,
+        flash_attn: str = "auto", in_graph_sampling: bool = False, n_seq_cached: int = 0,
     ) -> None:
+        """n_ctx cells in one pool (llama.cpp's unified KV cache) for n_seq running sequences (ids 0..n_seq-1) and
+        n_seq_cached more ids that only hold cached prefixes (never decoded)."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = n_seq
-        # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per sequence and step, and
-        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output).
-        params.n_outputs_max = n_seq
+        params.n_seq_max = n_seq + n_seq_cached
+        # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per running sequence and
+        # step, but llama.cpp sizes its output buffer for every sequence id it knows, cached ones included.
+        params.n_outputs_max = n_seq + n_seq_cached
         params.n_threads = threads
         params.n_threads_batch = threads_batch or threads
-        # Each sequence gets its own n_ctx/n_seq cells: an admitted request can never run out of KV cache.
-        params.kv_unified = False
+        # With a prefix cache: one pool shared by every sequence (a sequence may use any free cell, and cells can
+        # hold a prefix for several sequences at once: seq_cp tags, it does not copy). Its cost: every token attends
+        # over the pool's used range, masked. Without: a stream of n_ctx / n_seq cells per sequence, which is
+        # faster for many independent streams (measured in docs/BENCHMARKS.md).
+        params.kv_unified = n_seq_cached > 0
         params.flash_attn_type = {
             "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
             "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -197,6 +202,24 @@ class Context:
     def forget(self, seq_id: int) -> None:
         """Free every KV cell of a sequence."""
         lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """`dst` (empty) shares `src`'s cells of positions [0, n)."""
+        lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+
+    def move(self, src: int, dst: int) -> None:
+        """`src`'s cells now belong to `dst` alone."""
+        lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        lc.llama_memory_seq_rm(self._mem, src, -1, -1)
+
+    def reusable(self, src: int, n: int) -> bool:
+        """Whether `src`'s first n positions can seed another sequence. Recurrent and hybrid memories cannot be cut
+        at a position; a sliding-window cache has dropped what lies beyond its window (llama-server's rule)."""
+        if self.model.recurrent:
+            return False
+        if self.model.n_swa > 0:
+            return int(lc.llama_memory_seq_pos_min(self._mem, src)) <= max(0, n - self.model.n_swa)
+        return True
 
     def clear(self) -> None:
         lc.llama_memory_clear(self._mem, True)

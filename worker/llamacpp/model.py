@@ -60,6 +60,9 @@ class Model:
         self.offloaded = offloaded
         self.n_vocab = info.n_vocab
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab))
+        # Memory that cannot be cut at a position (recurrent, hybrid), and a sliding attention window (0: none).
+        self.recurrent = bool(lc.llama_model_is_recurrent(ptr) or lc.llama_model_is_hybrid(ptr))
+        self.n_swa = int(lc.llama_model_n_swa(ptr))
         self._piece_cache: dict[int, bytes] = {}
 
     @classmethod
