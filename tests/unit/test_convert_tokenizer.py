@@ -9,6 +9,7 @@ import gguf
 import pytest
 
 from tests.convert_reference import (
+    GEMMA_USER_DEFINED,
     LLAMA3_REGEX,
     QWEN2_REGEX,
     byte_level_tokenizer,
@@ -102,3 +103,13 @@ def test_sentencepiece_style_vocabulary(tmp_path, prefix_space):
     made = [ids["".join(m)] for m in tok["model"]["merges"][:20]]
     scores = [vocab.scores[i] for i in made]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+
+
+def test_user_defined_sentencepiece_tokens_are_written_with_spaces(tmp_path):
+    """Gemma's runs of ▁ are user-defined tokens llama.cpp matches in raw text: they are written as spaces."""
+    tok = sentencepiece_tokenizer(320, prefix_space=False, user_defined=GEMMA_USER_DEFINED)
+    vocab = read_tokenizer(_write(tmp_path, tok), vocab_size_of(tok))
+    assert vocab.tokens[259:263] == ["  ", "   ", "    ", " " * 8]
+    assert vocab.types[259:263] == [T.USER_DEFINED] * 4
+    assert (vocab.tokens[263], vocab.types[263]) == ("<unused0>", T.CONTROL)  # as llama.cpp's converter types it
+    assert any("▁" in t for t, ty in zip(vocab.tokens, vocab.types) if ty == T.NORMAL)  # normal ones keep ▁

@@ -379,6 +379,10 @@ def create_context(
         "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }[flash_attn]
     params.no_perf = True
+    # llama.cpp reads a GGUF's YaRN corrections for a few architectures only; the context takes them for any
+    for key in ("yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
+        if (value := _meta(model.ptr, f"{model.info.architecture}.rope.scaling.{key}")) is not None:
+            setattr(params, key, float(value))
     _recent_errors.clear()
     ctx = lc.llama_init_from_model(model.ptr, params)
     if not ctx:

@@ -137,8 +137,25 @@ def _fill(tokens: list[str | None], types: list[int]) -> list[str]:
 
 
 def _looks_special(text: str) -> bool:
-    # Chat markers that some tokenizers forget to mark special (as llama.cpp's converter treats them).
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+    # Markers that some tokenizers forget to mark special (llama.cpp's converter makes them control tokens too).
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")  # DeepSeek-Coder, Gemma
+            or (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))  # Gemma
+
+
+def _added_token(tokens: list[str | None], types: list[int], i: int, special_ids: set[int]) -> None:
+    """An added token's type; a user-defined one is written pre-normalized, as llama.cpp matches it in raw text.
+
+    Gemma's runs of ▁ (ids 138-167 in Gemma 3) become runs of spaces: llama.cpp then both finds them in text
+    and detokenizes them as spaces (with ▁ left in, generated code would read `▁▁▁ return`).
+    """
+    text = tokens[i]
+    assert text is not None
+    if i in special_ids or _looks_special(text):
+        types[i] = TokenType.CONTROL
+    else:
+        types[i] = TokenType.USER_DEFINED
+        tokens[i] = text.replace(_SPACE, " ")
 
 
 def _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path) -> Vocabulary:
@@ -156,7 +173,7 @@ def _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path) -> Voca
         pre = "starcoder"  # same splits; llama.cpp cleans up spaces when decoding
     types = [TokenType.NORMAL] * len(tokens)
     for i in added_ids:
-        types[i] = TokenType.CONTROL if i in special_ids or _looks_special(tokens[i]) else TokenType.USER_DEFINED
+        _added_token(tokens, types, i, special_ids)
     return Vocabulary(model="gpt2", pre=pre, tokens=_fill(tokens, types), types=types)
 
 
@@ -201,7 +218,7 @@ def _sentencepiece_vocab(tok, tokens, special_ids, added_ids) -> Vocabulary:
         if text is None:
             continue
         if i in added_ids:
-            types[i] = TokenType.CONTROL if i in special_ids or _looks_special(text) else TokenType.USER_DEFINED
+            _added_token(tokens, types, i, special_ids)
         elif text == unk:
             types[i] = TokenType.UNKNOWN
         elif _BYTE_TOKEN.fullmatch(text):
