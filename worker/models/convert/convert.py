@@ -264,7 +264,7 @@ def _stacked_producer(checkpoint: Checkpoint, parts: list[str], shape: tuple[int
 
 
 def _check_range(hf_name: str, data: np.ndarray, dtype: type) -> None:
-    if dtype is np.float16 and data.size and float(np.abs(data).max()) > _F16_MAX:
+    if dtype is np.float16 and data.size and max(float(data.max()), -float(data.min())) > _F16_MAX:  # no |data| copy
         raise ConvertError(f"tensor {hf_name} holds values beyond float16's range")
 
 
