@@ -92,8 +92,9 @@ DEEPSEEK_V2 = Family(
     shapes=_shapes,
     splits={"kv_b_proj.weight": _KV_B, "e_score_correction_bias": _BIAS},
     skip=_multi_token_prediction,
-    # llama.cpp (0.3.36) puts a 3-D F16 k_b in the CPU repack buffer, which has no kernel for its batched matmul:
-    # the graph cannot be scheduled. In F32 it stays a plain weight (H x kv_lora x nope: 32 MB a layer for V3).
+    # On CPUs with AMX, llama.cpp (0.3.36) puts an F16 k_b in the AMX buffer, whose matmul needs a contiguous
+    # input, and MLA multiplies it by a permuted one: no backend takes the node and the graph cannot be
+    # scheduled. In F32 it stays a plain weight (H x kv_lora x nope: 32 MB a layer for V3).
     f32_kinds=("attn_k_b",),
     extra_kv=_extra_kv,
     defaults={"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False, "n_group": 1,
