@@ -394,7 +394,14 @@ def deepseek_forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> 
     T, h = len(tokens), cfg["num_attention_heads"]
     nope, r, vd, lora = (cfg[k] for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
     pos = np.arange(T, dtype=np.float64)
-    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, r, 2, dtype=np.float64) / r)
+    inv = inv_freqs({**cfg, "head_dim": r, "partial_rotary_factor": 1.0}, sliding=False)
+    rope_scale, score_scale = 1.0, (nope + r) ** -0.5
+    if (scaling := cfg.get("rope_scaling") or {}).get("rope_type") == "yarn":  # DeepSeek's own YaRN magnitudes
+        def mscale(m):
+            return 0.1 * m * np.log(scaling["factor"]) + 1.0
+
+        rope_scale = mscale(scaling.get("mscale", 1.0)) / mscale(scaling["mscale_all_dim"])
+        score_scale *= mscale(scaling["mscale_all_dim"]) ** 2
 
     def norm(x, name):
         return rms_norm(x, w[name + ".weight"], cfg["rms_norm_eps"], plus_one=False)
@@ -416,11 +423,11 @@ def deepseek_forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> 
         latent = a @ w[p + "self_attn.kv_a_proj_with_mqa.weight"].T
         kv = (norm(latent[:, :lora], p + "self_attn.kv_a_layernorm") @ w[p + "self_attn.kv_b_proj.weight"].T)
         kv = kv.reshape(T, h, nope + vd)
-        q_pe = rope(q[..., nope:], pos, inv, "normal")
-        k_pe = rope(latent[:, None, lora:], pos, inv, "normal")
+        q_pe = rope(q[..., nope:], pos, inv, "normal", rope_scale)
+        k_pe = rope(latent[:, None, lora:], pos, inv, "normal", rope_scale)
         qf = np.concatenate([q[..., :nope], q_pe], -1)
         kf = np.concatenate([kv[..., :nope], np.repeat(k_pe, h, axis=1)], -1)
-        scores = np.einsum("thd,shd->hts", qf, kf) * (nope + r) ** -0.5
+        scores = np.einsum("thd,shd->hts", qf, kf) * score_scale
         scores = np.where((pos[None, :] <= pos[:, None])[None], scores, -np.inf)
         out = np.einsum("hts,shd->thd", softmax(scores), kv[..., nope:]).reshape(T, h * vd)
         x = x + out @ w[p + "self_attn.o_proj.weight"].T

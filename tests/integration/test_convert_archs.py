@@ -147,3 +147,14 @@ def test_new_families_match_the_reference_and_generate_greedily(arch: str, tmp_p
     ref = forward(weights, cfg, prompt + generated)[len(prompt) - 1:-1]
     chosen = ref[np.arange(len(generated)), generated]
     assert np.all(chosen >= ref.max(-1) - 2 * LOGIT_TOLERANCE), (generated, ref.argmax(-1))
+
+
+def test_deepseek_yarn(tmp_path: Path):
+    """DeepSeek-V3's YaRN (mscale = mscale_all_dim): llama.cpp's MLA graph rescales the scores itself, from the
+    yarn_log_multiplier the converter writes."""
+    yarn = YARN | {"mscale": 0.8, "mscale_all_dim": 0.8, "beta_fast": 16.0}
+    cfg, weights = make_tiny_checkpoint(tmp_path / "m", "deepseek_v3", rope_scaling=yarn)
+    tokens = [int(t) for t in np.random.default_rng(2).integers(3, 300, 24)]
+    ref = forward(weights, cfg, tokens)
+    assert np.abs(ref - forward(weights, cfg | {"rope_scaling": None}, tokens)).max() > 10 * LOGIT_TOLERANCE
+    assert np.abs(llama_logits(ensure_gguf(tmp_path / "m", tmp_path / "cache"), tokens) - ref).max() < LOGIT_TOLERANCE

@@ -22,6 +22,8 @@ from worker.models.convert.families import BY_HF_ARCHITECTURE, family_for
     ("deepseek_v3", {"topk_method": "group_limited_greedy"}, "ranks expert groups only as noaux_tc does"),
     ("deepseek_v3", {"scoring_func": "sqrt"}, "scoring_func 'sqrt'"),
     ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq is 2"),
+    ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5}},
+     "mscale 1.0 and mscale_all_dim 0.5 differ"),
 ])
 def test_configs_llama_cpp_computes_differently_are_refused(tmp_path: Path, arch: str, overrides: dict,
                                                             needle: str):

@@ -66,6 +66,11 @@ def _extra_kv(hp: Hparams, writer: gguf.GGUFWriter) -> None:
         # group_limited_greedy ranks them by their best one
         raise ConvertError(f"config.json: topk_method {method!r} with n_group {hp.get('n_group')}: llama.cpp's "
                            f"deepseek2 ranks expert groups only as noaux_tc does")
+    if hp.rope_type == "yarn" and hp.rope.get("mscale", 1.0) != hp.rope.get("mscale_all_dim"):
+        # llama.cpp scales attention by mscale_all_dim's YaRN magnitude alone, which is transformers' result
+        # only when the two are equal (as in DeepSeek's own configs)
+        raise ConvertError(f"config.json: rope_scaling mscale {hp.rope.get('mscale', 1.0)} and mscale_all_dim "
+                           f"{hp.rope.get('mscale_all_dim')} differ; llama.cpp's deepseek2 implements them equal only")
     writer.add_leading_dense_block_count(hp.get("first_k_dense_replace", 0))
     writer.add_q_lora_rank(hp.get("q_lora_rank") or 0)  # 0: q_proj, no low-rank query (V2-Lite)
     writer.add_kv_lora_rank(hp.get("kv_lora_rank"))
