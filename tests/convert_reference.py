@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.models.convert.tokenizer import DEEPSEEK_LLM_SPLITS, DEEPSEEK_V3_SPLITS
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -59,8 +61,12 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def byte_level_tokenizer(regex: str | None, vocab_size: int, specials: list[str]) -> dict:
-    """A byte-level BPE tokenizer.json trained on CORPUS: Split(regex)+ByteLevel, or SmolLM's Digits+ByteLevel."""
+DIGITS = "<digits>"  # in a tuple of split regexes: a Digits(individual_digits) step
+
+
+def byte_level_tokenizer(regex: str | tuple[str, ...] | None, vocab_size: int, specials: list[str]) -> dict:
+    """A byte-level BPE tokenizer.json trained on CORPUS: Split(regex)+ByteLevel, several Splits (and Digits)
+    then ByteLevel (DeepSeek's), or SmolLM's Digits+ByteLevel."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=regex == LLAMA3_REGEX))
@@ -68,9 +74,10 @@ def byte_level_tokenizer(regex: str | None, vocab_size: int, specials: list[str]
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                              use_regex=False)])
+        steps = [pre_tokenizers.Digits(individual_digits=True) if r == DIGITS
+                 else pre_tokenizers.Split(Regex(r), "isolated") for r in ((regex,) if isinstance(regex, str) else regex)]
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                     use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -576,7 +583,7 @@ NEW_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "phi", "smollm3", "granite", "
 # SentencePiece-style.
 TOKENIZER_OF = {"llama": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "qwen3": QWEN2_REGEX, "qwen2_moe": QWEN2_REGEX,
                 "qwen3_moe": QWEN2_REGEX, "phi": None, "smollm3": LLAMA3_REGEX, "granite": None,
-                "deepseek_v2": LLAMA3_REGEX, "deepseek_v3": LLAMA3_REGEX}
+                "deepseek_v2": (*DEEPSEEK_LLM_SPLITS, DIGITS), "deepseek_v3": DEEPSEEK_V3_SPLITS}
 
 
 def tiny_tokenizer(arch: str) -> dict:

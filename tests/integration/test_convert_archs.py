@@ -63,12 +63,13 @@ def test_quantized_conversion_loads_and_stays_close(tmp_path: Path):
 
 
 TEXTS = ["Hello world", "The quick brown fox", "  two spaces\tand a tab\n\nnew lines ", "digits 1234567 3.14",
-         "accents: café naïve", "CJK: 你好世界", "emoji 🦙🚀", "It's what they'll say, isn't it?",
+         "accents: café naïve", "CJK: 你好世界", "かなとカナ, 한국어 2024년", "emoji 🦙🚀", "It's what they'll say, isn't it?",
          "def f(x):\n    if x:\n        return   x  # runs of 1 to 11 spaces           end"]
 SPECIAL_TEXTS = ["<|im_start|>user\nhi<|im_end|>\n", "a<|endoftext|>b"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])  # Llama 3, Qwen2, SentencePiece ±prefix
+# Llama 3, Qwen2, DeepSeek-LLM (V2), DeepSeek-V3 byte-level; SentencePiece with and without the prefix space
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v2", "deepseek_v3", "mistral", "gemma"])
 def test_tokenization_matches_the_tokenizer_json(arch: str, tmp_path: Path):
     from tokenizers import Tokenizer
 
@@ -76,7 +77,7 @@ def test_tokenization_matches_the_tokenizer_json(arch: str, tmp_path: Path):
     reference = Tokenizer.from_file(str(tmp_path / arch / "tokenizer.json"))
     model = Model.load(ensure_gguf(tmp_path / arch, tmp_path / "cache"), ref=arch, fmt="gguf", gpu_layers=0)
     try:
-        for text in TEXTS + (SPECIAL_TEXTS if arch in ("llama", "qwen2") else []):
+        for text in TEXTS + (SPECIAL_TEXTS if arch in ("llama", "qwen2", "deepseek_v2", "deepseek_v3") else []):
             assert model.tokenize(text, add_special=True, parse_special=True) == reference.encode(text).ids, text
     finally:
         model.close()

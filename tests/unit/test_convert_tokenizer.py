@@ -9,6 +9,7 @@ import gguf
 import pytest
 
 from tests.convert_reference import (
+    DIGITS,
     GEMMA_USER_DEFINED,
     LLAMA3_REGEX,
     QWEN2_REGEX,
@@ -17,7 +18,7 @@ from tests.convert_reference import (
     vocab_size_of,
 )
 from worker.models.convert.errors import ConvertError
-from worker.models.convert.tokenizer import read_tokenizer
+from worker.models.convert.tokenizer import DEEPSEEK_LLM_SPLITS, DEEPSEEK_V3_SPLITS, read_tokenizer
 
 T = gguf.TokenType
 
@@ -73,7 +74,8 @@ def test_unknown_pre_tokenizer_is_an_error(tmp_path, pre_tokenizer):
 
 def test_trained_tokenizers_are_recognised(tmp_path):
     """tokenizers' own serialisation of the Llama 3 / Qwen2 / SmolLM pre-tokenizers, not hand-written JSON."""
-    for regex, expected in ((LLAMA3_REGEX, "llama-bpe"), (QWEN2_REGEX, "qwen2"), (None, "smollm")):
+    for regex, expected in ((LLAMA3_REGEX, "llama-bpe"), (QWEN2_REGEX, "qwen2"), (None, "smollm"),
+                            (DEEPSEEK_V3_SPLITS, "deepseek-v3"), ((*DEEPSEEK_LLM_SPLITS, DIGITS), "deepseek-llm")):
         tok = byte_level_tokenizer(regex, 280, ["<|endoftext|>"])
         assert read_tokenizer(_write(tmp_path / str(expected), tok), vocab_size_of(tok)).pre == expected
 

@@ -37,6 +37,27 @@ GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}
                r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# DeepSeek-V3's three splits (digits in threes, CJK runs, then a GPT-4o-like regex), as tokenizer.json has them.
+DEEPSEEK_V3_SPLITS = (
+    '\\p{N}{1,3}',
+    '[一-龥\u3040-ゟ゠-ヿ]+',
+    ('[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|'
+     '[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+'),
+)
+# DeepSeek-LLM / V2's five splits, then single digits (llama.cpp's deepseek-llm).
+DEEPSEEK_LLM_SPLITS = (
+    '[\r\n]',
+    ('\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ'
+     '-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-'
+     'ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-'
+     'Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-'
+     'ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰'
+     '-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+'),
+    '\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+',
+    '\\s+$',
+    '[一-龥ࠀ-一가-\ud7ff]+',
+)
+
 # A pre-tokenizer's steps (see _steps) → llama.cpp's name for it. "ByteLevel+regex" is GPT-2's own regex.
 KNOWN_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     ("ByteLevel+regex",): "gpt-2",
@@ -45,6 +66,8 @@ KNOWN_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     (f"Split:{QWEN2_REGEX}", "ByteLevel"): "qwen2",
     (f"Split:{TEKKEN_REGEX}", "ByteLevel"): "tekken",
     (f"Split:{GPT4O_REGEX}", "ByteLevel"): "gpt-4o",
+    (*(f"Split:{r}" for r in DEEPSEEK_V3_SPLITS), "ByteLevel"): "deepseek-v3",
+    (*(f"Split:{r}" for r in DEEPSEEK_LLM_SPLITS), "Digits", "ByteLevel"): "deepseek-llm",
 }
 _SPACE = "▁"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
