@@ -174,6 +174,7 @@ def tiny_config(arch: str, vocab_size: int) -> dict:
                     "no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4, "tie_word_embeddings": True},
         "granite": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "embedding_multiplier": 3.0,
                     "attention_multiplier": 0.5, "residual_multiplier": 0.6, "logits_scaling": 2.5},
+        "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2"},
         "deepseek_v2": {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", **_DEEPSEEK,
                         "q_lora_rank": None, "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1,
                         "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0, "n_shared_experts": 2},
@@ -222,7 +223,11 @@ def tiny_weights(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or 0  # DeepSeek's: deepseek_layer
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm(d)
+        if arch == "olmo2":  # norms after attention and MLP only; q/k norms over all heads
+            w[p + "self_attn.q_norm.weight"], w[p + "self_attn.k_norm.weight"] = norm(q), norm(kv)
+            w[p + "post_feedforward_layernorm.weight"] = norm(d)
+        else:
+            w[p + "input_layernorm.weight"] = norm(d)
         if phi:  # one LayerNorm (with bias), q/k/v/dense and fc1/fc2 with biases
             w[p + "input_layernorm.bias"] = bias(d)
             for name, rows, cols in (("self_attn.q_proj", q, d), ("self_attn.k_proj", kv, d), ("self_attn.v_proj", kv, d),
@@ -524,12 +529,14 @@ def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarra
         p = f"model.layers.{i}."
         sliding = cfg.get("layer_types", ["full_attention"] * 99)[i] == "sliding_attention" or (
             arch == "gemma2" and i % 2 == 0)
-        h = norm(x, p + "input_layernorm")
+        h = x if arch == "olmo2" else norm(x, p + "input_layernorm")
         if arch == "phi3":
             q, k, v = np.split(h @ w[p + "self_attn.qkv_proj.weight"].T, [n_head * hd, (n_head + n_kv) * hd], -1)
         else:
             q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T + w.get(p + f"self_attn.{n}_proj.bias", 0)
                        for n in "qkv")
+        if arch == "olmo2":
+            q, k = norm(q, p + "self_attn.q_norm"), norm(k, p + "self_attn.k_norm")
         q, k, v = q.reshape(T, n_head, hd), k.reshape(T, n_kv, hd), v.reshape(T, n_kv, hd)
         if arch in ("qwen3", "qwen3_moe", "gemma3"):
             q, k = norm(q, p + "self_attn.q_norm"), norm(k, p + "self_attn.k_norm")
@@ -552,10 +559,14 @@ def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarra
             x = x + out + m + w[p + "mlp.fc2.bias"]
             continue
         out = attended @ w[p + "self_attn.o_proj.weight"].T
-        if gemma23:
+        post_norms = gemma23 or arch == "olmo2"
+        if post_norms:
             out = norm(out, p + "post_attention_layernorm")
         x = x + out * residual
-        h = norm(x, p + ("pre_feedforward_layernorm" if gemma23 else "post_attention_layernorm"))
+        if arch == "olmo2":
+            h = x
+        else:
+            h = norm(x, p + ("pre_feedforward_layernorm" if gemma23 else "post_attention_layernorm"))
         if arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
             m = moe(h, w, p, cfg)
         else:
@@ -564,7 +575,7 @@ def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarra
             else:
                 gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
             m = ((gelu_tanh(gate) if gemma else silu(gate)) * up) @ w[p + "mlp.down_proj.weight"].T
-        if gemma23:
+        if post_norms:
             m = norm(m, p + "post_feedforward_layernorm")
         x = x + m * residual
     x = norm(x, "model.final_layernorm" if phi else "model.norm")
@@ -577,12 +588,13 @@ def forward(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarra
 # ---------------------------------------------------------------------------------------------- fixtures
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
-# Added with issue 17: MoE, Phi-1/1.5/2, SmolLM3, Granite.
-NEW_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "phi", "smollm3", "granite", "deepseek_v2", "deepseek_v3"]
+# Added with issue 17: MoE, Phi-1/1.5/2, SmolLM3, Granite, OLMo 2, DeepSeek.
+NEW_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "phi", "smollm3", "granite", "olmo2", "deepseek_v2",
+             "deepseek_v3"]
 # Which tokenizer each tiny model gets: byte-level BPE with a split regex (None: SmolLM's Digits), else
 # SentencePiece-style.
 TOKENIZER_OF = {"llama": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "qwen3": QWEN2_REGEX, "qwen2_moe": QWEN2_REGEX,
-                "qwen3_moe": QWEN2_REGEX, "phi": None, "smollm3": LLAMA3_REGEX, "granite": None,
+                "qwen3_moe": QWEN2_REGEX, "phi": None, "smollm3": LLAMA3_REGEX, "granite": None, "olmo2": LLAMA3_REGEX,
                 "deepseek_v2": (*DEEPSEEK_LLM_SPLITS, DIGITS), "deepseek_v3": DEEPSEEK_V3_SPLITS}
 
 

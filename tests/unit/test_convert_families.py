@@ -48,4 +48,5 @@ def test_unsupported_architecture_lists_every_family():
     listed = str(info.value).split("supported: ")[1].split(", ")
     assert listed == list(BY_HF_ARCHITECTURE)
     assert {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "PhiForCausalLM",
-            "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM"} <= set(listed)
+            "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
+            "Olmo2ForCausalLM"} <= set(listed)
