@@ -23,6 +23,7 @@ from tests.convert_reference import (
     llama_logits,
     make_tiny_checkpoint,
     rope,
+    save_safetensors,
     tiny_config,
 )
 from worker.engine.llama import Model
@@ -159,3 +160,23 @@ def test_deepseek_yarn(tmp_path: Path):
     ref = forward(weights, cfg, tokens)
     assert np.abs(ref - forward(weights, cfg | {"rope_scaling": None}, tokens)).max() > 10 * LOGIT_TOLERANCE
     assert np.abs(llama_logits(ensure_gguf(tmp_path / "m", tmp_path / "cache"), tokens) - ref).max() < LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_experts_fused_as_transformers_5_saves_them(arch: str, tmp_path: Path):
+    """gate_up_proj [experts, 2 x ff, hidden] and down_proj [experts, hidden, ff] per layer: split and stacked as
+    llama.cpp wants, the model computes what the per-expert checkpoint does."""
+    cfg, weights = make_tiny_checkpoint(tmp_path / "m", arch)
+    fused = dict(weights)
+    n_experts = cfg.get("num_experts") or cfg["n_routed_experts"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts."
+        if p + "0.gate_proj.weight" not in weights:
+            continue  # a dense layer
+        experts = [{n: fused.pop(f"{p}{e}.{n}_proj.weight") for n in ("gate", "up", "down")} for e in range(n_experts)]
+        fused[p + "gate_up_proj"] = np.stack([np.concatenate([x["gate"], x["up"]]) for x in experts])
+        fused[p + "down_proj"] = np.stack([x["down"] for x in experts])
+    save_safetensors(tmp_path / "m" / "model.safetensors", fused)
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, cfg["vocab_size"], 12)]
+    diff = np.abs(llama_logits(ensure_gguf(tmp_path / "m", tmp_path / "cache"), tokens) - forward(weights, cfg, tokens))
+    assert diff.max() < LOGIT_TOLERANCE

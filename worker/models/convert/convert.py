@@ -185,7 +185,10 @@ def plan_tensors(family: Family, hp: Hparams, checkpoint: Checkpoint) -> list[Pl
     for hf_name, _ in list(sources):
         for end, parts in family.splits.items():
             if hf_name.endswith(end):
-                sources.remove((hf_name, checkpoint.tensors[hf_name].shape))
+                shape = checkpoint.tensors[hf_name].shape
+                sources.remove((hf_name, shape))
+                if parts[0].source is not None and shape != (want := parts[0].source(hp)):
+                    raise ConvertError(f"tensor {hf_name} has shape {list(shape)}, but config.json implies {list(want)}")
                 for part in parts:
                     name = hf_name.removesuffix(end) + part.hf_name
                     splits[name] = hf_name, part

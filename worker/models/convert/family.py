@@ -25,6 +25,25 @@ class Part:
     hf_name: str  # replaces the HF tensor's name suffix: the name TensorNameMap maps to the GGUF name
     shape: Callable[[Hparams], tuple[int, ...]]
     extract: Transform
+    source: Callable[[Hparams], tuple[int, ...]] | None = None  # the HF tensor's shape config.json implies
+
+
+def _fused_experts(hp: Hparams) -> tuple[int, ...]:
+    return hp.n_expert, 2 * hp.n_ff_exp, hp.n_embd
+
+
+# transformers 5 saves a layer's experts fused: gate_up_proj [experts, 2 x ff, hidden], down_proj [experts, hidden, ff]
+FUSED_EXPERTS: dict[str, tuple[Part, ...]] = {
+    "mlp.experts.gate_up_proj": (
+        Part("mlp.experts.gate_proj.weight", lambda hp: (hp.n_expert, hp.n_ff_exp, hp.n_embd),
+             lambda w, hp: w[:, :hp.n_ff_exp], _fused_experts),
+        Part("mlp.experts.up_proj.weight", lambda hp: (hp.n_expert, hp.n_ff_exp, hp.n_embd),
+             lambda w, hp: w[:, hp.n_ff_exp:], _fused_experts),
+    ),
+    "mlp.experts.down_proj": (
+        Part("mlp.experts.down_proj.weight", lambda hp: (hp.n_expert, hp.n_embd, hp.n_ff_exp), lambda w, hp: w),
+    ),
+}
 
 
 @dataclass(frozen=True)

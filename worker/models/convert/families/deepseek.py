@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from worker.models.convert.errors import ConvertError
-from worker.models.convert.family import Family, Hparams, Part
+from worker.models.convert.family import FUSED_EXPERTS, Family, Hparams, Part
 
 _GATING = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
 
@@ -24,14 +24,18 @@ def _heads(w: np.ndarray, hp: Hparams) -> np.ndarray:
     return w.reshape(hp.n_head, hp.get("qk_nope_head_dim") + hp.get("v_head_dim"), w.shape[-1])
 
 
+def _kv_b(hp: Hparams) -> tuple[int, ...]:
+    return hp.n_head * (hp.get("qk_nope_head_dim") + hp.get("v_head_dim")), hp.get("kv_lora_rank")
+
+
 _KV_B = (
     Part("k_b_proj.weight", lambda hp: (hp.n_head, hp.get("kv_lora_rank"), hp.get("qk_nope_head_dim")),
-         lambda w, hp: _heads(w, hp)[:, :hp.get("qk_nope_head_dim")].transpose(0, 2, 1)),
+         lambda w, hp: _heads(w, hp)[:, :hp.get("qk_nope_head_dim")].transpose(0, 2, 1), _kv_b),
     Part("v_b_proj.weight", lambda hp: (hp.n_head, hp.get("v_head_dim"), hp.get("kv_lora_rank")),
-         lambda w, hp: _heads(w, hp)[:, hp.get("qk_nope_head_dim"):]),
+         lambda w, hp: _heads(w, hp)[:, hp.get("qk_nope_head_dim"):], _kv_b),
 )
 # TensorNameMap knows the bias as e_score_correction (.bias): the same tensor, renamed
-_BIAS = (Part("e_score_correction.bias", lambda hp: (hp.n_expert,), lambda w, hp: w),)
+_BIAS = (Part("e_score_correction.bias", lambda hp: (hp.n_expert,), lambda w, hp: w, lambda hp: (hp.n_expert,)),)
 
 
 def _attention(hp: Hparams) -> dict[str, int]:
@@ -95,7 +99,7 @@ DEEPSEEK_V2 = Family(
     hf_architectures=("DeepseekV2ForCausalLM",),
     attention=_attention,
     shapes=_shapes,
-    splits={"kv_b_proj.weight": _KV_B, "e_score_correction_bias": _BIAS},
+    splits={"kv_b_proj.weight": _KV_B, "e_score_correction_bias": _BIAS, **FUSED_EXPERTS},
     skip=_multi_token_prediction,
     # On CPUs with AMX, llama.cpp (0.3.36) puts an F16 k_b in the AMX buffer, whose matmul needs a contiguous
     # input, and MLA multiplies it by a permuted one: no backend takes the node and the graph cannot be
