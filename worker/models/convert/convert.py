@@ -200,8 +200,9 @@ def plan_tensors(family: Family, hp: Hparams, checkpoint: Checkpoint) -> list[Pl
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            where = checkpoint.tensors[hf_name if hf_name in checkpoint.tensors else stacks[hf_name][0]].file.name
-            raise ConvertError(f"tensor {hf_name} ({where}) has no place in llama.cpp's {family.name}")
+            origin = stacks[hf_name][0] if hf_name in stacks else splits[hf_name][0] if hf_name in splits else hf_name
+            raise ConvertError(f"tensor {hf_name} ({checkpoint.tensors[origin].file.name}) has no place in "
+                               f"llama.cpp's {family.name}")
         kind, suffix = re.sub(r"^blk\.\d+\.", "", name).rsplit(".", 1)
         if (want := shapes.get(kind)) is not None:
             want = want[:1] if suffix == "bias" and kind != "exp_probs_b" else want
