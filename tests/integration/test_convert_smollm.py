@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.convert_reference import save_safetensors
-from worker.engine.llama import Model, create_context
+from worker.llamacpp import Context, Model
 from worker.models.convert import ensure_gguf
 from worker.models.resolve import embedded_model_path
 
@@ -136,7 +136,8 @@ def test_metadata_carries_the_tokenizer(models, original_reader):
 
 def _decode(model: Model, tokens: list[int], all_logits: bool = False, n_new: int = 0) -> np.ndarray | list[int]:
     """Every position's logits for `tokens` (all_logits), or the `n_new` greedy tokens that follow them."""
-    ctx = create_context(model, n_ctx=256, n_seq=1, n_batch=256, threads=2, flash_attn="off")
+    context = Context(model, n_ctx=256, n_seq=1, n_batch=256, threads=2, flash_attn="off", n_outputs=0)
+    ctx = context.ptr
     batch = lc.llama_batch_init(len(tokens), 0, 1)
 
     def step(chunk: list[int], start: int) -> None:
@@ -160,7 +161,7 @@ def _decode(model: Model, tokens: list[int], all_logits: bool = False, n_new: in
         return out
     finally:
         lc.llama_batch_free(batch)
-        lc.llama_free(ctx)
+        context.close()
 
 
 def test_f16_picks_the_originals_top_token(models):

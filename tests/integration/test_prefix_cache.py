@@ -9,7 +9,12 @@ import pytest
 
 from tests.integration.worker_process import WorkerProcess, read_sse
 
-GREEDY = {"temperature": 0, "max_tokens": 24}
+GREEDY = {"temperature": 0, "max_tokens": 6}
+# A cache hit recomputes only the prompt's last token(s), in a smaller batch than the fresh prefill's, and llama.cpp's
+# kernels are not batch-invariant: where two logits nearly tie, greedy text can part later on (with SmolLM2 after
+# 7 to 17 tokens on these prompts; two batch mixes without any cache do the same). So the texts are compared over
+# the answer's first tokens here, and the cells themselves are checked exactly in
+# test_copied_prefix_cells_give_the_logits_of_cells_computed_in_place.
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a land far away, there lived a dragon who",
@@ -50,7 +55,7 @@ async def test_greedy_text_with_a_cache_hit_is_the_text_without_one(workers, htt
         assert first == again == fresh, prompt
         assert end2["cached_tokens"] == end2["prompt_tokens"] - 1 > 0
         assert end3["cached_tokens"] >= end1["prompt_tokens"]
-        assert longer == (await generate(http, plain.url, prompt + first))[0]
+        assert longer == (await generate(http, plain.url, prompt + first))[0], prompt
 
 
 async def test_the_uncached_worker_reports_no_cached_tokens(workers, http):
@@ -65,9 +70,9 @@ async def test_the_second_turn_of_a_long_conversation_comes_much_sooner(workers,
     cached, _ = workers
     system = "You are a helpful assistant for a lighthouse museum. " * 90  # about 1,000 tokens
     turn1 = system + "\nUser: When was the lighthouse built?\nAssistant:"
-    reply, end1 = await generate(http, cached.url, turn1, max_tokens=16)
+    reply, end1 = await generate(http, cached.url, turn1, max_tokens=8)
     turn2 = turn1 + reply + "\nUser: And who kept it?\nAssistant:"
-    _, end2 = await generate(http, cached.url, turn2, max_tokens=16)
+    _, end2 = await generate(http, cached.url, turn2, max_tokens=8)
     assert end1["prompt_tokens"] > 900 and end2["cached_tokens"] >= end1["prompt_tokens"]
     ratio = end2["ttft_ms"] / end1["ttft_ms"]
     print(f"TTFT turn 1 {end1['ttft_ms']:.0f} ms, turn 2 {end2['ttft_ms']:.0f} ms: {ratio:.2f}")
@@ -119,15 +124,47 @@ def gemma(tmp_path_factory):
 
 
 async def test_gemma_answers_the_same_with_and_without_a_cache_hit(gemma, http):
-    """Gemma 3 attends through a sliding window on most layers: a prefix is reused only while the window's cells
-    are still there (short prompts), and recomputed otherwise (a prompt longer than the window); both must give the
-    text a fresh worker gives."""
+    """Gemma 3 attends through a sliding window on most layers. A prefix copied into another sequence gave wrong
+    logits there (see Context.reusable), so such a model reuses nothing: every request is computed whole, and the
+    text is the text of a worker without a cache, short prompts and prompts longer than the window alike."""
     cached, plain = gemma
-    long_prompt = "The museum's guide tells the story of the lighthouse. " * 70  # longer than the 512 window
+    long_prompt = ", ".join(str(i) for i in range(1, 300)) + ","  # longer than the 512 window; goes on clearly
     for prompt in [*PROMPTS[:2], long_prompt]:
         fresh, _ = await generate(http, plain.url, prompt)
         first, _ = await generate(http, cached.url, prompt)
         again, end = await generate(http, cached.url, prompt)
         assert first == again == fresh, prompt[:40]
-        if prompt is not long_prompt:
-            assert end["cached_tokens"] > 0
+        assert end["cached_tokens"] == 0
+
+
+def test_copied_prefix_cells_give_the_logits_of_cells_computed_in_place():
+    """The cache's mechanism, exactly: a sequence that takes another's prefix (llama_memory_seq_cp in the unified
+    pool) and decodes the last token gets the very logits of the sequence that computed those cells; a prefix one
+    position short does not (so the check can fail)."""
+    import llama_cpp as lc
+    import numpy as np
+
+    from worker.llamacpp import Context, Model
+    from worker.models.resolve import embedded_model_path
+
+    model = Model.load(embedded_model_path(), ref="embedded", fmt="gguf", gpu_layers=0)
+    ctx = Context(model, n_ctx=2048, n_seq=2, n_batch=512, threads=1, n_seq_cached=2)
+    try:
+        tokens = model.tokenize("The capital of France is Paris, and the capital of Spain is " * 20)
+        n = len(tokens)
+        assert n > 256
+
+        def last_logits(seq: int, pos: int) -> np.ndarray:
+            assert ctx.decode([(seq, tokens[-1:], pos, True)]) == 0
+            return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx.ptr, 0), shape=(model.n_vocab,)).copy()
+
+        assert ctx.decode([(0, tokens[:-1], 0, False)]) == 0
+        computed = last_logits(0, n - 1)
+        assert ctx.reusable(0, n - 1)
+        ctx.copy_prefix(0, 1, n - 1)
+        assert np.array_equal(last_logits(1, n - 1), computed)
+        ctx.copy_prefix(0, 2, n - 2)  # one cell short: the last token sits at the wrong position
+        assert not np.allclose(last_logits(2, n - 2), computed, atol=1e-3)
+    finally:
+        ctx.close()
+        model.close()

@@ -100,3 +100,33 @@ print(peak_kb() - base)
     print(f"peak RSS grew by {grown / 1e6:.0f} MB for {source / 1e6:.0f} MB of weights "
           f"(largest tensor {largest / 1e6:.0f} MB)")
     assert grown < 4 * largest < source
+
+
+def test_moe_conversion_memory_is_bounded_by_one_stacked_expert_tensor(tmp_path: Path):
+    """A Mixtral of 4 layers x 8 experts: experts are stacked one at a time into the F16 3-D tensor, so the peak
+    grows by about one projection of one layer's experts (measured: 15 MB for 8.4 MB), below one layer's experts
+    (25 MB in F16), far below the model."""
+    big = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4, "num_local_experts": 8,
+           "num_attention_heads": 4, "num_key_value_heads": 4}
+    make_tiny_checkpoint(tmp_path / "moe", "mixtral", dtype="BF16", **big)
+    source = sum(f.stat().st_size for f in (tmp_path / "moe").glob("*.safetensors"))
+    stacked = 8 * 1024 * 512 * 2  # one ffn_*_exps tensor in F16
+    script = """
+import re, sys
+from pathlib import Path
+from worker.models.convert.convert import convert_checkpoint
+from worker.models.convert.safetensors import Checkpoint
+
+def peak_kb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
+
+Checkpoint(Path(sys.argv[1]))
+base = peak_kb()
+convert_checkpoint(Path(sys.argv[1]), Path(sys.argv[1]) / "out.gguf")
+print(peak_kb() - base)
+"""
+    grown = int(subprocess.run([sys.executable, "-c", script, str(tmp_path / "moe")], check=True,
+                               capture_output=True, text=True).stdout) * 1024
+    print(f"peak RSS grew by {grown / 1e6:.1f} MB for {source / 1e6:.0f} MB of weights (one stacked expert "
+          f"tensor {stacked / 1e6:.1f} MB, one layer's experts {3 * stacked / 1e6:.1f} MB in F16)")
+    assert grown < 3 * stacked < source / 4

@@ -9,6 +9,8 @@ import gguf
 import pytest
 
 from tests.convert_reference import (
+    DIGITS,
+    GEMMA_USER_DEFINED,
     LLAMA3_REGEX,
     QWEN2_REGEX,
     byte_level_tokenizer,
@@ -16,7 +18,7 @@ from tests.convert_reference import (
     vocab_size_of,
 )
 from worker.models.convert.errors import ConvertError
-from worker.models.convert.tokenizer import read_tokenizer
+from worker.models.convert.tokenizer import DEEPSEEK_LLM_SPLITS, DEEPSEEK_V3_SPLITS, read_tokenizer
 
 T = gguf.TokenType
 
@@ -72,7 +74,8 @@ def test_unknown_pre_tokenizer_is_an_error(tmp_path, pre_tokenizer):
 
 def test_trained_tokenizers_are_recognised(tmp_path):
     """tokenizers' own serialisation of the Llama 3 / Qwen2 / SmolLM pre-tokenizers, not hand-written JSON."""
-    for regex, expected in ((LLAMA3_REGEX, "llama-bpe"), (QWEN2_REGEX, "qwen2"), (None, "smollm")):
+    for regex, expected in ((LLAMA3_REGEX, "llama-bpe"), (QWEN2_REGEX, "qwen2"), (None, "smollm"),
+                            (DEEPSEEK_V3_SPLITS, "deepseek-v3"), ((*DEEPSEEK_LLM_SPLITS, DIGITS), "deepseek-llm")):
         tok = byte_level_tokenizer(regex, 280, ["<|endoftext|>"])
         assert read_tokenizer(_write(tmp_path / str(expected), tok), vocab_size_of(tok)).pre == expected
 
@@ -102,3 +105,14 @@ def test_sentencepiece_style_vocabulary(tmp_path, prefix_space):
     made = [ids["".join(m)] for m in tok["model"]["merges"][:20]]
     scores = [vocab.scores[i] for i in made]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+
+
+def test_user_defined_sentencepiece_tokens_are_written_with_spaces(tmp_path):
+    """Gemma's runs of ▁ are user-defined tokens llama.cpp matches in raw text: they are written as spaces."""
+    tok = sentencepiece_tokenizer(320, prefix_space=False, user_defined=GEMMA_USER_DEFINED)
+    vocab = read_tokenizer(_write(tmp_path, tok), vocab_size_of(tok))
+    assert vocab.tokens[259:263] == ["  ", "   ", "    ", " " * 8]
+    assert vocab.types[259:263] == [T.USER_DEFINED] * 4
+    assert (vocab.tokens[263], vocab.types[263]) == ("<unused0>", T.CONTROL)  # as llama.cpp's converter types it
+    # normal ones keep ▁
+    assert any("▁" in t for t, ty in zip(vocab.tokens, vocab.types, strict=True) if ty == T.NORMAL)

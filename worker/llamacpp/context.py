@@ -117,7 +117,7 @@ class Batch:
 class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
-        flash_attn: str = "auto", in_graph_sampling: bool = False, n_seq_cached: int = 0,
+        flash_attn: str = "auto", in_graph_sampling: bool = False, n_seq_cached: int = 0, n_outputs: int | None = None,
     ) -> None:
         """n_ctx cells in one pool (llama.cpp's unified KV cache) for n_seq running sequences (ids 0..n_seq-1) and
         n_seq_cached more ids that only hold cached prefixes (never decoded)."""
@@ -128,7 +128,7 @@ class Context:
         params.n_seq_max = n_seq + n_seq_cached
         # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per running sequence and
         # step, but llama.cpp sizes its output buffer for every sequence id it knows, cached ones included.
-        params.n_outputs_max = n_seq + n_seq_cached
+        params.n_outputs_max = n_seq + n_seq_cached if n_outputs is None else n_outputs  # 0: n_batch
         params.n_threads = threads
         params.n_threads_batch = threads_batch or threads
         # With a prefix cache: one pool shared by every sequence (a sequence may use any free cell, and cells can
@@ -142,6 +142,10 @@ class Context:
             "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
         params.no_perf = True
+        # llama.cpp reads a GGUF's YaRN corrections for a few architectures only; the context takes them for any
+        for key in ("yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
+            if (value := model.meta(f"{model.info.architecture}.rope.scaling.{key}")) is not None:
+                setattr(params, key, float(value))
         clear_errors()
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -214,11 +218,11 @@ class Context:
 
     def reusable(self, src: int, n: int) -> bool:
         """Whether `src`'s first n positions can seed another sequence. Recurrent and hybrid memories cannot be cut
-        at a position; a sliding-window cache has dropped what lies beyond its window (llama-server's rule)."""
-        if self.model.recurrent:
+        at a position. Sliding-window models are refused too: measured on Gemma 3 (window 512) with llama.cpp
+        0.3.36, a copied prefix of 11 tokens gave the logits of cells computed in place exactly, but copied prefixes
+        of ~400 and ~720 tokens gave logits off by up to 2.9 (the argmax changed)."""
+        if self.model.recurrent or self.model.n_swa > 0:
             return False
-        if self.model.n_swa > 0:
-            return int(lc.llama_memory_seq_pos_min(self._mem, src)) <= max(0, n - self.model.n_swa)
         return True
 
     def clear(self) -> None:

@@ -137,6 +137,10 @@ class Model:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (None when the key is absent)."""
+        return _meta(self.ptr, key)
+
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 

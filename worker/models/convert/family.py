@@ -19,6 +19,34 @@ Transform = Callable[[np.ndarray, "Hparams"], np.ndarray]
 
 
 @dataclass(frozen=True)
+class Part:
+    """One GGUF tensor cut out of an HF tensor that llama.cpp wants as several (DeepSeek's kv_b_proj)."""
+
+    hf_name: str  # replaces the HF tensor's name suffix: the name TensorNameMap maps to the GGUF name
+    shape: Callable[[Hparams], tuple[int, ...]]
+    extract: Transform
+    source: Callable[[Hparams], tuple[int, ...]] | None = None  # the HF tensor's shape config.json implies
+
+
+def _fused_experts(hp: Hparams) -> tuple[int, ...]:
+    return hp.n_expert, 2 * hp.n_ff_exp, hp.n_embd
+
+
+# transformers 5 saves a layer's experts fused: gate_up_proj [experts, 2 x ff, hidden], down_proj [experts, hidden, ff]
+FUSED_EXPERTS: dict[str, tuple[Part, ...]] = {
+    "mlp.experts.gate_up_proj": (
+        Part("mlp.experts.gate_proj.weight", lambda hp: (hp.n_expert, hp.n_ff_exp, hp.n_embd),
+             lambda w, hp: w[:, :hp.n_ff_exp], _fused_experts),
+        Part("mlp.experts.up_proj.weight", lambda hp: (hp.n_expert, hp.n_ff_exp, hp.n_embd),
+             lambda w, hp: w[:, hp.n_ff_exp:], _fused_experts),
+    ),
+    "mlp.experts.down_proj": (
+        Part("mlp.experts.down_proj.weight", lambda hp: (hp.n_expert, hp.n_embd, hp.n_ff_exp), lambda w, hp: w),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Hparams:
     """config.json, plus the sizes every family needs, checked once."""
 
@@ -70,6 +98,20 @@ class Hparams:
         return self.get("rope_theta", self.rope.get("rope_theta"))
 
     @property
+    def n_expert(self) -> int:
+        """Routed experts per MoE layer; 0 for a dense model."""
+        return int(self.get("num_local_experts") or self.get("num_experts") or self.get("n_routed_experts") or 0)
+
+    @property
+    def n_ff_exp(self) -> int:
+        return int(self.get("moe_intermediate_size") or self.n_ff)
+
+    @property
+    def n_ff_shexp(self) -> int:
+        """The shared expert's width: its own key (Qwen2-MoE), or n_shared_experts experts side by side (DeepSeek)."""
+        return int(self.get("shared_expert_intermediate_size") or self.n_ff_exp * self.get("n_shared_experts", 0))
+
+    @property
     def n_rot(self) -> int:
         factor = self.get("partial_rotary_factor", self.rope.get("partial_rotary_factor", 1.0))
         return int(self.head_dim * factor)
@@ -91,8 +133,21 @@ class Family:
     always_tied: bool = False  # the output layer is the token embedding, whatever config.json says
     fused_gate_up: bool = False  # ffn_up holds gate and up rows (Phi-3's gate_up_proj)
     rope_types: tuple[str, ...] = ()  # rope scaling types this family converts beyond default/linear/yarn
+    # config.json key → the one value llama.cpp's graph implements for this family (a default when the key is absent);
+    # any other value is refused rather than silently computed differently
+    requires: Mapping[str, Any] = field(default_factory=dict)
     extra_kv: Callable[[Hparams, gguf.GGUFWriter], None] | None = None
     extra_tensors: Callable[[Hparams], dict[str, np.ndarray]] | None = None
+    # GGUFWriter method → value, for the attention sizes a family lays out otherwise than heads x head_dim (MLA)
+    attention: Callable[[Hparams], Mapping[str, int]] | None = None
+    # GGUF tensor kind → HF shape, where the family's differ from the generic ones
+    shapes: Callable[[Hparams], Mapping[str, tuple[int, ...]]] | None = None
+    # HF tensor-name suffix → the GGUF tensors it becomes (several, or one renamed)
+    splits: Mapping[str, tuple[Part, ...]] = field(default_factory=dict)
+    # GGUF tensor kinds kept in F32 beyond the generic ones (vectors, norms, biases, routers)
+    f32_kinds: tuple[str, ...] = ()
+    # HF tensors llama.cpp has no use for (DeepSeek-V3's multi-token-prediction layer)
+    skip: Callable[[str, Hparams], bool] | None = None
 
     @property
     def name(self) -> str:

@@ -106,8 +106,10 @@ class Checkpoint:
             return np.zeros(ref.shape, dtype=np.float32)
         raw = np.memmap(ref.file, dtype=np.uint8, mode="r", offset=ref.offset, shape=(ref.nbytes,))
         try:
-            if ref.dtype == "BF16":  # bf16 is the top half of a float32: widen by shifting into place
-                data = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+            if ref.dtype == "BF16":  # bf16 is the top half of a float32: widen by shifting into place (in place)
+                wide = raw.view("<u2").astype(np.uint32)
+                wide <<= 16
+                data = wide.view(np.float32)
             else:
                 data = raw.view("<f2" if ref.dtype == "F16" else "<f4").astype(np.float32)
         finally:

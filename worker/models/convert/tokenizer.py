@@ -37,6 +37,27 @@ GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}
                r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# DeepSeek-V3's three splits (digits in threes, CJK runs, then a GPT-4o-like regex), as tokenizer.json has them.
+DEEPSEEK_V3_SPLITS = (
+    '\\p{N}{1,3}',
+    '[一-龥\u3040-ゟ゠-ヿ]+',
+    ('[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|'
+     '[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+'),
+)
+# DeepSeek-LLM / V2's five splits, then single digits (llama.cpp's deepseek-llm).
+DEEPSEEK_LLM_SPLITS = (
+    '[\r\n]',
+    ('\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ'
+     '-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-'
+     'ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-'
+     'Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-'
+     'ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰'
+     '-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+'),
+    '\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+',
+    '\\s+$',
+    '[一-龥ࠀ-一가-\ud7ff]+',
+)
+
 # A pre-tokenizer's steps (see _steps) → llama.cpp's name for it. "ByteLevel+regex" is GPT-2's own regex.
 KNOWN_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     ("ByteLevel+regex",): "gpt-2",
@@ -45,6 +66,8 @@ KNOWN_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     (f"Split:{QWEN2_REGEX}", "ByteLevel"): "qwen2",
     (f"Split:{TEKKEN_REGEX}", "ByteLevel"): "tekken",
     (f"Split:{GPT4O_REGEX}", "ByteLevel"): "gpt-4o",
+    (*(f"Split:{r}" for r in DEEPSEEK_V3_SPLITS), "ByteLevel"): "deepseek-v3",
+    (*(f"Split:{r}" for r in DEEPSEEK_LLM_SPLITS), "Digits", "ByteLevel"): "deepseek-llm",
 }
 _SPACE = "▁"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -137,8 +160,25 @@ def _fill(tokens: list[str | None], types: list[int]) -> list[str]:
 
 
 def _looks_special(text: str) -> bool:
-    # Chat markers that some tokenizers forget to mark special (as llama.cpp's converter treats them).
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+    # Markers that some tokenizers forget to mark special (llama.cpp's converter makes them control tokens too).
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")  # DeepSeek-Coder, Gemma
+            or (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))  # Gemma
+
+
+def _added_token(tokens: list[str | None], types: list[int], i: int, special_ids: set[int]) -> None:
+    """An added token's type; a user-defined one is written pre-normalized, as llama.cpp matches it in raw text.
+
+    Gemma's runs of ▁ (ids 138-167 in Gemma 3) become runs of spaces: llama.cpp then both finds them in text
+    and detokenizes them as spaces (with ▁ left in, generated code would read `▁▁▁ return`).
+    """
+    text = tokens[i]
+    assert text is not None
+    if i in special_ids or _looks_special(text):
+        types[i] = TokenType.CONTROL
+    else:
+        types[i] = TokenType.USER_DEFINED
+        tokens[i] = text.replace(_SPACE, " ")
 
 
 def _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path) -> Vocabulary:
@@ -156,7 +196,7 @@ def _byte_level_vocab(tok, config, tokens, special_ids, added_ids, path) -> Voca
         pre = "starcoder"  # same splits; llama.cpp cleans up spaces when decoding
     types: list[int] = [TokenType.NORMAL] * len(tokens)
     for i in added_ids:
-        types[i] = TokenType.CONTROL if i in special_ids or _looks_special(tokens[i]) else TokenType.USER_DEFINED
+        _added_token(tokens, types, i, special_ids)
     return Vocabulary(model="gpt2", pre=pre, tokens=_fill(tokens, types), types=types)
 
 
@@ -201,7 +241,7 @@ def _sentencepiece_vocab(tok, tokens, special_ids, added_ids) -> Vocabulary:
         if text is None:
             continue
         if i in added_ids:
-            types[i] = TokenType.CONTROL if i in special_ids or _looks_special(text) else TokenType.USER_DEFINED
+            _added_token(tokens, types, i, special_ids)
         elif text == unk:
             types[i] = TokenType.UNKNOWN
         elif _BYTE_TOKEN.fullmatch(text):
