@@ -194,20 +194,20 @@ def plan_tensors(family: Family, hp: Hparams, checkpoint: Checkpoint) -> list[Pl
                     raise ConvertError(f"tensor {hf_name} has shape {list(shape)}, but config.json implies "
                                        f"{list(want)}")
                 for part in parts:
-                    name = hf_name.removesuffix(end) + part.hf_name
-                    splits[name] = hf_name, part
-                    sources.append((name, part.shape(hp)))
+                    split_name = hf_name.removesuffix(end) + part.hf_name
+                    splits[split_name] = hf_name, part
+                    sources.append((split_name, part.shape(hp)))
     for hf_name, shape in sources:
         if hf_name.endswith(_SKIPPED_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
             continue
         if family.skip is not None and family.skip(hf_name, hp):
             continue
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
             origin = stacks[hf_name][0] if hf_name in stacks else splits[hf_name][0] if hf_name in splits else hf_name
             raise ConvertError(f"tensor {hf_name} ({checkpoint.tensors[origin].file.name}) has no place in "
                                f"llama.cpp's {family.name}")
-        kind, suffix = re.sub(r"^blk\.\d+\.", "", gguf_name).rsplit(".", 1)
+        kind, suffix = re.sub(r"^blk\.\d+\.", "", name).rsplit(".", 1)
         if (full := shapes.get(kind)) is not None:
             want = full[:1] if suffix == "bias" and kind != "exp_probs_b" else full
             if shape != want:
