@@ -70,13 +70,10 @@ class Settings(BaseSettings):
         None, ge=16, description="context length per sequence; default: the model's training context, at most 4096"
     )
     parallel: int = Field(4, ge=1, le=256, description="sequences decoded together (slots)")
-    kv_size: int | None = Field(
-        None, ge=16, description="KV cells in the one pool every sequence shares (running ones and cached prefixes); "
-        "default: ctx-size x parallel, the memory a context per slot would take")
-    cache_entries: int | None = Field(
-        None, ge=0, le=255, description="finished conversations whose KV stays cached for the next turn (least "
-        "recently used evicted first, or when the pool needs their cells); 0 turns the prefix cache off; "
-        "default: 8 x parallel, at most 128 (llama.cpp takes 256 sequences with the slots)")
+    prefix_cache: Literal["on", "off"] = Field(
+        "on", description="slots keep their sequence's KV after a request, and a new request takes the slot (or a "
+        "copy of the slot) holding the longest prefix of its prompt, so resent conversations and shared system "
+        "prompts are not computed again; off: every prompt is computed from its first token")
     max_queue: int = Field(64, ge=0, description="requests that may wait for a slot; beyond it 503 overloaded")
     batch_size: int = Field(512, ge=32, description="most tokens in one llama_decode (prompt chunks + decodes)")
     threads: int = Field(

@@ -21,7 +21,6 @@ from worker.models.resolve import resolve
 from worker.narration import narrate
 
 Progress = Callable[..., None]  # (stage, value, **extra)
-MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: running slots and cached prefixes together
 
 
 class BackendUnavailable(Exception):
@@ -121,23 +120,17 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
         progress("warmup", 0.9)
         ctx_size = s.ctx_size or min(info.n_ctx_train or 4096, 4096)
         in_graph = s.backend_sampling == "on" or (s.backend_sampling == "auto" and where.offloaded)
-        pool = max(s.kv_size or ctx_size * s.parallel, ctx_size)  # one request may always use its whole context
-        entries = min(8 * s.parallel, 128) if s.cache_entries is None else s.cache_entries
-        entries = min(entries, MAX_SEQUENCES - s.parallel)
-        if model.recurrent:
-            entries = 0  # its memory cannot be cut back to a prefix: nothing to reuse
-        if entries == 0:
-            pool = max(pool, ctx_size * s.parallel)  # no shared pool: a context of its own for every slot
-        ctx = Context(model, n_ctx=pool, n_seq=s.parallel, n_batch=s.batch_size,
+        prefix_cache = s.prefix_cache == "on"
+        ctx = Context(model, n_ctx=ctx_size * s.parallel, n_seq=s.parallel, n_batch=s.batch_size,
                       threads=s.threads, threads_batch=s.threads_batch,
                       flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded),
-                      in_graph_sampling=in_graph, n_seq_cached=entries)
+                      in_graph_sampling=in_graph)
         try:
             if (status := ctx.warm_up()) != 0:
                 logger.warning(f"warm-up decode returned {status}")
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
-                                pool_cells=pool, cache_seqs=entries, metrics=metrics,
+                                prefix_cache=prefix_cache, metrics=metrics,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()
@@ -151,10 +144,9 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     load_s = time.perf_counter() - t0
     _bind_metrics(metrics, engine, model, where, load_s)
     narrate("model_load_complete", f"Model ready on {where.device} in {load_s:.2f} s: "
-            f"{s.parallel} slots of up to {ctx_size} tokens in a pool of {pool} KV cells, "
-            f"{entries} cached prefixes kept.", target=resolved.ref,
+            f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
-            slots=s.parallel, ctx_size=ctx_size, kv_size=pool, cache_entries=entries,
+            slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
             backend_sampling=in_graph, vram_bytes=vram,
             cute="Ready to tell stories!")
     return Runtime(model, engine, where, vram, load_s)

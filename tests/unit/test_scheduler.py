@@ -41,12 +41,13 @@ class FakeVocab:
 class FakeContext:
     """llama.cpp's unified KV cache as cells tagged with sequence ids, and a decode that checks every position."""
 
-    def __init__(self, pool: int = 10_000) -> None:
-        self.pool = pool
+    def __init__(self, pool: int = 256) -> None:
+        self.pool = pool  # cells per sequence (llama.cpp: n_ctx / n_seq)
         self.batches: list[list[Part]] = []
         self.chains: dict[int, SamplingParams] = {}
         self.chain_ops: list[tuple[str, int]] = []
         self.cells: list[tuple[int, int, set[int]]] = []  # (position, token, sequences)
+        self.copies: list[tuple[int, int, int]] = []
         self._last: dict[int, int] = {}  # batch index → token there
 
     @property
@@ -75,19 +76,17 @@ class FakeContext:
             seqs.discard(seq_id)
         self.cells = [c for c in self.cells if c[2]]
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        assert dst not in self.kv
+    def keep_prefix(self, seq_id: int, n: int) -> None:
         for pos, _, seqs in self.cells:
-            if src in seqs and pos < n:
-                seqs.add(dst)
-        assert self.kv[dst] == set(range(n)), "a prefix copied with holes"
+            if pos >= n:
+                seqs.discard(seq_id)
+        self.cells = [c for c in self.cells if c[2]]
 
-    def move(self, src: int, dst: int) -> None:
-        assert dst not in self.kv
-        for _, _, seqs in self.cells:
-            if src in seqs:
-                seqs.discard(src)
-                seqs.add(dst)
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        self.forget(dst)
+        self.copies.append((src, dst, n))
+        self.cells += [(pos, tok, {dst}) for pos, tok, seqs in list(self.cells) if src in seqs and pos < n]
+        assert self.kv.get(dst, set()) == set(range(n)), "a prefix copied with holes"
 
     def reusable(self, src: int, n: int) -> bool:
         return True
@@ -105,7 +104,8 @@ class FakeContext:
                 index += 1
                 self.cells.append((part.pos + offset, token, {part.seq_id}))
                 self._last[index] = token
-        assert len(self.cells) <= self.pool, "the pool overflowed: llama_decode would fail"
+        for seq, held in self.kv.items():
+            assert len(held) <= self.pool, f"sequence {seq} overflowed its {self.pool} cells"
         return 0
 
     def sample(self, seq_id: int, index: int) -> int:
@@ -119,11 +119,11 @@ class FakeContext:
         pass
 
 
-def engine(parallel: int = 2, max_queue: int = 4, batch_size: int = 64, pool: int = 10_000, cache_seqs: int = 0,
+def engine(parallel: int = 2, max_queue: int = 4, batch_size: int = 64, prefix_cache: bool = False,
            **kw) -> tuple[EngineCore, FakeContext]:
-    ctx = FakeContext(pool)
+    ctx = FakeContext(256)
     return EngineCore(ctx, FakeVocab(), ctx_size=256, parallel=parallel, max_queue=max_queue, batch_size=batch_size,
-                      pool_cells=pool, cache_seqs=cache_seqs, **kw), ctx
+                      prefix_cache=prefix_cache, **kw), ctx
 
 
 def submit(core: EngineCore, job_id: str, prompt: list[int], **kw) -> list[Output]:
@@ -145,15 +145,12 @@ def run(core: EngineCore, steps: int = 400) -> None:
 
 
 def check_accounting(core: EngineCore) -> None:
-    """The scheduler's view of the pool is llama.cpp's: the same cells, the same tokens in each sequence."""
+    """The scheduler's view of the KV cache is llama.cpp's: the same tokens in each sequence, position by position."""
     sched, ctx = core.scheduler, core.ctx
     assert isinstance(ctx, FakeContext)
-    sched.cache.check()
-    assert sched.cache.cells_used == len(ctx.cells)
-    assert (sched.cells_free() or 0) >= 0
-    for seq in sched.cache.leaf:
-        assert sched.cache.tokens_of(seq) == ctx.tokens(seq), seq
-    assert set(ctx.kv) <= set(sched.cache.leaf)
+    for slot in sched.slots:
+        assert slot.kv_tokens == ctx.tokens(slot.seq_id), slot.seq_id
+    assert sched.kv_cells_used() == len(ctx.cells)
 
 
 def text(outputs: list[Output]) -> str:
@@ -364,11 +361,11 @@ def test_outputs_come_in_order_and_the_metrics_see_every_token():
                               ("token", False, True), ("finished", "max_tokens")]
 
 
-# ---- the KV pool and the prefix cache ----------------------------------------------------------------------------
+# ---- the prefix cache ------------------------------------------------------------------------------------------
 
 
 def test_a_cached_prefix_is_taken_and_only_the_rest_is_prefilled():
-    core, ctx = engine(parallel=1, cache_seqs=4)
+    core, ctx = engine(parallel=1, prefix_cache=True)
     system = list(range(1, 21))
     first = submit(core, "a", system + [3, 4], max_tokens=3)
     run(core)
@@ -380,43 +377,57 @@ def test_a_cached_prefix_is_taken_and_only_the_rest_is_prefilled():
     assert text(second) == "ijk"
 
 
-def test_the_whole_conversation_is_reused_on_the_next_turn():
-    core, _ = engine(parallel=1, cache_seqs=4)
+def test_the_next_turn_reuses_the_prompt_and_recomputes_the_reply():
+    """Cells of generated tokens were computed one at a time: reusing them would change greedy text (see
+    Scheduler._reusable_cells), so a follow-up takes the earlier prompt's cells and computes the reply again."""
+    core, _ = engine(parallel=1, prefix_cache=True)
     turn1 = [1, 2, 3, 4]
     got = submit(core, "a", turn1, max_tokens=3)  # 5, 6, 7: cells hold 1 2 3 4 5 6 (7 was never decoded)
     run(core)
     turn2 = turn1 + [5, 6, 7] + [9, 9]
     again = submit(core, "b", turn2, max_tokens=2)
     run(core)
-    assert text(got) == "fgh" and again[0].cached_tokens == 6
+    assert text(got) == "fgh" and again[0].cached_tokens == 4
+    third = submit(core, "c", turn2 + [11, 12], max_tokens=2)  # turn 2's prompt was computed as a prompt
+    run(core)
+    assert third[0].cached_tokens == len(turn2)
+
+
+def test_a_job_goes_to_the_slot_that_holds_its_conversation():
+    core, _ = engine(parallel=3, prefix_cache=True)
+    conversations = [[c] * 30 for c in (1, 2, 3)]
+    for i, prompt in enumerate(conversations):
+        submit(core, f"t1-{i}", prompt, max_tokens=2)
+    run(core)
+    second = [submit(core, f"t2-{i}", prompt + [prompt[0] + 1, 9], max_tokens=2)
+              for i, prompt in enumerate(conversations)]
+    run(core)
+    assert [o[0].cached_tokens for o in second] == [30, 30, 30]
+
+
+def test_a_long_prefix_held_by_another_slot_is_copied_rather_than_computed():
+    core, ctx = engine(parallel=2, prefix_cache=True)
+    system = [7] * 100
+    submit(core, "a", system + [1], max_tokens=40)
+    for _ in range(3):  # a's prompt is in, and it is decoding: its slot is busy
+        core.step()
+    b = submit(core, "b", system + [2, 3], max_tokens=2)
+    run(core)
+    assert b[0].cached_tokens == 100 and ctx.copies == [(0, 1, 100)]
 
 
 def test_concurrent_jobs_with_one_long_prefix_prefill_it_once():
-    core, ctx = engine(parallel=4, cache_seqs=8, batch_size=32)
+    core, ctx = engine(parallel=4, batch_size=32, prefix_cache=True)
     system = [7] * 200
     jobs = [submit(core, f"j{i}", system + [i + 1], max_tokens=2) for i in range(4)]
     run(core)
     prefilled = sum(max(0, min(len(p.tokens), 200 - p.pos)) for batch in ctx.batches for p in batch)
-    assert prefilled == 200  # once, not four times
-    assert sorted(j[0].cached_tokens for j in jobs) == [0, 200, 200, 200]
-
-
-def test_jobs_wait_when_the_pool_is_full_of_running_work_and_cached_prefixes_are_evicted_first():
-    core, ctx = engine(parallel=2, cache_seqs=4, pool=60)
-    submit(core, "old", [20] * 30, max_tokens=2)
-    run(core)
-    assert core.scheduler.cells_cached() == 31
-    a = submit(core, "a", [1] * 20, max_tokens=20)  # needs 40 cells: the cached entry is evicted
-    b = submit(core, "b", [2] * 10, max_tokens=20)  # needs 30: waits until a has ended
-    core.step()
-    core._publish()
-    assert isinstance(a[0], Started) and b == [] and core.waiting == 1
-    run(core)
-    assert end(a).tokens_out == 20 and end(b).tokens_out == 20
+    assert prefilled == 200 + 3  # once, not four times (the others compute their last two tokens)
+    assert sorted(j[0].cached_tokens for j in jobs) == [0, 199, 199, 199]
 
 
 def test_a_failed_job_leaves_nothing_cached_and_others_reuse_what_is_good():
-    core, ctx = engine(parallel=2, cache_seqs=4)
+    core, ctx = engine(parallel=2, prefix_cache=True)
     bad = submit(core, "bad", [1, 2, BAD], max_tokens=2)
     run(core)
     assert isinstance(bad[-1], Failed) and ctx.cells == []
@@ -429,8 +440,8 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact():
     import random
 
     rng = random.Random(3)
-    core, ctx = engine(parallel=3, cache_seqs=5, pool=400, batch_size=16, max_queue=1000)
-    prompts = [[rng.randrange(1, 20) for _ in range(rng.randrange(1, 60))] for _ in range(12)]
+    core, ctx = engine(parallel=3, batch_size=16, max_queue=1000, prefix_cache=True)
+    prompts = [[rng.randrange(1, 20) for _ in range(rng.randrange(1, 120))] for _ in range(12)]
     live: list[str] = []
     for i in range(300):
         base = rng.choice(prompts)
@@ -447,8 +458,4 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact():
     run(core, steps=20_000)
     sched = core.scheduler
     assert core.busy == 0 and not sched.waiting
-    assert sched.cache.cells_used == len(ctx.cells) == sched.cells_cached()
-    assert set(ctx.kv) == set(sched._entries)  # only cache entries hold cells now
-    while sched._entries:
-        sched._evict(next(iter(sched._entries)))
-    assert ctx.cells == [] and sched.cache.cells_used == 0
+    assert sched.cells_cached() == sched.kv_cells_used() == len(ctx.cells) > 0

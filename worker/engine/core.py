@@ -57,8 +57,7 @@ class EngineCore:
         offloaded: bool = False,
         overlap: bool | None = None,
         chain_idle_s: float = 1.0,
-        pool_cells: int | None = None,
-        cache_seqs: int = 0,
+        prefix_cache: bool = True,
         metrics: SchedulerMetrics | None = None,
         profile_path: str | None = None,
     ) -> None:
@@ -70,10 +69,10 @@ class EngineCore:
         # Text work overlaps the next step where llama_decode is asynchronous (the GPU). On the CPU it would
         # only delay each token by one step.
         self.overlap = offloaded if overlap is None else overlap
-        self.pool_cells = pool_cells or ctx_size * parallel
+        self.pool_cells = ctx_size * parallel
         self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
-                                   pool_cells=self.pool_cells, cache_seqs=cache_seqs, metrics=metrics)
+                                   prefix_cache=prefix_cache, metrics=metrics)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._kv_cells = (0, 0)
@@ -147,7 +146,7 @@ class EngineCore:
         return not self._jobs
 
     def kv_usage(self) -> float:
-        """Share of the KV pool's cells that some sequence holds (running, or a cached prefix)."""
+        """Share of the KV cells that some slot's sequence holds (running, or kept for the next prompts)."""
         return self.scheduler.kv_cells_used() / self.pool_cells
 
     def kv_cells(self) -> tuple[int, int]:

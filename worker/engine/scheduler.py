@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
-
 from worker.engine.outputs import Failed, Finished, Job, Narrated, Output, Started, StopReason, TokenText
-from worker.engine.prefix_cache import Match, PrefixCache
 from worker.engine.sampling import SamplingParams
 from worker.engine.text import TextStream
 from worker.narration import narrate
@@ -35,8 +32,8 @@ class SlotResources(Protocol):
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
     def forget(self, seq_id: int) -> None: ...
+    def keep_prefix(self, seq_id: int, n: int) -> None: ...
     def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
-    def move(self, src: int, dst: int) -> None: ...
     def reusable(self, src: int, n: int) -> bool: ...
 
 
@@ -71,7 +68,8 @@ class Slot:
     n_past: int = 0  # KV cells this sequence holds
     last_token: int = -1
     cached: int = 0  # prompt tokens whose cells came from the prefix cache
-    reserved: int = 0  # cells the job may still take from the pool (the rest of its prompt, its output)
+    kv_tokens: list[int] = field(default_factory=list)  # what the sequence's KV cells hold, position by position
+    prompt_cells: int = 0  # how many of them were computed in prompt steps (the ones the cache reuses)
     pending: int | None = None  # sampled, its text not yet done (see flush_text)
     pending_at: float = 0.0
     tokens_out: int = 0
@@ -123,19 +121,14 @@ class Scheduler:
         vocab: Vocab,
         in_graph_sampling: bool = False,
         chain_idle_s: float = 1.0,
-        pool_cells: int | None = None,
-        cache_seqs: int = 0,
+        prefix_cache: bool = True,
         metrics: SchedulerMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
-        # The one KV pool: cells held by running sequences and by cached prefixes (the tree), and cells running jobs
-        # may still need. A job is admitted only when its worst case fits, so none fails mid-generation for KV.
-        self.pool_cells = pool_cells
-        self.cache = PrefixCache()
-        # Sequence ids that hold cached prefixes once their job ended (none: nothing is kept), least recent first.
-        self._idle_holders = list(range(n_slots, n_slots + cache_seqs))
-        self._entries: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
+        # longest prefix of its prompt, or has that prefix copied in from another slot.
+        self.prefix_cache = prefix_cache
         self.batch_size = batch_size
         self.resources = resources
         self.vocab = vocab
@@ -208,127 +201,105 @@ class Scheduler:
                 self._chains_changed = True
 
     def _admit(self) -> None:
-        free = [slot for slot in self.slots if slot.job is None]
         deferred: list[Job] = []
-        while self.waiting and free:
+        while self.waiting and any(slot.job is None for slot in self.slots):
             job = self.waiting.popleft()
             if self._prefix_in_flight(job):
                 deferred.append(job)  # another job is prefilling this one's prefix: share it once it is there
                 continue
-            # A free slot whose chain has this job's parameters needs no new chain; else one whose stale chain
-            # can be swapped, so that no more chains are attached than needed.
-            slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
-            cached = self._take_prefix(slot, job)
-            if cached < 0:
-                self.waiting.appendleft(job)  # the pool is full of running work: wait, in order
-                break
-            free.remove(slot)
+            slot, cached = self._place(job)
             try:
                 self._start(slot, job, cached)
             except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
                 if slot.job is job:
                     self.fail(slot, "internal_error", f"could not start the job: {type(exc).__name__}: {exc}")
                 else:
-                    self._drop_sequence(slot.seq_id)
+                    self._drop_sequence(slot)
                     self._end_unstarted(job, StopReason.CANCELLED)
         self.waiting.extendleft(reversed(deferred))
 
-    # ---- the KV pool and the prefix cache ----------------------------------------------------------------------
+    # ---- the prefix cache ------------------------------------------------------------------------------------
 
-    def cells_free(self) -> int | None:
-        """Pool cells neither held (running sequences, cached prefixes) nor promised to running jobs."""
-        if self.pool_cells is None:
-            return None
-        return self.pool_cells - self.cache.cells_used - sum(s.reserved for s in self.slots if s.job is not None)
+    def _place(self, job: Job) -> tuple[Slot, int]:
+        """A free slot for the job and how many of its prompt's tokens are already in that slot's KV: the free slot
+        that holds the longest prefix of the prompt; or, when another slot (busy or not) holds a much longer one,
+        the least useful free slot with that prefix copied in. At least the prompt's last two tokens are computed:
+        the last one's logits give the first token, and llama.cpp's attention for a lone query rounds otherwise
+        than for a batch (see _reusable_cells), so a suffix of one token would change greedy text."""
+        prompt = job.prompt_tokens[:-MIN_SUFFIX]
+        free = [slot for slot in self.slots if slot.job is None]
+        if not self.prefix_cache:
+            slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
+            self._keep(slot, 0)
+            return slot, 0
+        held = {slot.seq_id: _common_prefix(slot.kv_tokens[: self._reusable_cells(slot)], prompt)
+                for slot in self.slots}
+        # the longest own prefix; then a slot whose sampler chain fits; then the one idle longest
+        slot = max(free, key=lambda s: (held[s.seq_id], s.chain_params == job.params, -s.idle_since))
+        src = max(self.slots, key=lambda s: held[s.seq_id])
+        if held[src.seq_id] - held[slot.seq_id] >= MIN_COPY and self.resources.reusable(src.seq_id,
+                                                                                        held[src.seq_id]):
+            # the slot to overwrite: the one whose cached sequence is worth the least to this job, then the oldest
+            slot = min(free, key=lambda s: (held[s.seq_id], s.idle_since))
+            n = held[src.seq_id]
+            self._discard(slot, 0)
+            self.resources.copy_prefix(src.seq_id, slot.seq_id, n)
+            slot.kv_tokens = src.kv_tokens[:n]
+            slot.prompt_cells = n
+            return slot, n
+        n = held[slot.seq_id] if self.resources.reusable(slot.seq_id, held[slot.seq_id]) else 0
+        self._keep(slot, n)
+        return slot, n
 
-    def cells_cached(self) -> int:
-        """Cells that only cached prefixes hold (what eviction can free)."""
-        return self.cache.cells_held_only_by(set(self._entries))
+    def _keep(self, slot: Slot, n: int) -> None:
+        """Cut the slot's sequence back to its first n positions."""
+        self._discard(slot, n)
+        if n < len(slot.kv_tokens) or n == 0:
+            self.resources.keep_prefix(slot.seq_id, n)
+        slot.kv_tokens = slot.kv_tokens[:n]
+        slot.prompt_cells = n
 
-    def _take_prefix(self, slot: Slot, job: Job) -> int:
-        """The longest cached prefix of the job's prompt into the slot's sequence, and room in the pool for the rest
-        (evicting cached prefixes, least recently used first). The prefix length, or -1 when it does not fit."""
-        match = Match(self.cache.root, 0)
-        if self._idle_holders or self._entries:  # prefix caching is on
-            # at least the prompt's last token is decoded: its logits give the first token
-            match = self.cache.match(job.prompt_tokens[:-1])
-            src = match.source()
-            if src is None or not self.resources.reusable(src, match.length):
-                match = Match(self.cache.root, 0)
-            if match.length:
-                assert src is not None
-                self.resources.copy_prefix(src, slot.seq_id, match.length)
-            self.cache.attach(slot.seq_id, match)
-            if src is not None and match.length and src in self._entries:
-                if self.cache.length[src] - match.length <= RETIRE_SLACK:
-                    # the conversation goes on in this job, which holds all of the entry but maybe a few tokens
-                    # that the client's text tokenizes differently: one entry per conversation, not one per turn
-                    self._retire(src)
-                else:
-                    self._entries.move_to_end(src)
-        need = len(job.prompt_tokens) - match.length + job.max_tokens
-        free = self.cells_free()
-        while free is not None and free < need and self._entries:
-            self._evict(next(iter(self._entries)))
-            free = self.cells_free()
-        if free is not None and free < need:
-            self._drop_sequence(slot.seq_id)
-            return -1
-        slot.reserved = need
-        return match.length
+    def _reusable_cells(self, slot: Slot) -> int:
+        """Cells another prompt may take from this slot: those computed in prompt steps. A generated token's cell
+        was computed alone, and llama.cpp's attention for one query rounds otherwise than for a batch (measured on
+        the CPU: logits off by 0.69), so reusing it would change greedy text against a fresh run."""
+        job = slot.job
+        if job is None:
+            return slot.prompt_cells
+        return min(len(slot.kv_tokens), len(job.prompt_tokens))
+
+    def _discard(self, slot: Slot, n: int) -> None:
+        dropped = len(slot.kv_tokens) - n
+        if dropped > 0:
+            self.metrics.prefix_evicted(dropped)
+            narrate("prefix_evicted", f"Dropped {dropped} cached tokens of slot {slot.seq_id} for a new prompt.",
+                    actor="engine", target=f"slot:{slot.seq_id}", cells=dropped, level="debug")
 
     def _prefix_in_flight(self, job: Job) -> bool:
-        """Whether a running job is still prefilling a longer prefix of this job's prompt than the cache holds."""
-        if not (self._idle_holders or self._entries):
+        """Whether a running job is still prefilling a longer prefix of this job's prompt than any slot holds."""
+        if not self.prefix_cache:
             return False
-        have = self.cache.match(job.prompt_tokens[:-1]).length
+        prompt = job.prompt_tokens[:-MIN_SUFFIX]
         for slot in self.slots:
             other = slot.job
             if other is None or slot.decoding:
                 continue
-            done = self.cache.length.get(slot.seq_id, 0)
-            shared = _common_prefix(job.prompt_tokens, other.prompt_tokens, limit=len(job.prompt_tokens) - 1)
-            if shared > max(done, have) and shared >= MIN_SHARED_PREFILL:
+            shared = _common_prefix(other.prompt_tokens, prompt)
+            if shared < MIN_SHARED_PREFILL or shared <= len(slot.kv_tokens):
+                continue
+            if all(_common_prefix(s.kv_tokens[: self._reusable_cells(s)], prompt) < shared for s in self.slots):
                 return True  # waiting costs at most that prefill's remaining steps
         return False
 
     def decoded(self, parts: Iterable[tuple[Slot, Part]]) -> None:
-        """These parts are in the KV cache now (llama_decode took them): the tree and the pool know it."""
+        """These parts are in the KV cache now (llama_decode took them)."""
         for slot, part in parts:
-            self.cache.extend(part.seq_id, part.tokens)
-            slot.reserved = max(0, slot.reserved - len(part.tokens))
+            slot.kv_tokens.extend(part.tokens)
 
-    def _retire(self, holder: int) -> None:
-        """Drop an entry that a running job continues: it frees an id, and at most RETIRE_SLACK cells."""
-        del self._entries[holder]
-        self.cache.release(holder)
-        self.resources.forget(holder)
-        self._idle_holders.append(holder)
-
-    def _evict(self, holder: int) -> None:
-        del self._entries[holder]
-        freed = self.cache.release(holder)
-        self.resources.forget(holder)
-        self._idle_holders.append(holder)
-        self.metrics.prefix_evicted(freed)
-        narrate("prefix_evicted", f"Evicted a cached prefix: {freed} KV cells freed.", actor="engine",
-                target=f"seq:{holder}", cells=freed, level="debug")
-
-    def _drop_sequence(self, seq_id: int) -> None:
-        self.cache.release(seq_id)
-        self.resources.forget(seq_id)
-
-    def _keep_sequence(self, seq_id: int) -> None:
-        """A finished job's cells become a cache entry (under a holder id), or are freed when nothing is kept."""
-        if not self._idle_holders and self._entries:
-            self._evict(next(iter(self._entries)))
-        if not self._idle_holders or self.cache.length.get(seq_id, 0) == 0:
-            self._drop_sequence(seq_id)
-            return
-        holder = self._idle_holders.pop()
-        self.resources.move(seq_id, holder)
-        self.cache.move(seq_id, holder)
-        self._entries[holder] = None
+    def _drop_sequence(self, slot: Slot) -> None:
+        slot.kv_tokens = []
+        slot.prompt_cells = 0
+        self.resources.forget(slot.seq_id)
 
     def _start(self, slot: Slot, job: Job, cached: int = 0) -> None:
         self.n_running += 1
@@ -444,12 +415,12 @@ class Scheduler:
         """The slot is free. A job that ended well leaves its cells cached; a failed one's are freed."""
         assert slot.job is not None
         slot.job.done = True
-        if keep:
-            self._keep_sequence(slot.seq_id)
+        if keep and self.prefix_cache:
+            slot.prompt_cells = min(len(slot.kv_tokens), len(slot.job.prompt_tokens))
         else:
-            self._drop_sequence(slot.seq_id)
+            self._drop_sequence(slot)  # a failed job's cells may not be what they should
         slot.job = slot.text = slot.pending = None
-        slot.reserved = slot.cached = 0
+        slot.cached = 0
         slot.idle_since = self.clock()
         self.n_running -= 1
 
@@ -477,18 +448,29 @@ class Scheduler:
         return out
 
     def kv_cells_used(self) -> int:
-        """Cells in the pool that some sequence holds (running or cached)."""
-        return self.cache.cells_used
+        """Cells that some slot's sequence holds (running or cached)."""
+        return sum(len(slot.kv_tokens) for slot in self.slots)
+
+    def cells_cached(self) -> int:
+        """Cells that idle slots keep for the next prompts."""
+        return sum(len(slot.kv_tokens) for slot in self.slots if slot.job is None)
 
 
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
-RETIRE_SLACK = 16  # tokens at an entry's end that a follow-up may tokenize otherwise (the reply's last word)
+MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick
+MIN_SUFFIX = 2  # prompt tokens always computed, never taken from the cache (see Scheduler._place)
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    if n <= 0:
-        return 0
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    differ = np.flatnonzero(x != y)
-    return int(differ[0]) if differ.size else n
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share (slices compare at C speed; prompts run to thousands)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -117,25 +117,24 @@ class Batch:
 class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
-        flash_attn: str = "auto", in_graph_sampling: bool = False, n_seq_cached: int = 0, n_outputs: int | None = None,
+        flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
     ) -> None:
-        """n_ctx cells in one pool (llama.cpp's unified KV cache) for n_seq running sequences (ids 0..n_seq-1) and
-        n_seq_cached more ids that only hold cached prefixes (never decoded)."""
+        """n_ctx cells, n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = n_seq + n_seq_cached
-        # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per running sequence and
-        # step, but llama.cpp sizes its output buffer for every sequence id it knows, cached ones included.
-        params.n_outputs_max = n_seq + n_seq_cached if n_outputs is None else n_outputs  # 0: n_batch
+        params.n_seq_max = n_seq
+        # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per sequence and step, and
+        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output).
+        params.n_outputs_max = n_seq if n_outputs is None else n_outputs
         params.n_threads = threads
         params.n_threads_batch = threads_batch or threads
-        # With a prefix cache: one pool shared by every sequence (a sequence may use any free cell, and cells can
-        # hold a prefix for several sequences at once: seq_cp tags, it does not copy). Its cost: every token attends
-        # over the pool's used range, masked. Without: a stream of n_ctx / n_seq cells per sequence, which is
-        # faster for many independent streams (measured in docs/BENCHMARKS.md).
-        params.kv_unified = n_seq_cached > 0
+        # A stream of cells per sequence, not one unified pool. In the pool every token attends, masked, over the
+        # cells of all sequences (32 streams: -20 % tokens/s), and where a sequence's cells sit changes the order of
+        # llama.cpp's sums, so greedy text changed with what else was cached. In its own stream a sequence's cells
+        # are where a fresh run puts them, and a prefix copied from another stream keeps its places.
+        params.kv_unified = False
         params.flash_attn_type = {
             "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
             "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -207,14 +206,15 @@ class Context:
         """Free every KV cell of a sequence."""
         lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """`dst` (empty) shares `src`'s cells of positions [0, n)."""
-        lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+    def keep_prefix(self, seq_id: int, n: int) -> None:
+        """Free a sequence's cells from position n on."""
+        lc.llama_memory_seq_rm(self._mem, seq_id, n, -1)
 
-    def move(self, src: int, dst: int) -> None:
-        """`src`'s cells now belong to `dst` alone."""
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """`dst`'s cells become `src`'s first n positions. Across streams llama.cpp copies whole buffers (on the
+        device, before the next decode), then the tail is freed."""
         lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
-        lc.llama_memory_seq_rm(self._mem, src, -1, -1)
+        lc.llama_memory_seq_rm(self._mem, dst, n, -1)
 
     def reusable(self, src: int, n: int) -> bool:
         """Whether `src`'s first n positions can seed another sequence. Recurrent and hybrid memories cannot be cut
