@@ -179,7 +179,7 @@ def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, 
             "--port", str(port), "--no-webui"], "/health", port),
         "worker": lambda port: Server("llm-worker-rbee-chat", [
             sys.executable, "-m", "worker", "--model", model, "--parallel", str(CHAT_SLOTS),
-            "--ctx-size", str(CHAT_CTX), "--kv-size", str(cells), "--max-queue", "512", "--batch-size", "2048",
+            "--ctx-size", str(CHAT_CTX), "--max-queue", "512", "--batch-size", "2048",
             "--flash-attn", "on", "--port", str(port), *worker_args.split()], "/v1/ready", port),
     }
     workloads = {
