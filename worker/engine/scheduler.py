@@ -232,8 +232,7 @@ class Scheduler:
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
             self._keep(slot, 0)
             return slot, 0
-        held = {slot.seq_id: _common_prefix(slot.kv_tokens[: self._reusable_cells(slot)], prompt)
-                for slot in self.slots}
+        held = {slot.seq_id: self._held(slot, prompt) for slot in self.slots}
         # the longest own prefix; then a slot whose sampler chain fits; then the one idle longest
         slot = max(free, key=lambda s: (held[s.seq_id], s.chain_params == job.params, -s.idle_since))
         src = max(self.slots, key=lambda s: held[s.seq_id])
@@ -277,19 +276,20 @@ class Scheduler:
 
     def _prefix_in_flight(self, job: Job) -> bool:
         """Whether a running job is still prefilling a longer prefix of this job's prompt than any slot holds."""
-        if not self.prefix_cache:
+        prefilling = [slot for slot in self.slots if slot.job is not None and not slot.decoding]
+        if not (self.prefix_cache and prefilling):
             return False
         prompt = job.prompt_tokens[:-MIN_SUFFIX]
-        for slot in self.slots:
-            other = slot.job
-            if other is None or slot.decoding:
-                continue
-            shared = _common_prefix(other.prompt_tokens, prompt)
-            if shared < MIN_SHARED_PREFILL or shared <= len(slot.kv_tokens):
-                continue
-            if all(_common_prefix(s.kv_tokens[: self._reusable_cells(s)], prompt) < shared for s in self.slots):
-                return True  # waiting costs at most that prefill's remaining steps
-        return False
+        shared = max(_common_prefix(slot.job.prompt_tokens, prompt) for slot in prefilling if slot.job)
+        if shared < MIN_SHARED_PREFILL:
+            return False
+        # waiting costs at most that prefill's remaining steps
+        return all(self._held(slot, prompt) < shared for slot in self.slots)
+
+    def _held(self, slot: Slot, prompt: list[int]) -> int:
+        """How much of the prompt the slot's reusable cells hold."""
+        n = self._reusable_cells(slot)
+        return _common_prefix(slot.kv_tokens if n == len(slot.kv_tokens) else slot.kv_tokens[:n], prompt)
 
     def decoded(self, parts: Iterable[tuple[Slot, Part]]) -> None:
         """These parts are in the KV cache now (llama_decode took them)."""
