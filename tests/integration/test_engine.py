@@ -32,7 +32,7 @@ def make_engine(model: Model, *, ctx_size: int, parallel: int, max_queue: int, b
     assert ctx.warm_up() == 0
     return EngineCore(ctx, model, ctx_size=ctx_size, parallel=parallel, max_queue=max_queue, batch_size=batch_size,
                       in_graph_sampling=backend_sampling, offloaded=offloaded, overlap=overlap,
-                      chain_idle_s=chain_idle_s, metrics=Metrics())
+                      chain_idle_s=chain_idle_s, metrics=Metrics(), prefix_cache=False)
 
 
 async def events_of(job: Job | None, queue: asyncio.Queue) -> list[dict]:

@@ -75,7 +75,6 @@ class EngineCore:
                                    prefix_cache=prefix_cache, metrics=metrics)
         self.stats = StepStats()
         self.profile_path = profile_path
-        self._kv_cells = (0, 0)
         self._inbox: list[Job] = []
         self._jobs: dict[str, Job] = {}  # submitted and not yet delivered their end
         self._cond = threading.Condition()
@@ -146,12 +145,12 @@ class EngineCore:
         return not self._jobs
 
     def kv_usage(self) -> float:
-        """Share of the KV cells that some slot's sequence holds (running, or kept for the next prompts)."""
-        return self.scheduler.kv_cells_used() / self.pool_cells
+        """Share of the KV cells that running sequences hold (cells idle slots keep for reuse not counted)."""
+        return self.scheduler.kv_cells_running() / self.pool_cells
 
     def kv_cells(self) -> tuple[int, int]:
-        """(cells in use, of which only cached prefixes hold), as of the last step."""
-        return self._kv_cells
+        """(cells some slot holds, of which idle slots keep for reuse). Read from any thread: lengths only."""
+        return self.scheduler.kv_cells_used(), self.scheduler.cells_cached()
 
     def close(self) -> None:
         with self._cond:
@@ -203,7 +202,6 @@ class EngineCore:
                 logger.exception("engine step failed")
                 self.scheduler.fail_running("internal_error", f"{type(exc).__name__}: {exc}")
             self._publish()
-            self._kv_cells = (self.scheduler.kv_cells_used(), self.scheduler.cells_cached())
             self.stats.steps += 1
             self.stats.step_s += time.perf_counter() - started
         self._publish()

@@ -451,6 +451,9 @@ class Scheduler:
         """Cells that some slot's sequence holds (running or cached)."""
         return sum(len(slot.kv_tokens) for slot in self.slots)
 
+    def kv_cells_running(self) -> int:
+        return sum(len(slot.kv_tokens) for slot in self.slots if slot.job is not None)
+
     def cells_cached(self) -> int:
         """Cells that idle slots keep for the next prompts."""
         return sum(len(slot.kv_tokens) for slot in self.slots if slot.job is None)

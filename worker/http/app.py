@@ -18,8 +18,9 @@ from worker.exit_codes import ExitCode
 from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth
 from worker.http.errors import json_errors
-from worker.http.state import STATE, WorkerState
+from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
 from worker.llamacpp import ModelLoadError
+from worker.metrics import Metrics
 from worker.models.errors import ModelResolveError
 from worker.narration import narrate
 from worker.pool import announce_ready, heartbeat
@@ -29,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def _runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Load the model off the loop (the app serves /health and progress meanwhile); close it at cleanup."""
-    state = app[STATE]
+    state, settings, metrics = app[STATE], app[SETTINGS], app[METRICS]
     loop = asyncio.get_running_loop()
 
     def progress(stage: str, value: float, **extra: Any) -> None:
@@ -38,10 +39,9 @@ async def _runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     async def load() -> None:
         try:
-            where = placement(state.settings)
+            where = placement(settings)
             state.backend, state.device = where.backend, where.device
-            state.runtime = await asyncio.to_thread(runtime.load, state.settings, where, state.metrics, loop,
-                                                    progress)
+            state.runtime = await asyncio.to_thread(runtime.load, settings, where, metrics, loop, progress)
         except (ModelResolveError, ModelLoadError, BackendUnavailable) as exc:
             state.status, state.error = "failed", str(exc)
             narrate("model_load_failed", f"The model could not be loaded: {exc}", level="error", reason=str(exc))
@@ -65,9 +65,8 @@ async def _runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(state.runtime.close)
 
 
-async def _pool_duties(state: WorkerState) -> None:
+async def _pool_duties(state: WorkerState, settings: Settings) -> None:
     """Once ready: the callback (a failure stops the worker with exit 4), then heartbeats until stopped."""
-    settings = state.settings
     await state.ready.wait()
     assert state.url is not None and state.runtime is not None
     if settings.callback_url:
@@ -96,7 +95,7 @@ async def _pool_duties(state: WorkerState) -> None:
 
 async def _pool_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """The pool manager's callback and heartbeats run for as long as the app does."""
-    task = asyncio.create_task(_pool_duties(app[STATE]))
+    task = asyncio.create_task(_pool_duties(app[STATE], app[SETTINGS]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -105,7 +104,8 @@ async def _pool_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def drain(app: web.Application, timeout: float) -> None:
     """New requests get 503; running ones may finish up to `timeout`, then they are cancelled and their streams
-    given the time to write their end."""
+    given the time to write their end. Called before AppRunner.cleanup(), not from on_shutdown: aiohttp closes the
+    listening sockets before on_shutdown runs, and the contract promises 503s and a `draining` /health meanwhile."""
     state = app[STATE]
     engine = state.engine
     if engine is None:
@@ -136,7 +136,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        m = request.app[STATE].metrics
+        m = request.app[METRICS]
         m.requests.labels(route=route, code=str(status)).inc()
         m.request_duration.labels(route=route).observe(time.perf_counter() - started)
         if "error_code" in request:
@@ -158,7 +158,9 @@ def create_app(settings: Settings) -> web.Application:
     if settings.api_token:
         middlewares.append(bearer_auth(settings.api_token))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
-    app[STATE] = WorkerState(settings=settings)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[STATE] = WorkerState()
     app.cleanup_ctx.append(_runtime_lifecycle)
     app.cleanup_ctx.append(_pool_lifecycle)
     routes_native.setup(app)

@@ -16,7 +16,7 @@ from worker.engine.outputs import Failed, Finished, Job, Output, SubmitError, To
 from worker.engine.sampling import SamplingParams
 from worker.http import sse
 from worker.http.errors import ApiError, submit_error
-from worker.http.state import STATE
+from worker.http.state import SETTINGS, STATE
 
 
 class JobStream:
@@ -106,7 +106,7 @@ async def submit_job(
         narration=narration,
         ignore_eos=ignore_eos,
         correlation_id=request.get("correlation_id"),
-        timeout=state.settings.request_timeout,
+        timeout=request.app[SETTINGS].request_timeout,
         deliver=outputs.put_nowait,
     )
     try:

@@ -11,7 +11,7 @@ from worker.http import sse
 from worker.http.errors import ApiError
 from worker.http.jobs import submit_job
 from worker.http.schemas import InferenceRequest, parse, read_json
-from worker.http.state import STATE, WorkerState
+from worker.http.state import SETTINGS, STATE, WorkerState
 
 routes = web.RouteTableDef()
 
@@ -23,7 +23,7 @@ def _state(request: web.Request) -> WorkerState:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     state = _state(request)
-    engine, s = state.engine, state.settings
+    engine, s = state.engine, request.app[SETTINGS]
     return web.json_response({
         "status": state.status,
         "worker_id": s.worker_id,

@@ -6,14 +6,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.http import sse
-from worker.http.state import STATE
+from worker.http.state import METRICS, STATE
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].metrics.registry)
+    body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -1,4 +1,5 @@
-"""The worker's shared state, kept on the app under one web.AppKey. Touched only on the event loop."""
+"""The app's resources, each under its web.AppKey: settings, metrics, and the worker's state (touched only on the
+event loop)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from worker.runtime import Runtime
 
 @dataclass
 class WorkerState:
-    settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
+    """Where the worker is in its life: loading, ready, draining or failed; the runtime once loaded."""
+
     status: str = "loading"  # loading | ready | draining | failed
     runtime: Runtime | None = None  # the model and its engine, once loaded
     backend: str = "cpu"
@@ -83,4 +84,7 @@ class WorkerState:
         return {"type": "ready", "model": self.model.info.public() if self.model else None}
 
 
+# One key per resource on the app.
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", WorkerState)
