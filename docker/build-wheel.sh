@@ -36,7 +36,8 @@ DROP_CPU_VARIANTS=${DROP_CPU_VARIANTS-sapphirerapids}
 # Shared by cpu and cuda. CMAKE_INSTALL_BINDIR: ggml installs its dynamically loaded backends there; inside
 # the wheel, llama_cpp/lib keeps them next to libggml.so (the default, bin/, would land in site-packages/bin).
 # LLAVA_BUILD=OFF: the worker needs no multimodal library (llama_cpp imports it only for vision chat handlers).
-# llama.cpp's tests, examples, tools and common library are off already: it is built as a subdirectory.
+# llama.cpp's tests, examples and tools are off already (a subdirectory build). Its common library (a third of
+# the compile, measured) is forced on by llama-cpp-python and installed, so no option leaves it out.
 DL_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
 DL_ARGS="$DL_ARGS -DLLAVA_BUILD=OFF"
 

@@ -116,7 +116,7 @@ def test_stop_drains_a_running_stream_and_exits_0(cpu_image, run_container, podm
     health, refused = None, None
     while reader.is_alive() and health is None:
         try:
-            status, body = http("GET", container.url + "/health", timeout=5)
+            _, body = http("GET", container.url + "/health", timeout=5)
             if body.get("status") == "draining":
                 health = body
                 refused, _ = http("POST", container.url + "/v1/inference", {"prompt": "x", "max_tokens": 1},

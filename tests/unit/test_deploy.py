@@ -210,7 +210,7 @@ def test_build_wheel_takes_a_prebuilt_wheel_without_compiling_and_checks_it_the_
     assert (tmp_path / "wheels" / wheel.name).read_bytes() == wheel.read_bytes()
     assert "libggml-cpu-haswell" in result.stdout
     # a wheel without the CPU variants (a native build, say) is refused
-    native, _ = build_wheel(tmp_path / "native", "cpu", "libllama.so,libggml.so,libggml-base.so,libggml-cpu.so")
+    build_wheel(tmp_path / "native", "cpu", "libllama.so,libggml.so,libggml-base.so,libggml-cpu.so")
     (native_wheel,) = (tmp_path / "native" / "wheels").glob("*.whl")
     result, _ = build_wheel(tmp_path / "again", "cpu", PREBUILT=str(native_wheel))
     assert result.returncode != 0 and "CPU variants" in result.stderr
