@@ -6,7 +6,8 @@
 #   1. builder: docker/build-wheel.sh cuda, offline, from the kit's sdist (build deps: the machine's
 #      scikit-build-core, cmake, ninja, nvcc)
 #   2. runtime: that wheel beside the worker (the worker's deps that the machine lacks come from the kit's whl/),
-#      started through docker/launch.py, as the images do (the worker loads the wheel's dynamically built backends)
+#      started as the images' console script does (python3 -m worker.cli: the worker loads the wheel's
+#      dynamically built backends)
 #   3. the worker serves a synthetic model with every layer on the GPU: /health, one generation, /metrics, SIGTERM
 #
 #   bash docker/device-check.sh            CUDA_ARCHS=90 by default, to fit in one 10-minute command; the image
@@ -40,7 +41,14 @@ rm -rf "$SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$KIT"/whl/*.whl "$WHEELS"/llama_cpp_python-*.whl
 export PYTHONPATH=$SITE:$PWD
 unset LLAMA_CPP_LIB_PATH
-python3 docker/launch.py --list-backends | tee "$LOGS/backends.txt"
+python3 - <<'EOF' | tee "$LOGS/backends.txt"
+from worker.llamacpp.backend import backends
+from worker.narration import configure
+
+configure(worker_id=None, level="warning")
+for key, value in backends().items():
+    print(f"{key}: {value}")
+EOF
 if ! grep -q "^backends: .*CUDA" "$LOGS/backends.txt"; then
   ldd "$SITE"/llama_cpp/lib/libggml-cuda.so* | grep "not found" || true   # why the module did not load
   say "FAIL: no CUDA backend loaded"; exit 1
@@ -49,7 +57,7 @@ grep -q "^backends: .*CPU" "$LOGS/backends.txt" || { say "FAIL: no CPU backend l
 
 # 3. serve a synthetic model on the GPU
 python3 "$KIT/synth_gguf.py" "$KIT/ggml-vocab-llama-bpe.gguf" /tmp/device-check-model.gguf tiny >"$LOGS/synth.log" 2>&1
-LLORCH_API_TOKEN=device-check python3 docker/launch.py --model /tmp/device-check-model.gguf \
+LLORCH_API_TOKEN=device-check python3 -m worker.cli --model /tmp/device-check-model.gguf \
   --config configs/cuda.toml --port "$PORT" --log-format json >"$LOGS/worker.log" 2>&1 &
 pid=$!
 set +e

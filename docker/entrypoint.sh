@@ -1,5 +1,6 @@
 #!/bin/sh
-# The images' entrypoint. Settings come from the environment (LLM_WORKER_<NAME>, LLORCH_API_TOKEN, a TOML file
+# The images' entrypoint: the token policy below, then the worker's console script, llm-worker-rbee.
+# Settings come from the environment (LLM_WORKER_<NAME>, LLORCH_API_TOKEN, a TOML file
 # named by LLM_WORKER_CONFIG); flags given to `docker run IMAGE ...` pass through to the worker.
 #
 # The image listens on 0.0.0.0 (LLM_WORKER_HOST), and the worker refuses a reachable address without an API
@@ -14,7 +15,6 @@
 #   IMAGE convert SRC OUT   convert a SafeTensors model to GGUF
 #   IMAGE COMMAND [ARGS]    run another command (e.g. sh) in the image
 set -eu
-here=$(dirname "$0")
 
 # An empty variable means "not set", so that compose files can pass optional settings through as ${VAR:-}.
 for name in $(env | sed -n 's/^\(LLM_WORKER_[A-Za-z0-9_]*\|LLORCH_[A-Za-z0-9_]*\|HF_[A-Za-z0-9_]*\)=$/\1/p'); do
@@ -23,7 +23,7 @@ done
 
 case "${1:-}" in
   ""|-*) ;;                                         # flags for the worker
-  convert) exec python "$here/launch.py" "$@" ;;    # no server, no token
+  convert) exec llm-worker-rbee "$@" ;;             # no server, no token
   *) exec "$@" ;;                                   # another command
 esac
 
@@ -78,4 +78,4 @@ if [ -z "$token" ] && [ "$loopback" = 0 ]; then
   echo "llm-worker-rbee: generated API token: $LLORCH_API_TOKEN" >&2
 fi
 
-exec python "$here/launch.py" "$@"
+exec llm-worker-rbee "$@"
