@@ -98,8 +98,10 @@ class EngineCore:
                 raise Draining("the worker is shutting down")
             if job.job_id in self._jobs:
                 raise DuplicateJob(f"job {job.job_id!r} is already running or waiting")
-            waiting = self.waiting
-            if waiting - (self.n_slots - self.busy) >= self.max_queue:
+            # Jobs not yet ended (as the loop has seen them) beyond the slots are the queue: counted on this thread
+            # alone, so the bound is exact whatever the engine thread is doing.
+            waiting = len(self._jobs) - self.n_slots
+            if waiting >= self.max_queue:
                 raise Overloaded(f"{waiting} requests are waiting; the queue holds {self.max_queue}")
             self._jobs[job.job_id] = job
             self._inbox.append(job)
@@ -212,7 +214,8 @@ class EngineCore:
             for job in self._inbox:
                 self.scheduler.add(job)
             self._inbox.clear()
-            plan = self.scheduler.schedule(time.perf_counter(), overlap=self.overlap)
+        # Planning runs without the lock: submit() on the event loop must never wait for it.
+        plan = self.scheduler.schedule(time.perf_counter(), overlap=self.overlap)
         self._publish()  # ends, starts, and the text done before a long llama_decode
         if not plan.parts:
             return
