@@ -1,4 +1,4 @@
-"""The command line: `llm-worker-rbee [flags]` serves a model until SIGTERM/SIGINT."""
+"""The command line: `llm-worker-rbee [flags]` serves a model until SIGTERM/SIGINT/SIGHUP."""
 
 from __future__ import annotations
 
@@ -83,8 +83,14 @@ async def serve(settings: Settings) -> int:
         else:
             _exit_now(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (a closed terminal, a supervisor's reload) drains like SIGTERM, as servers usually do: its default
+    # action would kill the worker at once and cut every stream without its end.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
+    # SIGUSR1 means nothing here; its default action would kill the worker. Logged and otherwise ignored.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: narrate(
+        "signal_ignored", "Received SIGUSR1: ignored (it has no meaning for this worker).", level="warning",
+        signal="SIGUSR1"))
 
     code = int(await state.stopped)
     await drain(app, settings.drain_timeout)
@@ -94,8 +100,9 @@ async def serve(settings: Settings) -> int:
 
 
 def _exit_now(signum: int) -> None:
-    """A second SIGTERM/SIGINT: exit now, with what a shell reports for a process killed by that signal (128 + N:
-    143 for SIGTERM, 130 for SIGINT). Running streams are cut off without an end event; the OS frees the rest."""
+    """A second SIGTERM/SIGINT/SIGHUP: exit now, with what a shell reports for a process killed by that signal
+    (128 + N: 143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP). Running streams are cut off without an end event;
+    the OS frees the rest."""
     name = signal.Signals(signum).name
     code = ExitCode.SIGNAL_BASE + signum
     narrate("shutdown", f"Received {name} again: exiting at once with code {code}, not waiting for running "

@@ -151,7 +151,8 @@ async def test_request_timeout_ends_running_and_waiting_requests():
         assert events[-1]["tokens_out"] < 500
 
 
-async def test_sigterm_drains_running_requests_then_exits_0():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_drains_running_requests_then_exits_0(signum):
     w = WorkerProcess(["--parallel", "2", "--ctx-size", "512", "--drain-timeout", "20"]).start()
     try:
         async with aiohttp.ClientSession() as http:
@@ -161,7 +162,7 @@ async def test_sigterm_drains_running_requests_then_exits_0():
                 async for ev in iter_sse(resp):
                     events.append(ev)
                     if ev["type"] == "token" and len(events) == 2:
-                        w.proc.send_signal(signal.SIGTERM)
+                        w.proc.send_signal(signum)
                         await asyncio.sleep(0.2)
                         async with http.get(f"{w.url}/health") as h:
                             assert (await h.json())["status"] == "draining"
@@ -172,3 +173,24 @@ async def test_sigterm_drains_running_requests_then_exits_0():
         assert "shutdown" in w.actions()
     finally:
         w.stop()
+
+
+async def test_sigusr1_is_ignored_and_streams_go_on():
+    w = WorkerProcess(["--parallel", "1", "--ctx-size", "512"]).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"prompt": "Write a poem.", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+            async with http.post(f"{w.url}/v1/inference", json=body) as resp:
+                events = []
+                async for ev in iter_sse(resp):
+                    events.append(ev)
+                    if ev["type"] == "token" and len(events) == 2:
+                        w.proc.send_signal(signal.SIGUSR1)
+            assert events[-1]["type"] == "end" and events[-1]["stop_reason"] == "max_tokens"
+            w.wait_for("signal_ignored", 10)
+            assert w.proc.poll() is None
+            async with http.get(f"{w.url}/health") as h:
+                assert (await h.json())["status"] == "ready"
+    finally:
+        w.stop()
+    assert w.proc.returncode == 0
