@@ -16,6 +16,7 @@ from loguru import logger
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.http.app import create_app, drain
+from worker.http.errors import JsonErrorRunner
 from worker.http.state import STATE
 from worker.narration import configure, narrate
 
@@ -53,7 +54,8 @@ async def serve(settings: Settings) -> int:
     _route_aiohttp_logs()
     app = create_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
+    # JsonErrorRunner: even what aiohttp's HTTP parser refuses is answered in the contract's JSON error shape.
+    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
                            max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
     await runner.setup()
     state = app[STATE]

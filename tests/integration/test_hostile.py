@@ -1,0 +1,77 @@
+"""Hostile clients: malformed input is a 400 (or 401/413/417) in the contract's JSON error shape, never a 500, a
+text page or a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+INT_5000 = "1" * 5000  # over CPython's 4,300-digit limit on int(str)
+
+
+async def raw_request(url: str, data: bytes, read_timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are on a fresh connection; the first answer's status, headers and body."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await read_response(reader, read_timeout)
+    finally:
+        writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    length = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+    return status, headers, body
+
+
+@pytest.mark.parametrize("path", ["/v1/inference", "/v1/completions"])
+async def test_huge_integer_literal_is_400(worker, http, path):
+    raw = f'{{"prompt": "hi", "max_tokens": {INT_5000}}}'.encode()
+    async with http.post(worker.url + path, data=raw, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400, await resp.text()
+        err = (await resp.json())["error"]
+        assert err["code"] == "invalid_request" and "not valid JSON" in err["message"]
+        if path == "/v1/completions":
+            assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path", ["/v1/inference", "/v1/chat/completions"])
+async def test_gzip_header_on_a_plain_body_is_400(worker, http, path):
+    body = json.dumps({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with http.post(worker.url + path, data=body, headers=headers) as resp:
+        assert resp.status == 400, await resp.text()
+        err = (await resp.json())["error"]
+        assert err["code"] == "invalid_request"
+        assert err["message"] == "the request body could not be read: Can not decode content-encoding: gzip"
+        if path == "/v1/chat/completions":
+            assert err["type"] == "invalid_request_error"
+    async with http.get(worker.url + "/health") as h:  # nothing broke
+        assert h.status == 200
+
+
+async def test_http_parser_refusal_is_json(worker):
+    status, headers, body = await raw_request(
+        worker.url, b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    err = json.loads(body)["error"]
+    assert err["code"] == "invalid_request" and "malformed HTTP request" in err["message"]
+
+
+async def test_unknown_expect_is_417_json(worker):
+    status, headers, body = await raw_request(
+        worker.url, b"POST /v1/inference HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    assert status == 417
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "expectation_failed"
