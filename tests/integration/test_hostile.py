@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.integration.worker_process import WorkerProcess, iter_sse
+
 INT_5000 = "1" * 5000  # over CPython's 4,300-digit limit on int(str)
 
 
@@ -75,3 +77,35 @@ async def test_unknown_expect_is_417_json(worker):
     assert status == 417
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["error"]["code"] == "expectation_failed"
+
+
+async def test_full_queue_is_refused_before_tokenizing(http):
+    """With the only slot taken and no waiting room, a prompt too long for the context gets 503 `overloaded`, not
+    400 `context_length_exceeded`: the queue is checked before the prompt is tokenized."""
+    w = WorkerProcess(["--parallel", "1", "--max-queue", "0", "--ctx-size", "512"]).start()
+    try:
+        hog = {"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "job_id": "hog"}
+        async with http.post(f"{w.url}/v1/inference", json=hog) as first:
+            async for ev in iter_sse(first):
+                if ev["type"] == "token":
+                    break
+            long_prompt = {"prompt": "word " * 3000, "max_tokens": 4}
+            for path, body in (("/v1/inference", long_prompt), ("/v1/completions", long_prompt),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 3000}]})):
+                async with http.post(w.url + path, json=body) as resp:
+                    assert resp.status == 503, (path, await resp.text())
+                    assert resp.headers["Retry-After"]
+                    assert (await resp.json())["error"]["code"] == "overloaded"
+            async with http.delete(f"{w.url}/v1/inference/hog") as d:
+                assert d.status == 202
+        # Once the slot is free, the same prompt is tokenized and refused for what it is.
+        for _ in range(100):
+            async with http.get(f"{w.url}/health") as h:
+                if (await h.json())["slots"]["busy"] == 0:
+                    break
+            await asyncio.sleep(0.05)
+        async with http.post(f"{w.url}/v1/inference", json=long_prompt) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "context_length_exceeded"
+    finally:
+        w.stop()
