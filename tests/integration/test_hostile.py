@@ -109,3 +109,73 @@ async def test_full_queue_is_refused_before_tokenizing(http):
             assert (await resp.json())["error"]["code"] == "context_length_exceeded"
     finally:
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def token_worker():
+    """A token and a small body limit."""
+    w = WorkerProcess(["--parallel", "1", "--ctx-size", "512", "--api-token", "s3cret",
+                       "--max-body-bytes", "2048"]).start()
+    yield w
+    w.stop()
+
+
+def post_head(path: str, headers: list[str], length: int) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json", f"Content-Length: {length}",
+             *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("path", ["/v1/inference", "/v1/completions", "/health"])
+async def test_two_authorization_headers_are_refused(token_worker, path):
+    body = b'{"prompt": "hi", "max_tokens": 1, "stream": false}'
+    head = post_head(path, ["Authorization: Bearer s3cret", "Authorization: Bearer wrong"], len(body))
+    if path == "/health":
+        head = head.replace(b"POST", b"GET").replace(b"Content-Length: %d" % len(body), b"Content-Length: 0")
+        body = b""
+    status, headers, raw = await raw_request(token_worker.url, head + body)
+    assert status == 400, raw
+    err = json.loads(raw)["error"]
+    assert err["code"] == "invalid_request" and "2 Authorization headers" in err["message"]
+    if path == "/v1/completions":
+        assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("auth,length,status,code", [
+    ([], 20, 401, "unauthorized"),
+    (["Authorization: Bearer wrong"], 20, 401, "unauthorized"),
+    (["Authorization: Bearer s3cret"], 100_000, 413, "body_too_large"),
+    (["Authorization: Bearer s3cret", "Authorization: Bearer s3cret"], 20, 400, "invalid_request"),
+])
+async def test_expect_continue_is_refused_before_the_body(token_worker, auth, length, status, code):
+    """The answer comes without the body being sent (no `100 Continue` first), and says the connection closes."""
+    host, port = token_worker.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(post_head("/v1/inference", [*auth, "Expect: 100-continue"], length))
+        await writer.drain()
+        got, headers, raw = await read_response(reader)
+        assert got == status, raw
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(raw)["error"]["code"] == code
+        assert headers["connection"].lower() == "close"
+    finally:
+        writer.close()
+
+
+async def test_expect_continue_invites_a_good_request(token_worker):
+    body = b'{"prompt": "hi", "max_tokens": 1, "stream": false}'
+    host, port = token_worker.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(post_head("/v1/inference", ["Authorization: Bearer s3cret", "Expect: 100-continue"],
+                               len(body)))
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        status, _, raw = await read_response(reader, 60)
+        assert status == 200, raw
+        assert json.loads(raw)["tokens_out"] == 1
+    finally:
+        writer.close()
