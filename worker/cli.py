@@ -1,4 +1,4 @@
-"""The command line: `llm-worker-rbee [flags]` serves a model until SIGTERM/SIGINT."""
+"""The command line: `llm-worker-rbee [flags]` serves a model until SIGTERM/SIGINT/SIGHUP."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from loguru import logger
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.http.app import create_app, drain
+from worker.http.errors import JsonErrorRunner
 from worker.http.state import STATE
 from worker.narration import configure, narrate
 
@@ -53,7 +54,8 @@ async def serve(settings: Settings) -> int:
     _route_aiohttp_logs()
     app = create_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
+    # JsonErrorRunner: even what aiohttp's HTTP parser refuses is answered in the contract's JSON error shape.
+    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
                            max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
     await runner.setup()
     state = app[STATE]
@@ -83,8 +85,14 @@ async def serve(settings: Settings) -> int:
         else:
             _exit_now(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (a closed terminal, a supervisor's reload) drains like SIGTERM, as servers usually do: its default
+    # action would kill the worker at once and cut every stream without its end.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
+    # SIGUSR1 means nothing here; its default action would kill the worker. Logged and otherwise ignored.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: narrate(
+        "signal_ignored", "Received SIGUSR1: ignored (it has no meaning for this worker).", level="warning",
+        signal="SIGUSR1"))
 
     code = int(await state.stopped)
     await drain(app, settings.drain_timeout)
@@ -94,8 +102,9 @@ async def serve(settings: Settings) -> int:
 
 
 def _exit_now(signum: int) -> None:
-    """A second SIGTERM/SIGINT: exit now, with what a shell reports for a process killed by that signal (128 + N:
-    143 for SIGTERM, 130 for SIGINT). Running streams are cut off without an end event; the OS frees the rest."""
+    """A second SIGTERM/SIGINT/SIGHUP: exit now, with what a shell reports for a process killed by that signal
+    (128 + N: 143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP). Running streams are cut off without an end event;
+    the OS frees the rest."""
     name = signal.Signals(signum).name
     code = ExitCode.SIGNAL_BASE + signum
     narrate("shutdown", f"Received {name} again: exiting at once with code {code}, not waiting for running "

@@ -54,6 +54,27 @@ def test_serves_a_safetensors_folder_and_reuses_the_conversion(tmp_path: Path):
         again.stop()
 
 
+def test_a_truncated_cached_conversion_is_redone_not_a_crash_loop(tmp_path: Path):
+    """A cached GGUF cut short (a crash, a full disk) made every later start exit 3 until someone deleted it."""
+    make_tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+    args = ["--model", str(tmp_path / "tiny-llama"), "--cache-dir", str(tmp_path / "cache"), "--ctx-size", "128"]
+    w = WorkerProcess(args).start()
+    w.stop()
+    cached = Path(w.wait_for("safetensors_convert_complete")["path"])
+    (tmp_path / "cache" / f".{cached.name}.999999-1.tmp").write_bytes(b"left by kill -9")
+    cached.write_bytes(cached.read_bytes()[:4096])
+    again = WorkerProcess(args).start()
+    try:
+        body, _ = _ask(again.url)
+        assert body["tokens_out"] == 4
+        actions = again.actions()
+        assert "convert_cache_cleaned" in actions and "convert_cache_damaged" in actions
+        assert "safetensors_convert_complete" in actions
+    finally:
+        again.stop()
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+
 def test_serves_an_hf_ref_from_the_local_hub_cache(tmp_path: Path):
     make_tiny_checkpoint(tmp_path / "src", "gemma2")
     files = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}

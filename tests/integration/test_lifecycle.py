@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +44,46 @@ def test_foreign_file_exits_3(tmp_path: Path):
     result = run_worker("--model", str(bad))
     assert result.returncode == 3
     assert str(bad) in result.stderr
+
+
+@pytest.fixture(scope="module")
+def embedded_fields():
+    """Where each metadata value of the embedded model lies in its file (found with the gguf package's reader)."""
+    from gguf import GGUFReader
+
+    path = embedded_model_path()
+    return path, {key: field.offset for key, field in GGUFReader(path).fields.items()}
+
+
+# A hyper-parameter rewritten in place in a copy of the embedded model: (key, GGUF value type, packed value).
+# The type is 4 uint32, 5 int32, 6 float32: every value keeps its 4 bytes, so nothing else in the file moves.
+BAD_HPARAMS = {
+    "block_count_0": ("llama.block_count", 4, struct.pack("<I", 0)),
+    "block_count_100000": ("llama.block_count", 4, struct.pack("<I", 100_000)),
+    "rms_eps_nan": ("llama.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", math.nan)),
+    "rms_eps_negative": ("llama.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", -1e-5)),
+    "head_count_negative": ("llama.attention.head_count", 5, struct.pack("<i", -9)),
+    "embedding_length_float": ("llama.embedding_length", 6, struct.pack("<f", 576.0)),
+    "rope_freq_base_inf": ("llama.rope.freq_base", 6, struct.pack("<f", math.inf)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HPARAMS))
+def test_bad_hyper_parameter_exits_3_naming_file_and_key(tmp_path: Path, embedded_fields, case):
+    """Values that made llama.cpp abort the process (SIGABRT, exit 134) exit 3 with the file and the key."""
+    key, vtype, value = BAD_HPARAMS[case]
+    source, offsets = embedded_fields
+    data = bytearray(source.read_bytes())
+    at = offsets[key] + 8 + len(key)  # past the key's length and its bytes: the value's type, then the value
+    assert struct.unpack_from("<I", data, at)[0] in (4, 6)  # uint32 or float32 in the original, 4 bytes
+    data[at: at + 4] = struct.pack("<I", vtype)
+    data[at + 4: at + 8] = value
+    bad = tmp_path / f"{case}.gguf"
+    bad.write_bytes(bytes(data))
+    result = run_worker("--model", str(bad), "--log-format", "json")
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    failed = [line for line in result.stderr.splitlines() if '"model_load_failed"' in line]
+    assert failed and str(bad) in failed[0] and key in failed[0], result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -151,7 +193,8 @@ async def test_request_timeout_ends_running_and_waiting_requests():
         assert events[-1]["tokens_out"] < 500
 
 
-async def test_sigterm_drains_running_requests_then_exits_0():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_drains_running_requests_then_exits_0(signum):
     w = WorkerProcess(["--parallel", "2", "--ctx-size", "512", "--drain-timeout", "20"]).start()
     try:
         async with aiohttp.ClientSession() as http:
@@ -161,7 +204,7 @@ async def test_sigterm_drains_running_requests_then_exits_0():
                 async for ev in iter_sse(resp):
                     events.append(ev)
                     if ev["type"] == "token" and len(events) == 2:
-                        w.proc.send_signal(signal.SIGTERM)
+                        w.proc.send_signal(signum)
                         await asyncio.sleep(0.2)
                         async with http.get(f"{w.url}/health") as h:
                             assert (await h.json())["status"] == "draining"
@@ -172,3 +215,24 @@ async def test_sigterm_drains_running_requests_then_exits_0():
         assert "shutdown" in w.actions()
     finally:
         w.stop()
+
+
+async def test_sigusr1_is_ignored_and_streams_go_on():
+    w = WorkerProcess(["--parallel", "1", "--ctx-size", "512"]).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"prompt": "Write a poem.", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+            async with http.post(f"{w.url}/v1/inference", json=body) as resp:
+                events = []
+                async for ev in iter_sse(resp):
+                    events.append(ev)
+                    if ev["type"] == "token" and len(events) == 2:
+                        w.proc.send_signal(signal.SIGUSR1)
+            assert events[-1]["type"] == "end" and events[-1]["stop_reason"] == "max_tokens"
+            w.wait_for("signal_ignored", 10)
+            assert w.proc.poll() is None
+            async with http.get(f"{w.url}/health") as h:
+                assert (await h.json())["status"] == "ready"
+    finally:
+        w.stop()
+    assert w.proc.returncode == 0

@@ -97,3 +97,47 @@ def test_settings_offer_exactly_the_quantizations_the_converter_knows():
     choices = typing.get_args(Settings.model_fields["quantize"].annotation)
     assert list(choices) == ["none", *QUANT_TYPES]
     assert str(Settings.model_fields["cache_dir"].default) == "~/.cache/llm-worker-rbee"
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "no_record"])
+def test_a_damaged_cached_gguf_is_converted_again(checkpoint: Path, tmp_path: Path, how: str):
+    cache = tmp_path / "cache"
+    first = ensure_gguf(checkpoint, cache)
+    whole = first.read_bytes()
+    if how == "truncated":
+        first.write_bytes(whole[: len(whole) // 2])
+    elif how == "zeroed":  # same size, a run of zeros (a crash before the data reached the disk)
+        first.write_bytes(whole[:1000] + bytes(4096) + whole[5096:])
+    else:
+        first.with_name(first.name + ".check").unlink()
+    with recording() as events:
+        again = ensure_gguf(checkpoint, cache)
+    actions = [e["action"] for e in events]
+    assert actions == ["convert_cache_damaged", "safetensors_convert_start", "safetensors_convert_complete"]
+    assert again == first and again.read_bytes() == whole
+    assert str(first) in events[0]["path"]
+    with recording() as events:  # and it is trusted again
+        assert ensure_gguf(checkpoint, cache) == first
+    assert [e["action"] for e in events] == ["safetensors_convert_cached"]
+
+
+def test_stale_temp_files_are_removed_at_start_but_not_a_running_conversions(checkpoint: Path, tmp_path: Path):
+    from filelock import FileLock
+
+    cache = tmp_path / "cache"
+    first = ensure_gguf(checkpoint, cache)
+    stale = [cache / f".{first.name}.4242-17.tmp", cache / f".{first.name}.4242-17.f16.tmp",
+             cache / f".{first.name}.check.4242-17.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a conversion")
+    running = cache / ".other-0123456789abcdef.f16.gguf.777-1.tmp"  # another model, its conversion under way
+    running.write_bytes(b"being written")
+    unrelated = cache / "notes.txt"
+    unrelated.write_text("mine")
+    with FileLock(str(cache / "other-0123456789abcdef.f16.gguf") + ".lock"):
+        with recording() as events:
+            assert ensure_gguf(checkpoint, cache) == first
+    assert not any(p.exists() for p in stale)
+    assert running.exists() and unrelated.exists()
+    cleaned = sorted(e["path"] for e in events if e["action"] == "convert_cache_cleaned")
+    assert cleaned == sorted(str(p) for p in stale)

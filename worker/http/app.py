@@ -7,17 +7,17 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from worker import runtime
 from worker.config import Settings
 from worker.engine.outputs import StopReason
 from worker.exit_codes import ExitCode
 from worker.http import openapi, routes_native, routes_openai, routes_ops
-from worker.http.auth import bearer_auth
-from worker.http.errors import json_errors
+from worker.http.auth import bearer_auth, check_auth
+from worker.http.errors import ApiError, error_response, is_openai_path, json_errors, openai_error_response
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
 from worker.llamacpp import ModelLoadError
 from worker.metrics import Metrics
@@ -153,10 +153,33 @@ async def correlation_id(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """An `Expect:` header, before any middleware runs: `100-continue` invites the body only when the request
+    passes auth and its declared length fits (else 401 / 413 / 400 at once, so the body is never sent); any other
+    expectation is 417. All in the contract's JSON shape (aiohttp's own answers are text)."""
+    if request.version != HttpVersion11:
+        return None
+    expect = request.headers.get("Expect", "")
+    respond = openai_error_response if is_openai_path(request.path) else error_response
+    settings = request.app[SETTINGS]
+    try:
+        if expect.lower() != "100-continue":
+            raise ApiError(417, "expectation_failed", f"unsupported Expect header: {expect[:100]!r}")
+        check_auth(request, settings.api_token or None)
+        if request.content_length is not None and request.content_length > settings.max_body_bytes:
+            raise ApiError(413, "body_too_large", f"request body is larger than {settings.max_body_bytes} bytes")
+    except ApiError as exc:
+        response = respond(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+        response.force_close()  # the body may follow or not: the connection cannot be reused safely
+        return response
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the 100 is not the answer: the answer has not begun
+    return None
+
+
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Any] = [count_requests, correlation_id, json_errors]
-    if settings.api_token:
-        middlewares.append(bearer_auth(settings.api_token))
+    middlewares.append(bearer_auth(settings.api_token or None))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -167,4 +190,7 @@ def create_app(settings: Settings) -> web.Application:
     routes_ops.setup(app)
     routes_openai.setup(app)
     openapi.setup(app)
+    for route in app.router.routes():
+        # aiohttp takes an expect handler per route (add_route's expect_handler); every route gets the same.
+        cast(Any, route)._expect_handler = expect_continue
     return app

@@ -1,4 +1,5 @@
-"""Bearer-token auth: every route but the probes, /metrics and /openapi.json, compared in constant time."""
+"""Bearer-token auth: every route but the probes, /metrics and /openapi.json, compared in constant time; more than
+one Authorization header is refused on every route."""
 
 from __future__ import annotations
 
@@ -19,21 +20,32 @@ def _route_path(request: web.Request) -> str | None:
     return resource.canonical if resource is not None else None
 
 
-def bearer_auth(token: str):
-    expected = token.encode("utf-8")
+def check_auth(request: web.Request, token: str | None) -> None:
+    """Raise ApiError unless the request may reach its route: one Authorization header at most (two could be read
+    differently by a proxy in front, which might check the last where this checks the first), and the bearer token
+    where one is set and the route is not open."""
+    given_headers = request.headers.getall("Authorization", [])
+    if len(given_headers) > 1:
+        raise ApiError(400, "invalid_request",
+                       f"the request has {len(given_headers)} Authorization headers; send exactly one")
+    if token is None or _route_path(request) in OPEN_PATHS:
+        return
+    # RFC 6750: "Bearer" (the scheme is case-insensitive), then the token. Header bytes that are not UTF-8 arrive as
+    # surrogates: they are kept as the bytes they were, and simply do not match.
+    scheme, _, given = (given_headers[0] if given_headers else "").partition(" ")
+    given_bytes = given.strip(" ").encode("utf-8", "surrogateescape")
+    # compare_digest's time depends on the length only, never on where the first difference is.
+    token_ok = hmac.compare_digest(given_bytes, token.encode("utf-8"))
+    if not (token_ok and scheme.lower() == "bearer"):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_auth(token: str | None):
+    """The middleware: check_auth on every request (with no token, only the one-Authorization-header rule)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if _route_path(request) not in OPEN_PATHS:
-            # RFC 6750: "Bearer" (the scheme is case-insensitive), then the token. Header bytes that are not UTF-8
-            # arrive as surrogates: they are kept as the bytes they were, and simply do not match.
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            given_bytes = given.strip(" ").encode("utf-8", "surrogateescape")
-            # compare_digest's time depends on the length only, never on where the first difference is.
-            token_ok = hmac.compare_digest(given_bytes, expected)
-            if not (token_ok and scheme.lower() == "bearer"):
-                raise ApiError(401, "unauthorized", "missing or wrong bearer token",
-                               headers={"WWW-Authenticate": "Bearer"})
+        check_auth(request, token)
         return await handler(request)
 
     return middleware

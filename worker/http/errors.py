@@ -3,9 +3,14 @@ status; never an HTML page."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from loguru import logger
 
 from worker.engine.outputs import SubmitError
@@ -54,6 +59,8 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
+    500: "internal_error",
 }
 
 
@@ -73,6 +80,13 @@ async def json_errors(request: web.Request, handler):
                    else f"request body is larger than {request.app._client_max_size} bytes")
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what is allowed
         return respond(exc.status, code, message, allow)
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        # The body could not be read as sent: a Content-Encoding it does not match (not gzip, not deflate), a broken
+        # chunk. The client's fault: 400, never 500.
+        request["error_code"] = "invalid_request"
+        reason = " ".join(str(getattr(exc, "message", None) or exc).split())
+        reason = re.sub(r"^\d{3}, message: ", "", reason)[:200]  # RequestPayloadError's str() leads with a status
+        return respond(400, "invalid_request", f"the request body could not be read: {reason}")
     except ConnectionResetError:
         # The client went away while its answer was being written: nobody is left to answer, and it is no error of
         # the worker's. Routes that stream catch this themselves; this is the net under the others. aiohttp finds
@@ -83,3 +97,40 @@ async def json_errors(request: web.Request, handler):
         logger.exception(f"unhandled error on {request.method} {request.path}")
         request["error_code"] = "internal_error"
         return respond(500, "internal_error", "the worker hit an unexpected error; it is logged")
+
+
+class JsonErrorProtocol(RequestHandler):
+    """aiohttp answers a request its HTTP parser refused (a malformed header, a line past the limits) in plain text,
+    before any route or middleware sees it; this answers in the contract's JSON shape instead, with the same status,
+    and the connection is still closed."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises if an answer has already begun
+        code = _HTTP_CODES.get(status, "http_error")
+        if status >= 500 or not message:
+            text = ("the worker hit an unexpected error; it is logged" if status >= 500
+                    else HTTPStatus(status).phrase)
+        else:
+            text = "malformed HTTP request: " + " ".join(str(message).split())[:200]
+        respond = openai_error_response if is_openai_path(request.path) else error_response
+        response = respond(status, code, text)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """The protocol factory aiohttp's site listens with, making JsonErrorProtocol connections."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """web.AppRunner whose connections answer the HTTP parser's own refusals in JSON (JsonErrorProtocol)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
+                               handler_cancellation=server.handler_cancellation, loop=asyncio.get_running_loop(),
+                               **server._kwargs)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from worker.engine.core import EngineCore
-from worker.engine.outputs import Failed, Finished, Job, Output, SubmitError, TokenText, is_last
+from worker.engine.outputs import Failed, Finished, Job, Output, Overloaded, SubmitError, TokenText, is_last
 from worker.engine.sampling import SamplingParams
 from worker.http import sse
 from worker.http.errors import ApiError, submit_error
@@ -81,10 +81,16 @@ async def submit_job(
     ignore_eos: bool = False,
     parse_special: bool = False,
 ) -> JobStream:
-    """Tokenize (off the loop), refuse what cannot fit before it takes a slot, and submit."""
+    """Refuse at once when the queue is full, tokenize (off the loop), refuse what cannot fit before it takes a
+    slot, and submit."""
     state = request.app[STATE]
     runtime = state.require_ready()
     engine = runtime.engine
+    # A flood must be refused cheaply: tokenizing costs far more than the check. The engine checks again, exactly,
+    # at submit (others may have taken the room meanwhile).
+    waiting = engine.waiting
+    if waiting - (engine.n_slots - engine.busy) >= engine.max_queue:
+        raise submit_error(Overloaded(f"{waiting} requests are waiting; the queue holds {engine.max_queue}"))
     if isinstance(prompt, str):
         tokens = await asyncio.to_thread(runtime.model.tokenize, prompt, parse_special=parse_special)
     else:

@@ -82,7 +82,9 @@ def _decode(raw: bytes) -> Any:
         raise ApiError(400, "invalid_request", f"body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and CPython's limit on an integer literal's digits
+        # (4,300): all are the body's fault.
         raise ApiError(400, "invalid_request", f"body is not valid JSON: {exc}") from None
     # A \uD800-\uDFFF escape: JSON lets a lone one through, UTF-8 (llama.cpp's tokenizer, our answers) cannot.
     if b"\\ud" in raw or b"\\uD" in raw or json.detect_encoding(raw) != "utf-8":

@@ -11,6 +11,7 @@ from typing import Any
 import llama_cpp as lc
 
 from worker.llamacpp.backend import clear_errors, init_backend, last_errors
+from worker.llamacpp.hparams import HParamError, check_hparams
 
 
 class ModelLoadError(Exception):
@@ -80,6 +81,10 @@ class Model:
         init_backend()
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
+        try:
+            check_hparams(path)  # values that would make llama.cpp abort the process, not fail the load
+        except HParamError as exc:
+            raise ModelLoadError(f"{path} has an invalid hyper-parameter: {exc}") from None
         params = lc.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.main_gpu = main_gpu

@@ -6,11 +6,20 @@ quantizing) only when the cache does not hold one for these exact source files a
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from worker.models.convert.cache import cache_key, lock, temp_path
+from worker.models.convert.cache import (
+    cache_key,
+    clean_stale_temps,
+    damage,
+    durable_replace,
+    forget,
+    lock,
+    record_check,
+    sha256_of,
+    temp_path,
+)
 from worker.models.convert.convert import convert_checkpoint, read_config
 from worker.models.convert.errors import ConvertError
 from worker.models.convert.families import family_for
@@ -40,14 +49,21 @@ def ensure_gguf(folder: Path, cache_dir: Path, quantize: str = "none", label: st
     label = label or folder.name
     files = source_files(folder)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in clean_stale_temps(cache_dir):
+        narrate("convert_cache_cleaned", f"Removed {tmp}, left by a conversion that did not finish.",
+                target=label, path=str(tmp))
     key = cache_key(files, {"quantize": quantize}, cache_dir)
     out = cache_dir / f"{_safe(label)}-{key[:16]}.{'f16' if quantize == 'none' else quantize}.gguf"
-    if out.is_file():
-        narrate("safetensors_convert_cached", f"{label} was converted before: {out}.", target=label, path=str(out))
-        return out
-    with lock(out):
-        if out.is_file():  # another worker converted it while this one waited for the lock
-            return out
+    with lock(out):  # also while checking: a conversion may be writing the record right now
+        if out.is_file():  # converted before (or by another worker while this one waited for the lock)
+            reason = damage(out)
+            if reason is None:
+                narrate("safetensors_convert_cached", f"{label} was converted before: {out}.", target=label,
+                        path=str(out))
+                return out
+            narrate("convert_cache_damaged", f"The cached {out} cannot be used ({reason}): converting again.",
+                    level="warning", target=label, path=str(out), reason=reason)
+            forget(out)
         source_bytes = sum(f.stat().st_size for f in files)
         narrate("safetensors_convert_start", f"Converting {label} ({_size(source_bytes)} of SafeTensors) to "
                 f"GGUF ({'F16' if quantize == 'none' else quantize}).", target=label, source=str(folder),
@@ -57,7 +73,9 @@ def ensure_gguf(folder: Path, cache_dir: Path, quantize: str = "none", label: st
             stats = convert_checkpoint(folder, f16 if quantize != "none" else tmp, name=label)
             if quantize != "none":
                 quantize_gguf(f16, tmp, quantize)
-            os.replace(tmp, out)
+            digest = sha256_of(tmp)
+            durable_replace(tmp, out)
+            record_check(out, digest)
         seconds = time.perf_counter() - t0
         size = out.stat().st_size
         narrate("safetensors_convert_complete", f"Converted {label} ({stats.architecture}, {stats.n_tensors} "
