@@ -98,9 +98,7 @@ class EngineCore:
                 raise Draining("the worker is shutting down")
             if job.job_id in self._jobs:
                 raise DuplicateJob(f"job {job.job_id!r} is already running or waiting")
-            # Jobs not yet ended (as the loop has seen them) beyond the slots are the queue: counted on this thread
-            # alone, so the bound is exact whatever the engine thread is doing.
-            waiting = len(self._jobs) - self.n_slots
+            waiting = self.queued()
             if waiting >= self.max_queue:
                 raise Overloaded(f"{waiting} requests are waiting; the queue holds {self.max_queue}")
             self._jobs[job.job_id] = job
@@ -133,6 +131,11 @@ class EngineCore:
     async def wait_idle(self) -> None:
         """Until every job submitted has delivered its end."""
         await self._idle.wait()
+
+    def queued(self) -> int:
+        """Jobs beyond the slots: submitted and not yet ended as the event loop has seen them. Counted on the loop's
+        thread alone, so the queue's bound is exact whatever the engine thread is doing."""
+        return len(self._jobs) - self.n_slots
 
     @property
     def busy(self) -> int:

@@ -88,8 +88,8 @@ async def submit_job(
     engine = runtime.engine
     # A flood must be refused cheaply: tokenizing costs far more than the check. The engine checks again, exactly,
     # at submit (others may have taken the room meanwhile).
-    waiting = engine.waiting
-    if waiting - (engine.n_slots - engine.busy) >= engine.max_queue:
+    waiting = engine.queued()
+    if waiting >= engine.max_queue:
         raise submit_error(Overloaded(f"{waiting} requests are waiting; the queue holds {engine.max_queue}"))
     if isinstance(prompt, str):
         tokens = await asyncio.to_thread(runtime.model.tokenize, prompt, parse_special=parse_special)
