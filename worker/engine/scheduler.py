@@ -204,10 +204,11 @@ class Scheduler:
         deferred: list[Job] = []
         while self.waiting and any(slot.job is None for slot in self.slots):
             job = self.waiting.popleft()
-            if self._prefix_in_flight(job):
+            held = self._held_by_slot(job)
+            if self._prefix_in_flight(job, held):
                 deferred.append(job)  # another job is prefilling this one's prefix: share it once it is there
                 continue
-            slot, cached = self._place(job)
+            slot, cached = self._place(job, held)
             try:
                 self._start(slot, job, cached)
             except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
@@ -220,19 +221,17 @@ class Scheduler:
 
     # ---- the prefix cache ------------------------------------------------------------------------------------
 
-    def _place(self, job: Job) -> tuple[Slot, int]:
+    def _place(self, job: Job, held: dict[int, int]) -> tuple[Slot, int]:
         """A free slot for the job and how many of its prompt's tokens are already in that slot's KV: the free slot
         that holds the longest prefix of the prompt; or, when another slot (busy or not) holds a much longer one,
         the least useful free slot with that prefix copied in. At least the prompt's last two tokens are computed:
         the last one's logits give the first token, and llama.cpp's attention for a lone query rounds otherwise
         than for a batch (see _reusable_cells), so a suffix of one token would change greedy text."""
-        prompt = job.prompt_tokens[:-MIN_SUFFIX]
         free = [slot for slot in self.slots if slot.job is None]
         if not self.prefix_cache:
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
             self._keep(slot, 0)
             return slot, 0
-        held = {slot.seq_id: self._held(slot, prompt) for slot in self.slots}
         # the longest own prefix; then a slot whose sampler chain fits; then the one idle longest
         slot = max(free, key=lambda s: (held[s.seq_id], s.chain_params == job.params, -s.idle_since))
         src = max(self.slots, key=lambda s: held[s.seq_id])
@@ -274,22 +273,24 @@ class Scheduler:
             narrate("prefix_evicted", f"Dropped {dropped} cached tokens of slot {slot.seq_id} for a new prompt.",
                     actor="engine", target=f"slot:{slot.seq_id}", cells=dropped, level="debug")
 
-    def _prefix_in_flight(self, job: Job) -> bool:
+    def _prefix_in_flight(self, job: Job, held: dict[int, int]) -> bool:
         """Whether a running job is still prefilling a longer prefix of this job's prompt than any slot holds."""
         prefilling = [slot for slot in self.slots if slot.job is not None and not slot.decoding]
         if not (self.prefix_cache and prefilling):
             return False
         prompt = job.prompt_tokens[:-MIN_SUFFIX]
         shared = max(_common_prefix(slot.job.prompt_tokens, prompt) for slot in prefilling if slot.job)
-        if shared < MIN_SHARED_PREFILL:
-            return False
         # waiting costs at most that prefill's remaining steps
-        return all(self._held(slot, prompt) < shared for slot in self.slots)
+        return shared >= MIN_SHARED_PREFILL and all(n < shared for n in held.values())
 
-    def _held(self, slot: Slot, prompt: list[int]) -> int:
-        """How much of the prompt the slot's reusable cells hold."""
-        n = self._reusable_cells(slot)
-        return _common_prefix(slot.kv_tokens if n == len(slot.kv_tokens) else slot.kv_tokens[:n], prompt)
+    def _held_by_slot(self, job: Job) -> dict[int, int]:
+        """seq_id → how much of the job's prompt (all but its last MIN_SUFFIX tokens) the slot's reusable cells
+        hold; computed once per admission attempt."""
+        if not self.prefix_cache:
+            return {}
+        prompt = job.prompt_tokens[:-MIN_SUFFIX]
+        return {slot.seq_id: _common_prefix(slot.kv_tokens, prompt, self._reusable_cells(slot))
+                for slot in self.slots}
 
     def decoded(self, parts: Iterable[tuple[Slot, Part]]) -> None:
         """These parts are in the KV cache now (llama_decode took them)."""
@@ -464,10 +465,10 @@ MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, comput
 MIN_SUFFIX = 2  # prompt tokens always computed, never taken from the cache (see Scheduler._place)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share. Compared a block at a time (list slices compare at C speed):
-    prompts run to thousands of tokens, and this runs for every slot at every admission."""
-    n = min(len(a), len(b))
+def _common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
+    """How many leading tokens two sequences share (at most `limit`). Compared a block at a time (list slices compare
+    at C speed): prompts run to thousands of tokens, and this runs for every slot at every admission."""
+    n = min(len(a), len(b), len(a) if limit is None else limit)
     i = 0
     while i < n and a[i : i + _BLOCK] == b[i : i + _BLOCK]:
         i += _BLOCK
