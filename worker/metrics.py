@@ -40,18 +40,19 @@ class Metrics:
         self.waiting = Gauge(p + "requests_waiting", "requests waiting for a slot", registry=r)
         self.slots = Gauge(p + "slots_total", "sequences decoded together (--parallel)", registry=r)
         self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "KV cache cells in use / all cells", registry=r)
-        self.kv_pool_cells = Gauge(p + "kv_pool_cells", "KV cells in the pool every sequence shares", registry=r)
-        self.kv_pool_used = Gauge(p + "kv_pool_cells_used", "KV cells some sequence holds (running or cached)",
+        self.kv_pool_cells = Gauge(p + "kv_pool_cells", "KV cells of all slots (parallel x ctx-size)", registry=r)
+        self.kv_pool_used = Gauge(p + "kv_pool_cells_used", "KV cells some slot holds (running, or kept for reuse)",
                                   registry=r)
-        self.kv_pool_cached = Gauge(p + "kv_pool_cells_cached", "KV cells only cached prefixes hold (evictable)",
+        self.kv_pool_cached = Gauge(p + "kv_pool_cells_cached", "KV cells idle slots keep for the next prompts",
                                     registry=r)
         self.prefix_lookups = Counter(p + "prefix_cache_lookups", "requests that looked up their prompt's prefix",
                                       registry=r)
         self.prefix_hits = Counter(p + "prefix_cache_hits", "lookups that found a cached prefix", registry=r)
         self.prefix_hit_tokens = Counter(p + "prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache "
                                          "instead of computed", registry=r)
-        self.prefix_evictions = Counter(p + "prefix_cache_evictions", "cached prefixes evicted", registry=r)
-        self.prefix_evicted_cells = Counter(p + "prefix_cache_evicted_cells", "KV cells freed by evictions",
+        self.prefix_evictions = Counter(p + "prefix_cache_evictions", "times a slot dropped cached tokens for a new "
+                                        "prompt", registry=r)
+        self.prefix_evicted_cells = Counter(p + "prefix_cache_evicted_cells", "cached tokens dropped for new prompts",
                                             registry=r)
         self.load_seconds = Gauge(p + "model_load_seconds", "seconds the model took to load", registry=r)
         self.model_size = Gauge(p + "model_size_bytes", "size of the model file", registry=r)
@@ -60,13 +61,14 @@ class Metrics:
         self.model_info = Info(p + "model", "the model being served", registry=r)
 
     def bind_engine(self, *, slots: int, running: Callable[[], float], waiting: Callable[[], float],
-                    kv_usage: Callable[[], float], kv_cells: Callable[[], tuple[int, int]], pool_cells: int) -> None:
+                    kv_usage: Callable[[], float], kv_cells: Callable[[], tuple[int, int]],
+                    kv_cells_total: int) -> None:
         """Gauges read at scrape time, so they are never stale."""
         self.slots.set(slots)
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.kv_usage.set_function(kv_usage)
-        self.kv_pool_cells.set(pool_cells)
+        self.kv_pool_cells.set(kv_cells_total)
         self.kv_pool_used.set_function(lambda: kv_cells()[0])
         self.kv_pool_cached.set_function(lambda: kv_cells()[1])
 

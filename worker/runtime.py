@@ -155,7 +155,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
 def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float) -> None:
     info = model.info
     m.bind_engine(slots=engine.n_slots, running=lambda: engine.busy, waiting=lambda: engine.waiting,
-                  kv_usage=engine.kv_usage, kv_cells=engine.kv_cells, pool_cells=engine.pool_cells)
+                  kv_usage=engine.kv_usage, kv_cells=engine.kv_cells, kv_cells_total=engine.kv_cells_total)
     m.bind_device_memory(gpu_memory_used)
     m.load_seconds.set(load_s)
     m.model_size.set(info.size_bytes)

@@ -69,7 +69,7 @@ class EngineCore:
         # Text work overlaps the next step where llama_decode is asynchronous (the GPU). On the CPU it would
         # only delay each token by one step.
         self.overlap = offloaded if overlap is None else overlap
-        self.pool_cells = ctx_size * parallel
+        self.kv_cells_total = ctx_size * parallel  # every slot's own ctx_size cells
         self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
                                    prefix_cache=prefix_cache, metrics=metrics)
@@ -151,7 +151,7 @@ class EngineCore:
 
     def kv_usage(self) -> float:
         """Share of the KV cells that running sequences hold (cells idle slots keep for reuse not counted)."""
-        return self.scheduler.kv_cells_running() / self.pool_cells
+        return self.scheduler.kv_cells_running() / self.kv_cells_total
 
     def kv_cells(self) -> tuple[int, int]:
         """(cells some slot holds, of which idle slots keep for reuse). Read from any thread: lengths only."""
