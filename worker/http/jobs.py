@@ -14,7 +14,6 @@ from aiohttp import web
 from worker.engine.core import EngineCore
 from worker.engine.outputs import Failed, Finished, Job, Output, Overloaded, SubmitError, TokenText, is_last
 from worker.engine.sampling import SamplingParams
-from worker.http import sse
 from worker.http.errors import ApiError, submit_error
 from worker.http.state import SETTINGS, STATE
 
@@ -36,9 +35,9 @@ class JobStream:
             self.engine.cancel(self.job.job_id)
         return exc_type is not None and issubclass(exc_type, ConnectionResetError)
 
-    def sse_response(self, request: web.Request) -> web.StreamResponse:
-        return web.StreamResponse(headers={**sse.SSE_HEADERS, "X-Correlation-Id": request["correlation_id"],
-                                           "X-Job-Id": self.job.job_id})
+    def stream_headers(self, request: web.Request) -> dict[str, str]:
+        """A stream's own headers (set before they go out: the middleware cannot add them to a prepared answer)."""
+        return {"X-Correlation-Id": request["correlation_id"], "X-Job-Id": self.job.job_id}
 
     async def batches(self) -> AsyncIterator[list[Output]]:
         """This job's outputs a step's worth at a time, until its Finished or Failed."""

@@ -1,259 +1,62 @@
 """The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize.
 
-Generation goes through jobs.submit_job like the native route. Errors take OpenAI's shape
-({"error": {"message", "type", "param", "code"}}) in errors.json_errors, so the openai SDK raises its typed exceptions.
-Unknown request fields are refused as OpenAI refuses them; OpenAI fields this worker does not implement are accepted
-only at their neutral value (null, false, 1, "none", ...), so a client that sends them explicitly unset still works.
+Generation goes through jobs.submit_job like the native route. The wire format is protocol_openai's models; errors
+take OpenAI's shape ({"error": {"message", "type", "param", "code"}}: the routes are added with ErrorStyle.OPENAI), so
+the openai SDK raises its typed exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import MISSING, BaseModel, ValidationError
 
-from worker.engine.outputs import Failed, Finished, StopReason, TokenText
-from worker.engine.sampling import (
-    MinP,
-    OpenAISeed,
-    OpenAITopP,
-    Penalty,
-    RepetitionPenalty,
-    SamplingParams,
-    Temperature,
-    TopK,
-)
+from worker.engine.outputs import Failed, Finished, TokenText
 from worker.http import chat
-from worker.http.errors import ApiError, openai_error
+from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
 from worker.http.jobs import JobStream, submit_job
+from worker.http.protocol_native import ModelCard
+from worker.http.protocol_openai import (
+    FINISH_REASONS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionRequest,
+    Delta,
+    DetokenizeRequest,
+    ModelList,
+    ModelObject,
+    Strict,
+    Text,
+    TokenizeRequest,
+    Tokens,
+    Usage,
+)
+from worker.http.routedoc import RouteDoc, StreamDoc, documented
 from worker.http.schemas import read_json
+from worker.http.sse import EventStream
 from worker.http.state import STATE
 from worker.llamacpp import ModelInfo
 
 routes = web.RouteTableDef()
 
-M = TypeVar("M", bound="_Strict")
+M = TypeVar("M", bound=Strict)
 
-# The engine's stop reasons in OpenAI's terms: anything that cut the text short before the model ended it is "length".
-FINISH_REASONS = {StopReason.EOS: "stop", StopReason.STOP_SEQUENCE: "stop", StopReason.MAX_TOKENS: "length",
-                  StopReason.TIMEOUT: "length", StopReason.CANCELLED: "length"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the context
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "seed"}
-
-# OpenAI parameters this worker does not implement, with the values that ask for nothing.
-NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
-    "web_search_options": (None,),
-    "reasoning_effort": (None,),
-    "verbosity": (None,),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "tool_calls": (None, []),
-}
-
-
-def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    return any(type(value) is type(n) and value == n for n in neutral)  # type-exact: 0 is not False
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    unsupported: ClassVar[tuple[str, ...]] = ()
-
-    def check_supported(self) -> None:
-        for name in self.unsupported:
-            if not _is_neutral(getattr(self, name), NEUTRAL[name]):
-                raise ApiError(400, "unsupported_parameter",
-                               f"'{name}' is not supported by this worker; leave it out or null", field=name)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None  # padding against length side channels: accepted, nothing to pad
-
-
-class _Generate(_Strict):
-    """What both completion routes accept."""
-
-    unsupported: ClassVar[tuple[str, ...]] = ("logit_bias",)
-
-    model: str | None = None  # one worker serves one model: any name is served by it (as llama-server does)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: Temperature | None = None
-    top_p: OpenAITopP | None = None
-    top_k: TopK | None = None  # native extras, as llama.cpp's server takes them
-    min_p: MinP | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    ignore_eos: bool | None = None  # vLLM's extra, for benchmarks: generate exactly max_tokens
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    stop: Any = Field(None, validate_default=True)
-    seed: OpenAISeed | None = None
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    logit_bias: Any = None
-    # Accepted and ignored: they change nothing about the text.
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: Any) -> list[str]:
-        stops = [] if v is None else [v] if isinstance(v, str) else v
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("must be a string or a list of strings")
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s or len(s.encode("utf-8")) > 100 for s in stops):
-            raise ValueError("each stop sequence is 1 to 100 bytes")
-        return stops
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.stream_options is not None and not self.stream:
-            raise ApiError(400, "invalid_request", "'stream_options' is only allowed when 'stream' is true",
-                           field="stream_options")
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
-
-
-class Message(_Strict):
-    unsupported: ClassVar[tuple[str, ...]] = ("tool_calls", "function_call", "audio")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
-    name: str | None = None
-    # What a client echoes back from an earlier response: fine while empty.
-    refusal: str | None = None
-    annotations: list[Any] | None = None
-    tool_calls: Any = None
-    function_call: Any = None
-    audio: Any = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return v
-        if not isinstance(v, list):
-            raise ValueError("must be a string or a list of text parts")
-        for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {i} is {kind!r}; only text parts {{'type': 'text', 'text': ...}} are supported")
-        return v
-
-    def for_template(self) -> dict[str, Any]:
-        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-class ChatRequest(_Generate):
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-        "response_format", "modalities", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity",
-    )
-
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    modalities: Any = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    # Accepted and ignored.
-    parallel_tool_calls: bool | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        for i, message in enumerate(self.messages):
-            try:
-                message.check_supported()
-            except ApiError as exc:
-                exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
-                raise
-
-
-class CompletionRequest(_Generate):
-    unsupported: ClassVar[tuple[str, ...]] = ("logit_bias", "logprobs", "best_of", "echo", "suffix")
-
-    prompt: Any
-    logprobs: Any = None
-    best_of: Any = None
-    echo: Any = None
-    suffix: Any = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]  # a batch of one
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list) and v and all(type(t) is int for t in v):
-            return v
-        if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
-            raise ValueError("several prompts in one request are not supported; send one request per prompt")
-        raise ValueError("must be a string or a non-empty list of token ids")
-
-
-class TokenizeRequest(_Strict):
-    model: str | None = None
-    text: str
-    add_special: bool = True  # BOS where the model wants one (never twice), as a completion prompt gets it
-    parse_special: bool = True  # "<|im_start|>" in the text is that special token, as in prompts
-
-
-class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int]
+BODY_ERRORS = (400, 401, 413, 503)
 
 
 def _parse(model: type[M], body: Any) -> M:
@@ -283,16 +86,6 @@ def _check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
                        field=param)
 
 
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _usage(end: Finished) -> dict[str, Any]:
-    prompt, completion = end.prompt_tokens, end.tokens_out
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": end.cached_tokens}}
-
-
 @dataclass
 class Reply:
     """The response objects of one request; chat and text completions differ only in names and where text goes."""
@@ -306,70 +99,70 @@ class Reply:
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
 
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def whole(self, text: str, end: Finished) -> dict[str, Any]:
+    def whole(self, text: str, end: Finished) -> ChatCompletion | Completion:
         finish = FINISH_REASONS[end.stop_reason]
-        choice: dict[str, Any]
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": _usage(end)}
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=Usage.of(end), choices=[
+                ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)])
+        return Completion(id=self.id, created=self.created, model=self.model, usage=Usage.of(end), choices=[
+            CompletionChoice(index=0, text=text, finish_reason=finish)])
 
-    def chunk(self, text: str | None = None, *, finish: str | None = None, role: str | None = None) -> bytes:
-        choice: dict[str, Any]
-        if self.chat:
-            delta = {**({"role": role} if role else {}), **({"content": text} if text is not None else {})}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        body = {**self._head(self._chunk_object), "choices": [choice]}
+    def chunk(self, text: str | None = None, *, finish: Any = None, role: bool = False,
+              usage: Finished | None = None) -> ChatCompletionChunk | CompletionChunk:
+        """A chunk with text or a finish reason (the role on a chat stream's first); with `usage`, the last chunk
+        (no choices). With include_usage every other chunk has `"usage": null`, as OpenAI's."""
+        extra: dict[str, Any] = {}
         if self.include_usage:
-            body["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
-        return _sse(body)
-
-    def usage_chunk(self, end: Finished) -> bytes:
-        return _sse({**self._head(self._chunk_object), "choices": [], "usage": _usage(end)})
-
-    @property
-    def _chunk_object(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
+            extra["usage"] = Usage.of(usage) if usage is not None else None
+        if self.chat:
+            delta = Delta(role="assistant" if role else MISSING, content=text if text is not None else MISSING)
+            chat_choices = [] if usage else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=chat_choices,
+                                       **extra)
+        text_choices = [] if usage else [CompletionChunkChoice(index=0, text=text or "", finish_reason=finish)]
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=text_choices, **extra)
 
 
 async def _respond(request: web.Request, job: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
     if not stream:
         text, end = await job.collect()
-        return web.json_response(reply.whole(text, end))
+        return _json(reply.whole(text, end))
 
-    resp = job.sse_response(request)
+    events = EventStream(request, job.stream_headers(request))
     async with job:
-        await resp.prepare(request)
-        if reply.chat:
-            await resp.write(reply.chunk("", role="assistant"))
+        await events.open()
+        if reply.chat:  # the role at once: a client sees the answer begin before the prompt is decoded
+            events.add(reply.chunk("", role=True))
+            await events.flush()
         finished = None
         async for batch in job.batches():
-            chunks = []
             for out in batch:
                 if isinstance(out, TokenText):
-                    chunks.append(reply.chunk(out.text))
+                    events.add(reply.chunk(out.text))
                 elif isinstance(out, Finished):
                     finished = out
-                    chunks.append(reply.chunk(finish=FINISH_REASONS[out.stop_reason]))
+                    events.add(reply.chunk(finish=FINISH_REASONS[out.stop_reason]))
                 elif isinstance(out, Failed):
-                    chunks.append(_sse({"error": openai_error(500, out.code, out.message)}))
-            await resp.write(b"".join(chunks))
+                    events.add(error_body(ErrorStyle.OPENAI, 500, out.code, out.message))
+            await events.flush()
         if finished is not None and reply.include_usage:
-            await resp.write(reply.usage_chunk(finished))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-    return resp
+            events.add(reply.chunk(usage=finished))
+        await events.close(done=True)
+    return events.response
+
+
+def _json(body: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=body.model_dump_json(), status=status, content_type="application/json")
+
+
+_CHAT_STREAM = StreamDoc("OpenAI chat completion chunks, then [DONE]", "openai", (ChatCompletionChunk,))
+_COMPLETION_STREAM = StreamDoc("OpenAI text completion chunks, then [DONE]", "openai", (CompletionChunk,))
 
 
 @routes.post("/v1/chat/completions")
+@documented(RouteDoc("OpenAI chat completion, with the model's own chat template", "openai", body=ChatRequest,
+                     ok=ChatCompletion, stream=_CHAT_STREAM, errors=(*BODY_ERRORS, 409, 500),
+                     ok_description="the whole answer (stream false) or its event stream (stream true)"))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[STATE].require_ready()
     req = _parse(ChatRequest, await read_json(request))
@@ -396,6 +189,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/completions")
+@documented(RouteDoc("OpenAI text completion", "openai", body=CompletionRequest, ok=Completion,
+                     stream=_COMPLETION_STREAM, errors=(*BODY_ERRORS, 409, 500),
+                     ok_description="the whole answer (stream false) or its event stream (stream true)"))
 async def completions(request: web.Request) -> web.StreamResponse:
     model = request.app[STATE].require_ready().model
     req = _parse(CompletionRequest, await read_json(request))
@@ -411,32 +207,37 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _respond(request, job, reply, bool(req.stream))
 
 
-def _model_object(info: ModelInfo) -> dict[str, Any]:
+def _model_object(info: ModelInfo) -> ModelObject:
     try:
         created = int(os.path.getmtime(info.path))
     except OSError:
         created = 0
-    return {"id": info.ref, "object": "model", "created": created, "owned_by": "llm-worker-rbee",
-            "meta": info.public()}
+    return ModelObject(id=info.ref, created=created, owned_by="llm-worker-rbee", meta=ModelCard(**info.public()))
 
 
 @routes.get("/v1/models")
+@documented(RouteDoc("The served model, as OpenAI's model list", "openai", ok=ModelList, ok_description="one model",
+                     errors=(401, 503)))
 async def list_models(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
-    return web.json_response({"object": "list", "data": [_model_object(model.info)]})
+    return _json(ModelList(data=[_model_object(model.info)]))
 
 
 @routes.get("/v1/models/{model_id:.+}")
+@documented(RouteDoc("The served model by its id", "openai", ok=ModelObject, ok_description="the model",
+                     errors=(401, 404, 503), path_parameters=("model_id",)))
 async def get_model(request: web.Request) -> web.Response:
     info = request.app[STATE].require_ready().model.info
     model_id = request.match_info["model_id"]
     if model_id != info.ref:
         raise ApiError(404, "model_not_found",
                        f"the model {model_id!r} does not exist; this worker serves {info.ref!r}", field="model")
-    return web.json_response(_model_object(info))
+    return _json(_model_object(info))
 
 
 @routes.post("/v1/tokenize")
+@documented(RouteDoc("Text to token ids", "openai", body=TokenizeRequest, ok=Tokens, ok_description="the tokens",
+                     errors=BODY_ERRORS))
 async def tokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(TokenizeRequest, await read_json(request))
@@ -446,16 +247,18 @@ async def tokenize(request: web.Request) -> web.Response:
             return model.prompt_tokens(req.text)  # exactly what a completion prompt of this text gets
         return model.tokenize(req.text, add_special=req.add_special, parse_special=req.parse_special)
 
-    return web.json_response({"tokens": await asyncio.to_thread(run)})
+    return _json(Tokens(tokens=await asyncio.to_thread(run)))
 
 
 @routes.post("/v1/detokenize")
+@documented(RouteDoc("Token ids to text", "openai", body=DetokenizeRequest, ok=Text, ok_description="the text",
+                     errors=BODY_ERRORS))
 async def detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(DetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
-    return web.json_response({"text": await asyncio.to_thread(model.detokenize, req.tokens)})
+    return _json(Text(text=await asyncio.to_thread(model.detokenize, req.tokens)))
 
 
 def setup(app: web.Application) -> None:
-    app.add_routes(routes)
+    add_routes(app, routes, ErrorStyle.OPENAI)

@@ -1,0 +1,354 @@
+"""The OpenAI-compatible API's wire format: requests and responses as pydantic models (vLLM's
+entrypoints/openai/protocol.py is the model). Requests are validated by them, responses built from them, and the
+OpenAPI document generated from both.
+
+Unknown request fields are refused as OpenAI refuses them; OpenAI fields this worker does not implement are accepted
+only at their neutral value (null, false, 1, "none", ...: `neutral_only`), so a client that sends them explicitly unset
+still works.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import MISSING, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from worker.engine.outputs import Finished, StopReason
+from worker.engine.sampling import (
+    MinP,
+    OpenAISeed,
+    OpenAITopP,
+    Penalty,
+    RepetitionPenalty,
+    SamplingParams,
+    Temperature,
+    TopK,
+)
+from worker.http.errors import ApiError
+from worker.http.protocol_native import ModelCard, WireModel
+
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "seed"}
+FinishReason = Literal["stop", "length"]
+# The engine's stop reasons in OpenAI's terms: anything that cut the text short before the model ended it is "length".
+FINISH_REASONS: dict[StopReason, FinishReason] = {
+    StopReason.EOS: "stop", StopReason.STOP_SEQUENCE: "stop", StopReason.MAX_TOKENS: "length",
+    StopReason.TIMEOUT: "length", StopReason.CANCELLED: "length"}
+
+
+def neutral_only(*neutral: Any) -> Any:
+    """A field OpenAI defines that this worker does not implement: accepted only at a value that asks for nothing
+    (null or one of `neutral`), else 400 unsupported_parameter naming it."""
+    return Field(None, json_schema_extra={
+        "enum": [None, *neutral], "x-neutral": True,
+        "description": "not supported by this worker: leave it out, or send a neutral value"})
+
+
+def _is_neutral(value: Any, neutral: list[Any]) -> bool:
+    return any(type(value) is type(n) and value == n for n in neutral)  # type-exact: 0 is not False
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def check_supported(self) -> None:
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and extra.get("x-neutral"):
+                if not _is_neutral(getattr(self, name), list(extra["enum"])):  # type: ignore[arg-type]
+                    raise ApiError(400, "unsupported_parameter",
+                                   f"'{name}' is not supported by this worker; leave it out or null", field=name)
+
+
+# ---- requests ----------------------------------------------------------------------------------------------------
+
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 100}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+StopField = Annotated[Any, WithJsonSchema({
+    "description": "one stop string or up to 4; each 1 to 100 bytes of UTF-8",
+    "anyOf": [{"type": "null"}, _STOP_STRING, {"type": "array", "maxItems": 4, "items": _STOP_STRING}]})]
+PromptField = Annotated[Any, WithJsonSchema({
+    "description": "text, or token ids; a batch of exactly one of either is taken too",
+    "anyOf": [{"type": "string"}, _TOKEN_IDS, {"type": "array", "minItems": 1, "maxItems": 1,
+                                               "items": {"anyOf": [{"type": "string"}, _TOKEN_IDS]}}]})]
+ContentField = Annotated[Any, WithJsonSchema({
+    "description": "text, or a list of text parts (joined with newlines)",
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]})]
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # padding against length side channels: accepted, nothing to pad
+
+
+class GenerateRequest(Strict):
+    """What both completion routes accept."""
+
+    model: str | None = None  # one worker serves one model: any name is served by it (as llama-server does)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: Temperature | None = None
+    top_p: OpenAITopP | None = None
+    top_k: TopK | None = None  # native extras, as llama.cpp's server takes them
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    ignore_eos: bool | None = None  # vLLM's extra, for benchmarks: generate exactly max_tokens
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stop: StopField = Field(None, validate_default=True)
+    seed: OpenAISeed | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logit_bias: Any = neutral_only({})
+    # Accepted and ignored: they change nothing about the text.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: Any) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("must be a string or a list of strings")
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s or len(s.encode("utf-8")) > 100 for s in stops):
+            raise ValueError("each stop sequence is 1 to 100 bytes")
+        return stops
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "invalid_request", "'stream_options' is only allowed when 'stream' is true",
+                           field="stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: ContentField
+    name: str | None = None
+    # What a client echoes back from an earlier response: fine while empty.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: Any = neutral_only([])
+    function_call: Any = neutral_only()
+    audio: Any = neutral_only()
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("must be a string or a list of text parts")
+        for i, part in enumerate(v):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {i} is {kind!r}; only text parts {{'type': 'text', 'text': ...}} are supported")
+        return v
+
+    def for_template(self) -> dict[str, Any]:
+        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatRequest(GenerateRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Any = neutral_only(False)
+    top_logprobs: Any = neutral_only(0)
+    tools: Any = neutral_only([])
+    tool_choice: Any = neutral_only("none")
+    functions: Any = neutral_only([])
+    function_call: Any = neutral_only("none")
+    response_format: Any = neutral_only({"type": "text"})
+    modalities: Any = neutral_only(["text"])
+    audio: Any = neutral_only()
+    prediction: Any = neutral_only()
+    web_search_options: Any = neutral_only()
+    reasoning_effort: Any = neutral_only()
+    verbosity: Any = neutral_only()
+    # Accepted and ignored.
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for i, message in enumerate(self.messages):
+            try:
+                message.check_supported()
+            except ApiError as exc:
+                exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
+                raise
+
+
+class CompletionRequest(GenerateRequest):
+    prompt: PromptField
+    logprobs: Any = neutral_only()
+    best_of: Any = neutral_only(1)
+    echo: Any = neutral_only(False)
+    suffix: Any = neutral_only("")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+            v = v[0]  # a batch of one
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and v and all(type(t) is int for t in v):
+            return v
+        if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
+            raise ValueError("several prompts in one request are not supported; send one request per prompt")
+        raise ValueError("must be a string or a non-empty list of token ids")
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    text: str
+    add_special: bool = True  # BOS where the model wants one (never twice), as a completion prompt gets it
+    parse_special: bool = True  # "<|im_start|>" in the text is that special token, as in prompts
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses ---------------------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(WireModel):
+    cached_tokens: int
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, end: Finished) -> Usage:
+        return cls(prompt_tokens=end.prompt_tokens, completion_tokens=end.tokens_out,
+                   total_tokens=end.prompt_tokens + end.tokens_out,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=end.cached_tokens))
+
+
+class CompletionChoice(WireModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(WireModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(WireModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionChunk(WireModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None | MISSING = Field(MISSING, description="with stream_options.include_usage: null in every "
+                                          "chunk but the last, whose choices are empty")
+
+
+class AssistantMessage(WireModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(WireModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(WireModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(WireModel):
+    role: Literal["assistant"] | MISSING = MISSING
+    content: str | MISSING = MISSING
+
+
+class ChatChunkChoice(WireModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(WireModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None | MISSING = Field(MISSING, description="with stream_options.include_usage: null in every "
+                                          "chunk but the last, whose choices are empty")
+
+
+class ModelObject(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    meta: ModelCard
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class Tokens(WireModel):
+    tokens: list[int]
+
+
+class Text(WireModel):
+    text: str
