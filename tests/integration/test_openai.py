@@ -251,7 +251,6 @@ def test_bad_chat_request_is_a_bad_request_error(client, model_id, kw, param, co
 
 
 BAD_COMPLETION = [
-    ({"prompt": ["one", "two"]}, "prompt", "invalid_request"),
     ({"prompt": [49152]}, "prompt", "invalid_request"),
     ({"prompt": []}, "prompt", "invalid_request"),
     ({"echo": True}, "echo", "unsupported_parameter"),

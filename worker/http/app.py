@@ -17,6 +17,7 @@ from worker.engine.outputs import StopReason
 from worker.exit_codes import ExitCode
 from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth, check_auth
+from worker.http.cors import Cors
 from worker.http.errors import ApiError, error_response, json_errors, request_style
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
 from worker.llamacpp import ModelLoadError
@@ -179,11 +180,16 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Any] = [count_requests, correlation_id, json_errors]
+    cors = Cors(settings.cors_origins) if settings.cors_origins else None
+    if cors is not None:
+        middlewares.append(cors.preflight)  # before auth: a preflight carries no credentials
     middlewares.append(bearer_auth(settings.api_token or None))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_prepare)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[STATE] = WorkerState()
+    app[STATE] = WorkerState(served_name=settings.served_model_name)
     app.cleanup_ctx.append(_runtime_lifecycle)
     app.cleanup_ctx.append(_pool_lifecycle)
     routes_native.setup(app)

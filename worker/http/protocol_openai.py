@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import MISSING, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import MISSING, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from worker.engine.outputs import Finished, StopReason
 from worker.engine.sampling import (
@@ -68,8 +68,8 @@ StopField = Annotated[Any, WithJsonSchema({
     "description": "one stop string or up to 4; each 1 to 100 bytes of UTF-8",
     "anyOf": [{"type": "null"}, _STOP_STRING, {"type": "array", "maxItems": 4, "items": _STOP_STRING}]})]
 PromptField = Annotated[Any, WithJsonSchema({
-    "description": "text, or token ids; a batch of exactly one of either is taken too",
-    "anyOf": [{"type": "string"}, _TOKEN_IDS, {"type": "array", "minItems": 1, "maxItems": 1,
+    "description": "text, or token ids, or a list of either (OpenAI's batch form: one choice per prompt, in order)",
+    "anyOf": [{"type": "string"}, _TOKEN_IDS, {"type": "array", "minItems": 1,
                                                "items": {"anyOf": [{"type": "string"}, _TOKEN_IDS]}}]})]
 ContentField = Annotated[Any, WithJsonSchema({
     "description": "text, or a list of text parts (joined with newlines)",
@@ -79,7 +79,13 @@ ContentField = Annotated[Any, WithJsonSchema({
 
 
 class StreamOptions(Strict):
+    """Keys this worker does not know are ignored, not refused: clients send their server's own (guidellm always
+    sends vLLM's continuous_usage_stats)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = Field(
+        None, description="vLLM's: every chunk carries the usage so far (the request's prompt and generated tokens)")
     include_obfuscation: bool | None = None  # padding against length side channels: accepted, nothing to pad
 
 
@@ -136,6 +142,10 @@ class GenerateRequest(Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
@@ -213,16 +223,16 @@ class CompletionRequest(GenerateRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]  # a batch of one
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list) and v and all(type(t) is int for t in v):
-            return v
-        if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
-            raise ValueError("several prompts in one request are not supported; send one request per prompt")
-        raise ValueError("must be a string or a non-empty list of token ids")
+    def _prompts(cls, v: Any) -> list[str | list[int]]:
+        """Always a list of prompts: one string or token-id list is a batch of one."""
+        if isinstance(v, str) or (isinstance(v, list) and v and all(type(t) is int for t in v)):
+            return [v]
+        if not isinstance(v, list) or not v:
+            raise ValueError("must be a string, a non-empty list of token ids, or a non-empty list of either")
+        for i, p in enumerate(v):
+            if not (isinstance(p, str) or (isinstance(p, list) and p and all(type(t) is int for t in p))):
+                raise ValueError(f"prompt {i} must be a string or a non-empty list of token ids")
+        return v
 
 
 class TokenizeRequest(Strict):
@@ -233,6 +243,31 @@ class TokenizeRequest(Strict):
 
 
 class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class VllmTokenizeRequest(Strict):
+    """vLLM's POST /tokenize: a prompt, or messages rendered with the model's chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(
+        None, description="BOS where the model wants one; default true for a prompt, false for messages (the "
+        "template writes its own)")
+    add_generation_prompt: bool = True
+    continue_final_message: Any = neutral_only(False)
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> VllmTokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class VllmDetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
 
@@ -352,3 +387,29 @@ class Tokens(WireModel):
 
 class Text(WireModel):
     text: str
+
+
+class VllmTokenizeResponse(WireModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class VllmDetokenizeResponse(WireModel):
+    prompt: str
+
+
+class TokenizerInfo(WireModel):
+    """vLLM's GET /tokenizer_info (what tokenizer_config.json says), so a client can tokenize and apply the chat
+    template without downloading the tokenizer."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    unk_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int

@@ -45,7 +45,8 @@ def _json(body: BaseModel, status: int = 200) -> web.Response:
 
 
 def _card(state: WorkerState) -> ModelCard | None:
-    return ModelCard(**state.model.info.public()) if state.model else None
+    card = state.model_card()
+    return ModelCard(**card) if card else None
 
 
 @routes.get("/health")
@@ -92,22 +93,22 @@ _NATIVE_STREAM = StreamDoc("`started`, `token`s (and `narration`s when asked), t
                      ok_description="the whole answer (stream false) or its event stream (stream true)",
                      errors=(400, 401, 413, 503, 409, 500)))
 async def inference(request: web.Request) -> web.StreamResponse:
-    runtime = _state(request).require_ready()
+    _state(request).require_ready()
     req = parse(InferenceRequest, await read_json(request))
     job = await submit_job(request, req.prompt, req.sampling(), max_tokens=req.max_tokens, stop=req.stop,
                            job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos)
 
     if not req.stream:
-        text, end = await job.collect()
-        return _json(InferenceResult(text=text, **EndFields.of(end)))
+        [result] = await job.collect()
+        return _json(InferenceResult(text=result.text, **EndFields.of(result.end)))
 
-    model_ref = runtime.model.info.ref
+    model_id = _state(request).model_id
     events = EventStream(request, job.stream_headers(request))
     async with job:
         await events.open()
         async for batch in job.batches():
-            for out in batch:
-                events.add_typed(native_event(out, model_ref))
+            for _, out in batch:
+                events.add_typed(native_event(out, model_id))
             await events.flush()
         await events.close()
     return events.response

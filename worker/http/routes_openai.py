@@ -20,7 +20,7 @@ from pydantic import MISSING, BaseModel, ValidationError
 from worker.engine.outputs import Failed, Finished, TokenText
 from worker.http import chat
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
-from worker.http.jobs import JobStream, submit_job
+from worker.http.jobs import JobResult, JobSpec, JobStream, submit_jobs
 from worker.http.protocol_native import ModelCard
 from worker.http.protocol_openai import (
     FINISH_REASONS,
@@ -37,18 +37,25 @@ from worker.http.protocol_openai import (
     CompletionRequest,
     Delta,
     DetokenizeRequest,
+    Message,
     ModelList,
     ModelObject,
+    PromptTokensDetails,
     Strict,
     Text,
     TokenizeRequest,
+    TokenizerInfo,
     Tokens,
     Usage,
+    VllmDetokenizeRequest,
+    VllmDetokenizeResponse,
+    VllmTokenizeRequest,
+    VllmTokenizeResponse,
 )
 from worker.http.routedoc import RouteDoc, StreamDoc, documented
 from worker.http.schemas import read_json
 from worker.http.sse import EventStream
-from worker.http.state import STATE
+from worker.http.state import STATE, WorkerState
 from worker.llamacpp import ModelInfo
 
 routes = web.RouteTableDef()
@@ -73,7 +80,8 @@ def _parse(model: type[M], body: Any) -> M:
                            field=path) from None
         if err.get("type") == "missing":
             raise ApiError(400, "invalid_request", f"missing required parameter: {path}", field=path) from None
-        raise ApiError(400, "invalid_request", f"{path}: {err['msg'].removeprefix('Value error, ')}",
+        message = err["msg"].removeprefix("Value error, ")
+        raise ApiError(400, "invalid_request", f"{path}: {message}" if path else message,
                        field=path or None) from None
     req.check_supported()
     return req
@@ -88,65 +96,98 @@ def _check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
 
 @dataclass
 class Reply:
-    """The response objects of one request; chat and text completions differ only in names and where text goes."""
+    """The response objects of one request; chat and text completions differ only in names and where text goes.
+    A request runs `choices` jobs: `n` per prompt, prompt-major (choice index = prompt index * n + j), so usage
+    counts each prompt once."""
 
     chat: bool
     model: str
+    choices: int = 1
+    n: int = 1
     include_usage: bool = False
+    continuous_usage: bool = False
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
 
-    def whole(self, text: str, end: Finished) -> ChatCompletion | Completion:
-        finish = FINISH_REASONS[end.stop_reason]
-        if self.chat:
-            return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=Usage.of(end), choices=[
-                ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)])
-        return Completion(id=self.id, created=self.created, model=self.model, usage=Usage.of(end), choices=[
-            CompletionChoice(index=0, text=text, finish_reason=finish)])
+    def job_id(self, index: int) -> str:
+        """One job: the response id (DELETE /v1/inference/{id} cancels it); several: `<id>-<index>`."""
+        return self.id if self.choices == 1 else f"{self.id}-{index}"
 
-    def chunk(self, text: str | None = None, *, finish: Any = None, role: bool = False,
-              usage: Finished | None = None) -> ChatCompletionChunk | CompletionChunk:
-        """A chunk with text or a finish reason (the role on a chat stream's first); with `usage`, the last chunk
-        (no choices). With include_usage every other chunk has `"usage": null`, as OpenAI's."""
-        extra: dict[str, Any] = {}
-        if self.include_usage:
-            extra["usage"] = Usage.of(usage) if usage is not None else None
+    def usage(self, prompt_tokens: list[int], generated: list[int], cached: list[int] | None = None) -> Usage:
+        """Per-choice counts summed: prompts once per prompt, generated tokens of every choice."""
+        prompt = sum(prompt_tokens[::self.n])
+        completion = sum(generated)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum((cached or [])[::self.n])))
+
+    def end_usage(self, ends: list[Finished]) -> Usage:
+        return self.usage([e.prompt_tokens for e in ends], [e.tokens_out for e in ends],
+                          [e.cached_tokens for e in ends])
+
+    def whole(self, results: list[JobResult]) -> ChatCompletion | Completion:
+        usage = self.end_usage([r.end for r in results])
+        if self.chat:
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                           finish_reason=FINISH_REASONS[r.end.stop_reason])
+                for i, r in enumerate(results)])
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+            CompletionChoice(index=i, text=r.text, finish_reason=FINISH_REASONS[r.end.stop_reason])
+            for i, r in enumerate(results)])
+
+    def chunk(self, index: int, text: str | None = None, *, finish: Any = None, role: bool = False,
+              usage: Usage | None = None) -> ChatCompletionChunk | CompletionChunk:
+        """A chunk of choice `index` with text or a finish reason (the role on a chat stream's first). With
+        include_usage every chunk has `"usage": null` (as OpenAI's) unless `usage` is given (continuous usage)."""
+        extra: dict[str, Any] = {"usage": usage} if usage is not None or self.include_usage else {}
         if self.chat:
             delta = Delta(role="assistant" if role else MISSING, content=text if text is not None else MISSING)
-            chat_choices = [] if usage else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
-            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=chat_choices,
-                                       **extra)
-        text_choices = [] if usage else [CompletionChunkChoice(index=0, text=text or "", finish_reason=finish)]
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=text_choices, **extra)
+            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, **extra,
+                                       choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)])
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, **extra,
+                               choices=[CompletionChunkChoice(index=index, text=text or "", finish_reason=finish)])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk | CompletionChunk:
+        """The last chunk with include_usage: no choices, the request's usage."""
+        kind = ChatCompletionChunk if self.chat else CompletionChunk
+        return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
-async def _respond(request: web.Request, job: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
+async def _respond(request: web.Request, jobs: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
     if not stream:
-        text, end = await job.collect()
-        return _json(reply.whole(text, end))
+        return _json(reply.whole(await jobs.collect()))
 
-    events = EventStream(request, job.stream_headers(request))
-    async with job:
+    events = EventStream(request, jobs.stream_headers(request))
+    prompt_tokens = [len(job.prompt_tokens) for job in jobs.jobs]
+    generated = [0] * len(jobs.jobs)
+    ends: dict[int, Finished] = {}
+
+    def running() -> Usage | None:
+        return reply.usage(prompt_tokens, generated) if reply.continuous_usage else None
+
+    async with jobs:
         await events.open()
         if reply.chat:  # the role at once: a client sees the answer begin before the prompt is decoded
-            events.add(reply.chunk("", role=True))
+            for index in range(len(jobs.jobs)):
+                events.add(reply.chunk(index, "", role=True, usage=running()))
             await events.flush()
-        finished = None
-        async for batch in job.batches():
-            for out in batch:
+        async for batch in jobs.batches():
+            for index, out in batch:
                 if isinstance(out, TokenText):
-                    events.add(reply.chunk(out.text))
+                    generated[index] = out.index + 1
+                    events.add(reply.chunk(index, out.text, usage=running()))
                 elif isinstance(out, Finished):
-                    finished = out
-                    events.add(reply.chunk(finish=FINISH_REASONS[out.stop_reason]))
+                    ends[index] = out
+                    generated[index] = out.tokens_out
+                    events.add(reply.chunk(index, finish=FINISH_REASONS[out.stop_reason], usage=running()))
                 elif isinstance(out, Failed):
                     events.add(error_body(ErrorStyle.OPENAI, 500, out.code, out.message))
             await events.flush()
-        if finished is not None and reply.include_usage:
-            events.add(reply.chunk(usage=finished))
+        if reply.include_usage and len(ends) == len(jobs.jobs):
+            events.add(reply.usage_chunk(reply.end_usage([ends[i] for i in range(len(ends))])))
         await events.close(done=True)
     return events.response
 
@@ -159,33 +200,49 @@ _CHAT_STREAM = StreamDoc("OpenAI chat completion chunks, then [DONE]", "openai",
 _COMPLETION_STREAM = StreamDoc("OpenAI text completion chunks, then [DONE]", "openai", (CompletionChunk,))
 
 
-@routes.post("/v1/chat/completions")
-@documented(RouteDoc("OpenAI chat completion, with the model's own chat template", "openai", body=ChatRequest,
-                     ok=ChatCompletion, stream=_CHAT_STREAM, errors=(*BODY_ERRORS, 409, 500),
-                     ok_description="the whole answer (stream false) or its event stream (stream true)"))
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[STATE].require_ready()
-    req = _parse(ChatRequest, await read_json(request))
-    model = runtime.model
-    info = model.info
+def _chat_prompt(info: ModelInfo, model_id: str, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """The conversation in the model's own chat template."""
     if not info.chat_template:
         raise ApiError(400, "no_chat_template",
-                       f"the model {info.ref} has no chat template (tokenizer.chat_template in its GGUF); "
+                       f"the model {model_id} has no chat template (tokenizer.chat_template in its GGUF); "
                        "use /v1/completions with a prompt in the model's own format", field="messages")
     try:
-        prompt = chat.render(info.chat_template, [m.for_template() for m in req.messages], bos_token=info.bos,
-                             eos_token=info.eos)
+        return chat.render(info.chat_template, [m.for_template() for m in messages], bos_token=info.bos,
+                           eos_token=info.eos, add_generation_prompt=add_generation_prompt)
     except chat.TemplateCompileError as exc:
         raise ApiError(500, "chat_template_error", str(exc)) from None
     except chat.TemplateRenderError as exc:
         raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
                        field="messages") from None
+
+
+def _check_room(request: web.Request, choices: int) -> None:
+    """One request may not ask for more sequences than the worker can hold at once (slots + queue)."""
+    engine = request.app[STATE].require_ready().engine
+    room = engine.n_slots + engine.max_queue
+    if choices > room:
+        raise ApiError(400, "invalid_request", f"the request asks for {choices} sequences (prompts x n); this "
+                       f"worker holds at most {room} at once ({engine.n_slots} slots + a queue of "
+                       f"{engine.max_queue})", field="prompt")
+
+
+@routes.post("/v1/chat/completions")
+@documented(RouteDoc("OpenAI chat completion, with the model's own chat template", "openai", body=ChatRequest,
+                     ok=ChatCompletion, stream=_CHAT_STREAM, errors=(*BODY_ERRORS, 409, 500),
+                     ok_description="the whole answer (stream false) or its event stream (stream true)"))
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    runtime = state.require_ready()
+    req = _parse(ChatRequest, await read_json(request))
+    model = runtime.model
+    prompt = _chat_prompt(model.info, state.model_id, req.messages)
     tokens = await asyncio.to_thread(model.prompt_tokens, prompt)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
-    reply = Reply(chat=True, model=info.ref, include_usage=req.include_usage)
-    job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
-                           ignore_eos=bool(req.ignore_eos), job_id=reply.id)
-    return await _respond(request, job, reply, bool(req.stream))
+    reply = Reply(chat=True, model=state.model_id, include_usage=req.include_usage,
+                  continuous_usage=req.continuous_usage)
+    jobs = await submit_jobs(request, [JobSpec(tokens, req.sampling(), reply.job_id(0))], max_tokens=max_tokens,
+                             stop=req.stop, ignore_eos=bool(req.ignore_eos))
+    return await _respond(request, jobs, reply, bool(req.stream))
 
 
 @routes.post("/v1/completions")
@@ -193,46 +250,53 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                      stream=_COMPLETION_STREAM, errors=(*BODY_ERRORS, 409, 500),
                      ok_description="the whole answer (stream false) or its event stream (stream true)"))
 async def completions(request: web.Request) -> web.StreamResponse:
-    model = request.app[STATE].require_ready().model
+    state = request.app[STATE]
+    model = state.require_ready().model
     req = _parse(CompletionRequest, await read_json(request))
-    if isinstance(req.prompt, str):
-        tokens = await asyncio.to_thread(model.prompt_tokens, req.prompt)
-    else:
-        _check_token_ids(req.prompt, model.n_vocab, "prompt")
-        tokens = req.prompt
-    reply = Reply(chat=False, model=model.info.ref, include_usage=req.include_usage)
+    _check_room(request, len(req.prompt))
+    prompts: list[list[int]] = []
+    for i, prompt in enumerate(req.prompt):
+        if isinstance(prompt, str):
+            prompts.append(await asyncio.to_thread(model.prompt_tokens, prompt))
+        else:
+            _check_token_ids(prompt, model.n_vocab, "prompt" if len(req.prompt) == 1 else f"prompt.{i}")
+            prompts.append(prompt)
+    reply = Reply(chat=False, model=state.model_id, choices=len(prompts), include_usage=req.include_usage,
+                  continuous_usage=req.continuous_usage)
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
-                           ignore_eos=bool(req.ignore_eos), job_id=reply.id)
-    return await _respond(request, job, reply, bool(req.stream))
+    specs = [JobSpec(tokens, req.sampling(), reply.job_id(i)) for i, tokens in enumerate(prompts)]
+    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos))
+    return await _respond(request, jobs, reply, bool(req.stream))
 
 
-def _model_object(info: ModelInfo) -> ModelObject:
+def _model_object(state: WorkerState) -> ModelObject:
+    info = state.require_ready().model.info
     try:
         created = int(os.path.getmtime(info.path))
     except OSError:
         created = 0
-    return ModelObject(id=info.ref, created=created, owned_by="llm-worker-rbee", meta=ModelCard(**info.public()))
+    return ModelObject(id=state.model_id, created=created, owned_by="llm-worker-rbee",
+                       meta=ModelCard(**(state.model_card() or {})))
 
 
 @routes.get("/v1/models")
 @documented(RouteDoc("The served model, as OpenAI's model list", "openai", ok=ModelList, ok_description="one model",
                      errors=(401, 503)))
 async def list_models(request: web.Request) -> web.Response:
-    model = request.app[STATE].require_ready().model
-    return _json(ModelList(data=[_model_object(model.info)]))
+    return _json(ModelList(data=[_model_object(request.app[STATE])]))
 
 
 @routes.get("/v1/models/{model_id:.+}")
 @documented(RouteDoc("The served model by its id", "openai", ok=ModelObject, ok_description="the model",
                      errors=(401, 404, 503), path_parameters=("model_id",)))
 async def get_model(request: web.Request) -> web.Response:
-    info = request.app[STATE].require_ready().model.info
+    state = request.app[STATE]
+    state.require_ready()
     model_id = request.match_info["model_id"]
-    if model_id != info.ref:
+    if model_id != state.model_id:
         raise ApiError(404, "model_not_found",
-                       f"the model {model_id!r} does not exist; this worker serves {info.ref!r}", field="model")
-    return _json(_model_object(info))
+                       f"the model {model_id!r} does not exist; this worker serves {state.model_id!r}", field="model")
+    return _json(_model_object(state))
 
 
 @routes.post("/v1/tokenize")
@@ -258,6 +322,59 @@ async def detokenize(request: web.Request) -> web.Response:
     req = _parse(DetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
     return _json(Text(text=await asyncio.to_thread(model.detokenize, req.tokens)))
+
+
+# ---- vLLM's tokenizer routes, at the root: a client (lm-eval's remote tokenizer) tokenizes with the served model's
+# own vocabulary and applies its chat template without downloading anything --------------------------------------
+
+
+@routes.post("/tokenize")
+@documented(RouteDoc("vLLM's tokenize: a prompt, or messages through the chat template, to token ids", "vllm",
+                     body=VllmTokenizeRequest, ok=VllmTokenizeResponse, ok_description="the tokens",
+                     errors=BODY_ERRORS))
+async def vllm_tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    runtime = state.require_ready()
+    model = runtime.model
+    req = _parse(VllmTokenizeRequest, await read_json(request))
+    if req.messages is not None:
+        text = _chat_prompt(model.info, state.model_id, req.messages, req.add_generation_prompt)
+        add_special = bool(req.add_special_tokens)
+    else:
+        text, add_special = req.prompt or "", req.add_special_tokens is not False
+
+    def run() -> tuple[list[int], list[str] | None]:
+        # Special tokens written in the text are those tokens, as a Hugging Face tokenizer reads them.
+        tokens = (model.prompt_tokens(text) if add_special
+                  else model.tokenize(text, add_special=False, parse_special=True))
+        strs = [model.piece(t).decode("utf-8", errors="replace") for t in tokens] if req.return_token_strs else None
+        return tokens, strs
+
+    tokens, strs = await asyncio.to_thread(run)
+    return _json(VllmTokenizeResponse(count=len(tokens), max_model_len=runtime.engine.ctx_size, tokens=tokens,
+                                      token_strs=strs))
+
+
+@routes.post("/detokenize")
+@documented(RouteDoc("vLLM's detokenize: token ids to text", "vllm", body=VllmDetokenizeRequest,
+                     ok=VllmDetokenizeResponse, ok_description="the text", errors=BODY_ERRORS))
+async def vllm_detokenize(request: web.Request) -> web.Response:
+    model = request.app[STATE].require_ready().model
+    req = _parse(VllmDetokenizeRequest, await read_json(request))
+    _check_token_ids(req.tokens, model.n_vocab, "tokens")
+    return _json(VllmDetokenizeResponse(prompt=await asyncio.to_thread(model.detokenize, req.tokens)))
+
+
+@routes.get("/tokenizer_info")
+@documented(RouteDoc("vLLM's tokenizer_info: the special tokens, the chat template and the context length",
+                     "vllm", ok=TokenizerInfo, ok_description="the tokenizer's configuration", errors=(401, 503)))
+async def tokenizer_info(request: web.Request) -> web.Response:
+    runtime = request.app[STATE].require_ready()
+    model, info = runtime.model, runtime.model.info
+    return _json(TokenizerInfo(tokenizer_class="LlamaCppTokenizer", bos_token=info.bos, eos_token=info.eos,
+                               unk_token=info.unk, pad_token=None, add_bos_token=model.add_bos,
+                               chat_template=info.chat_template, model_max_length=runtime.engine.ctx_size,
+                               vocab_size=model.n_vocab))
 
 
 def setup(app: web.Application) -> None:
