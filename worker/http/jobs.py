@@ -16,7 +16,18 @@ from typing import Any
 from aiohttp import web
 
 from worker.engine.core import EngineCore
-from worker.engine.outputs import Failed, Finished, Job, Output, Overloaded, SubmitError, TokenText, is_last
+from worker.engine.outputs import (
+    Constraint,
+    ConstraintError,
+    Failed,
+    Finished,
+    Job,
+    Output,
+    Overloaded,
+    SubmitError,
+    TokenText,
+    is_last,
+)
 from worker.engine.sampling import SamplingParams
 from worker.http.errors import ApiError, submit_error
 from worker.http.state import SETTINGS, STATE
@@ -172,6 +183,20 @@ async def submit_jobs(
         stream.cancel()
         raise submit_error(exc) from None
     return stream
+
+
+async def checked_constraint(request: web.Request, found: tuple[Constraint, str] | None) -> Constraint | None:
+    """The request's constraint once the engine has compiled it (off the loop: a large schema takes a while), or a
+    400 invalid_constraint naming the field and what cannot be enforced. Never accepted and then ignored."""
+    if found is None:
+        return None
+    constraint, field_name = found
+    engine = request.app[STATE].require_ready().engine
+    try:
+        await asyncio.to_thread(engine.check_constraint, constraint)
+    except ConstraintError as exc:
+        raise ApiError(400, exc.code, str(exc), field=field_name) from None
+    return constraint
 
 
 async def submit_job(request: web.Request, prompt: str | list[int], params: SamplingParams, *,

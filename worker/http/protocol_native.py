@@ -6,15 +6,29 @@ them (worker/http/openapi.py), so the three cannot drift apart.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import MISSING, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from worker.engine.outputs import Failed, Finished, Narrated, Output, Started, StopReason, TokenText
+from worker.engine.outputs import Constraint, Failed, Finished, Narrated, Output, Started, StopReason, TokenText
 from worker.engine.sampling import MinP, Penalty, RepetitionPenalty, SamplingParams, Seed, Temperature, TopK, TopP
+from worker.http.errors import ApiError
 
 DEFAULTS = SamplingParams()
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+
+
+def grammar_constraint(grammar: str | None, json_schema: dict[str, Any] | None) -> tuple[Constraint, str] | None:
+    """llama-server's `grammar` (GBNF) / `json_schema` fields as the engine's constraint, and the field it comes
+    from; both at once is a 400."""
+    if grammar is not None and json_schema is not None:
+        raise ApiError(400, "invalid_request", "give 'grammar' or 'json_schema', not both", field="grammar")
+    if grammar is not None:
+        return Constraint("gbnf", grammar), "grammar"
+    if json_schema is not None:
+        return Constraint("json_schema", json.dumps(json_schema)), "json_schema"
+    return None
 
 
 class WireModel(BaseModel):
@@ -53,6 +67,9 @@ class InferenceRequest(BaseModel):
     stream: bool = True
     narration: bool = False
     ignore_eos: bool = False
+    grammar: str | None = Field(None, min_length=1, description="a GBNF grammar the output must match (llama.cpp's "
+                                "grammar syntax, as llama-server takes it)")
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the output must match")
 
     @field_validator("stop")
     @classmethod
@@ -66,6 +83,9 @@ class InferenceRequest(BaseModel):
 
     def sampling(self) -> SamplingParams:
         return SamplingParams.given(**self.model_dump())
+
+    def constraint(self) -> tuple[Constraint, str] | None:
+        return grammar_constraint(self.grammar, self.json_schema)
 
 
 # ---- responses ---------------------------------------------------------------------------------------------------

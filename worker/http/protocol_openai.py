@@ -9,11 +9,14 @@ still works.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import MISSING, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from worker.engine.outputs import Finished, StopReason
+from worker.engine.outputs import MAX_TOP_LOGPROBS, Constraint, Finished, StopReason, TokenLogprob
 from worker.engine.sampling import (
     MinP,
     OpenAISeed,
@@ -25,7 +28,7 @@ from worker.engine.sampling import (
     TopK,
 )
 from worker.http.errors import ApiError
-from worker.http.protocol_native import ModelCard, WireModel
+from worker.http.protocol_native import ModelCard, WireModel, grammar_constraint
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed"}
@@ -104,22 +107,20 @@ class GenerateRequest(Strict):
     frequency_penalty: Penalty | None = None
     stop: StopField = Field(None, validate_default=True)
     seed: OpenAISeed | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, description="choices per prompt: each its own sequence (seed + i when seeded)")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logit_bias: Any = neutral_only({})
+    # llama-server's extras: the output constrained to a GBNF grammar, or to a JSON schema
+    grammar: str | None = Field(None, min_length=1, description="llama-server's: a GBNF grammar the output must "
+                                "match (llama.cpp's grammar syntax)")
+    json_schema: dict[str, Any] | None = Field(None, description="llama-server's: a JSON schema the output must "
+                                               "match")
     # Accepted and ignored: they change nothing about the text.
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -147,8 +148,20 @@ class GenerateRequest(Strict):
     def continuous_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
+    def sampling(self, choice: int = 0) -> SamplingParams:
+        """Choice `choice` of a prompt: with a seed, seed + choice, so n choices differ yet each is repeatable."""
+        params = SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
+        if params.seed is not None and choice:
+            params = replace(params, seed=params.seed + choice)
+        return params
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def constraint(self) -> tuple[Constraint, str] | None:
+        """The output's constraint and the field it comes from (for errors), if the request sets one."""
+        return grammar_constraint(self.grammar, self.json_schema)
 
 
 class Message(Strict):
@@ -183,16 +196,40 @@ class Message(Strict):
         return message
 
 
+class ResponseFormatText(Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is enforced either way: strict or not, the output matches it
+
+
+class ResponseFormatJsonSchema(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+                           Field(discriminator="type")]
+
+
 class ChatRequest(GenerateRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = neutral_only(False)
-    top_logprobs: Any = neutral_only(0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
     tools: Any = neutral_only([])
     tool_choice: Any = neutral_only("none")
     functions: Any = neutral_only([])
     function_call: Any = neutral_only("none")
-    response_format: Any = neutral_only({"type": "text"})
     modalities: Any = neutral_only(["text"])
     audio: Any = neutral_only()
     prediction: Any = neutral_only()
@@ -206,6 +243,12 @@ class ChatRequest(GenerateRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "invalid_request", "'top_logprobs' needs 'logprobs': true", field="top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text" and (
+                self.grammar is not None or self.json_schema is not None):
+            raise ApiError(400, "invalid_request", "give one constraint: 'response_format', 'grammar' or "
+                           "'json_schema'", field="response_format")
         for i, message in enumerate(self.messages):
             try:
                 message.check_supported()
@@ -213,12 +256,27 @@ class ChatRequest(GenerateRequest):
                 exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
                 raise
 
+    @property
+    def logprobs_k(self) -> int | None:
+        """The engine's logprobs: None (none), or the sampled token's and the top k."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def constraint(self) -> tuple[Constraint, str] | None:
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonObject):
+            return Constraint("json_object"), "response_format"
+        if isinstance(fmt, ResponseFormatJsonSchema):
+            return Constraint("json_schema", json.dumps(fmt.json_schema.schema_)), "response_format"
+        return super().constraint()
+
 
 class CompletionRequest(GenerateRequest):
     prompt: PromptField
-    logprobs: Any = neutral_only()
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="the sampled token's logprob and "
+                                 "the most likely `logprobs` tokens' at each position")
+    echo: bool | None = Field(None, description="the prompt before the completion (with logprobs: the prompt's "
+                              "own, the first token's null)")
     best_of: Any = neutral_only(1)
-    echo: Any = neutral_only(False)
     suffix: Any = neutral_only("")
 
     @field_validator("prompt")
@@ -292,10 +350,37 @@ class Usage(WireModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=end.cached_tokens))
 
 
+class TopLogprob(WireModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(WireModel):
+    """OpenAI's chat logprobs: per generated token, its logprob and the top_logprobs most likely at its place."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(WireModel):
+    """OpenAI's (legacy) completion logprobs: parallel lists, one entry per token; with echo the prompt's tokens come
+    first, the very first with null logprobs (nothing predicts it)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(WireModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -311,7 +396,7 @@ class Completion(WireModel):
 class CompletionChunkChoice(WireModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -333,7 +418,7 @@ class AssistantMessage(WireModel):
 class ChatChoice(WireModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -354,7 +439,7 @@ class Delta(WireModel):
 class ChatChunkChoice(WireModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -366,6 +451,43 @@ class ChatCompletionChunk(WireModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None | MISSING = Field(MISSING, description="with stream_options.include_usage: null in every "
                                           "chunk but the last, whose choices are empty")
+
+
+def token_text(piece: bytes) -> str:
+    """A token as text (a piece that is part of a UTF-8 character shows as U+FFFD; `bytes` has the exact bytes)."""
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=token_text(e.piece), logprob=e.logprob, bytes=list(e.piece), top_logprobs=[
+            TopLogprob(token=token_text(t.piece), logprob=t.logprob, bytes=list(t.piece)) for t in e.top])
+        for e in entries])
+
+
+@dataclass
+class CompletionLogprobsWriter:
+    """Completion logprobs of one choice, chunk by chunk: text_offset runs on from chunk to chunk."""
+
+    piece: Callable[[int], bytes]  # for the prompt's first token, which has no logprob entry
+    offset: int = 0
+
+    def write(self, entries: Sequence[TokenLogprob | None], first_token: int | None = None) -> CompletionLogprobs:
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for e in entries:
+            text = token_text(e.piece if e is not None else self.piece(first_token or 0))
+            out.tokens.append(text)
+            out.text_offset.append(self.offset)
+            self.offset += len(text)
+            if e is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(e.logprob)
+            top = {token_text(t.piece): t.logprob for t in e.top}
+            top.setdefault(text, e.logprob)  # the sampled token is always there (OpenAI: up to logprobs + 1)
+            out.top_logprobs.append(top)
+        return out
 
 
 class ModelObject(WireModel):

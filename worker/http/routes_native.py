@@ -8,7 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from worker.http.errors import ApiError, ErrorStyle, add_routes
-from worker.http.jobs import submit_job
+from worker.http.jobs import checked_constraint, submit_job
 from worker.http.protocol_native import (
     Cancelling,
     EndEvent,
@@ -95,8 +95,10 @@ _NATIVE_STREAM = StreamDoc("`started`, `token`s (and `narration`s when asked), t
 async def inference(request: web.Request) -> web.StreamResponse:
     _state(request).require_ready()
     req = parse(InferenceRequest, await read_json(request))
+    constraint = await checked_constraint(request, req.constraint())
     job = await submit_job(request, req.prompt, req.sampling(), max_tokens=req.max_tokens, stop=req.stop,
-                           job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos)
+                           job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos,
+                           constraint=constraint)
 
     if not req.stream:
         [result] = await job.collect()

@@ -11,16 +11,17 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import MISSING, BaseModel, ValidationError
 
-from worker.engine.outputs import Failed, Finished, TokenText
+from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, TokenLogprob, TokenText
 from worker.http import chat
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
-from worker.http.jobs import JobResult, JobSpec, JobStream, submit_jobs
+from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
 from worker.http.protocol_native import ModelCard
 from worker.http.protocol_openai import (
     FINISH_REASONS,
@@ -34,6 +35,7 @@ from worker.http.protocol_openai import (
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobsWriter,
     CompletionRequest,
     Delta,
     DetokenizeRequest,
@@ -51,6 +53,7 @@ from worker.http.protocol_openai import (
     VllmDetokenizeResponse,
     VllmTokenizeRequest,
     VllmTokenizeResponse,
+    chat_logprobs,
 )
 from worker.http.routedoc import RouteDoc, StreamDoc, documented
 from worker.http.schemas import read_json
@@ -106,6 +109,9 @@ class Reply:
     n: int = 1
     include_usage: bool = False
     continuous_usage: bool = False
+    logprobs: bool = False  # render the tokens' logprobs (the jobs asked the engine for them)
+    echo: list[str] | None = None  # completions: each prompt's text, sent before its completion
+    piece: Callable[[int], bytes] | None = None  # a token's bytes (the echoed prompt's first token has no entry)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -115,6 +121,9 @@ class Reply:
     def job_id(self, index: int) -> str:
         """One job: the response id (DELETE /v1/inference/{id} cancels it); several: `<id>-<index>`."""
         return self.id if self.choices == 1 else f"{self.id}-{index}"
+
+    def prompt_text(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo is not None else ""
 
     def usage(self, prompt_tokens: list[int], generated: list[int], cached: list[int] | None = None) -> Usage:
         """Per-choice counts summed: prompts once per prompt, generated tokens of every choice."""
@@ -127,28 +136,39 @@ class Reply:
         return self.usage([e.prompt_tokens for e in ends], [e.tokens_out for e in ends],
                           [e.cached_tokens for e in ends])
 
-    def whole(self, results: list[JobResult]) -> ChatCompletion | Completion:
+    def writer(self) -> CompletionLogprobsWriter:
+        assert self.piece is not None
+        return CompletionLogprobsWriter(self.piece)
+
+    def whole(self, results: list[JobResult], jobs: list[Job]) -> ChatCompletion | Completion:
         usage = self.end_usage([r.end for r in results])
         if self.chat:
             return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
                 ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                           logprobs=chat_logprobs(_generated(r.outputs)) if self.logprobs else None,
                            finish_reason=FINISH_REASONS[r.end.stop_reason])
                 for i, r in enumerate(results)])
-        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
-            CompletionChoice(index=i, text=r.text, finish_reason=FINISH_REASONS[r.end.stop_reason])
-            for i, r in enumerate(results)])
+        choices = []
+        for i, (r, job) in enumerate(zip(results, jobs, strict=True)):
+            logprobs = None
+            if self.logprobs:
+                prompt = [e for out in r.outputs if isinstance(out, PromptLogprobs) for e in out.tokens]
+                logprobs = self.writer().write([*prompt, *_generated(r.outputs)], job.prompt_tokens[0])
+            choices.append(CompletionChoice(index=i, text=self.prompt_text(i) + r.text, logprobs=logprobs,
+                                            finish_reason=FINISH_REASONS[r.end.stop_reason]))
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=choices)
 
     def chunk(self, index: int, text: str | None = None, *, finish: Any = None, role: bool = False,
-              usage: Usage | None = None) -> ChatCompletionChunk | CompletionChunk:
+              usage: Usage | None = None, logprobs: Any = None) -> ChatCompletionChunk | CompletionChunk:
         """A chunk of choice `index` with text or a finish reason (the role on a chat stream's first). With
         include_usage every chunk has `"usage": null` (as OpenAI's) unless `usage` is given (continuous usage)."""
         extra: dict[str, Any] = {"usage": usage} if usage is not None or self.include_usage else {}
         if self.chat:
             delta = Delta(role="assistant" if role else MISSING, content=text if text is not None else MISSING)
-            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, **extra,
-                                       choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)])
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, **extra,
-                               choices=[CompletionChunkChoice(index=index, text=text or "", finish_reason=finish)])
+            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, **extra, choices=[
+                ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, **extra, choices=[
+            CompletionChunkChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk | CompletionChunk:
         """The last chunk with include_usage: no choices, the request's usage."""
@@ -156,29 +176,49 @@ class Reply:
         return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
+def _generated(outputs: list[Output]) -> list[TokenLogprob]:
+    return [e for out in outputs if isinstance(out, TokenText) for e in out.logprobs]
+
+
 async def _respond(request: web.Request, jobs: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
     if not stream:
-        return _json(reply.whole(await jobs.collect()))
+        return _json(reply.whole(await jobs.collect(), jobs.jobs))
 
     events = EventStream(request, jobs.stream_headers(request))
     prompt_tokens = [len(job.prompt_tokens) for job in jobs.jobs]
     generated = [0] * len(jobs.jobs)
     ends: dict[int, Finished] = {}
+    writers = [reply.writer() for _ in jobs.jobs] if reply.logprobs and not reply.chat else []
 
     def running() -> Usage | None:
         return reply.usage(prompt_tokens, generated) if reply.continuous_usage else None
 
+    def token_logprobs(index: int, entries: Sequence[TokenLogprob | None], first: int | None = None) -> Any:
+        if not reply.logprobs:
+            return None
+        if reply.chat:
+            return chat_logprobs([e for e in entries if e is not None])
+        return writers[index].write(entries, first)
+
     async with jobs:
         await events.open()
-        if reply.chat:  # the role at once: a client sees the answer begin before the prompt is decoded
-            for index in range(len(jobs.jobs)):
+        # At once, before the prompt is decoded: a chat's role; an echoed prompt (unless its logprobs must come)
+        for index in range(len(jobs.jobs)):
+            if reply.chat:
                 events.add(reply.chunk(index, "", role=True, usage=running()))
-            await events.flush()
+            elif reply.echo is not None and not reply.logprobs:
+                events.add(reply.chunk(index, reply.prompt_text(index), usage=running()))
+        await events.flush()
         async for batch in jobs.batches():
             for index, out in batch:
                 if isinstance(out, TokenText):
                     generated[index] = out.index + 1
-                    events.add(reply.chunk(index, out.text, usage=running()))
+                    events.add(reply.chunk(index, out.text, usage=running(),
+                                           logprobs=token_logprobs(index, out.logprobs)))
+                elif isinstance(out, PromptLogprobs) and reply.echo is not None:
+                    first = jobs.jobs[index].prompt_tokens[0]
+                    events.add(reply.chunk(index, reply.prompt_text(index), usage=running(),
+                                           logprobs=token_logprobs(index, out.tokens, first)))
                 elif isinstance(out, Finished):
                     ends[index] = out
                     generated[index] = out.tokens_out
@@ -216,14 +256,14 @@ def _chat_prompt(info: ModelInfo, model_id: str, messages: list[Message], add_ge
                        field="messages") from None
 
 
-def _check_room(request: web.Request, choices: int) -> None:
+def _check_room(request: web.Request, choices: int, field_name: str) -> None:
     """One request may not ask for more sequences than the worker can hold at once (slots + queue)."""
     engine = request.app[STATE].require_ready().engine
     room = engine.n_slots + engine.max_queue
     if choices > room:
         raise ApiError(400, "invalid_request", f"the request asks for {choices} sequences (prompts x n); this "
                        f"worker holds at most {room} at once ({engine.n_slots} slots + a queue of "
-                       f"{engine.max_queue})", field="prompt")
+                       f"{engine.max_queue})", field=field_name)
 
 
 @routes.post("/v1/chat/completions")
@@ -236,12 +276,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = _parse(ChatRequest, await read_json(request))
     model = runtime.model
     prompt = _chat_prompt(model.info, state.model_id, req.messages)
+    _check_room(request, req.choices, "n")
+    constraint = await checked_constraint(request, req.constraint())
     tokens = await asyncio.to_thread(model.prompt_tokens, prompt)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
-    reply = Reply(chat=True, model=state.model_id, include_usage=req.include_usage,
-                  continuous_usage=req.continuous_usage)
-    jobs = await submit_jobs(request, [JobSpec(tokens, req.sampling(), reply.job_id(0))], max_tokens=max_tokens,
-                             stop=req.stop, ignore_eos=bool(req.ignore_eos))
+    reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices,
+                  include_usage=req.include_usage, continuous_usage=req.continuous_usage,
+                  logprobs=req.logprobs_k is not None)
+    specs = [JobSpec(tokens, req.sampling(j), reply.job_id(j)) for j in range(req.choices)]
+    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
+                             constraint=constraint, logprobs=req.logprobs_k)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
@@ -253,7 +297,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model = state.require_ready().model
     req = _parse(CompletionRequest, await read_json(request))
-    _check_room(request, len(req.prompt))
+    n = req.choices
+    _check_room(request, len(req.prompt) * n, "prompt" if n == 1 else "n")
+    constraint = await checked_constraint(request, req.constraint())
     prompts: list[list[int]] = []
     for i, prompt in enumerate(req.prompt):
         if isinstance(prompt, str):
@@ -261,11 +307,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
         else:
             _check_token_ids(prompt, model.n_vocab, "prompt" if len(req.prompt) == 1 else f"prompt.{i}")
             prompts.append(prompt)
-    reply = Reply(chat=False, model=state.model_id, choices=len(prompts), include_usage=req.include_usage,
-                  continuous_usage=req.continuous_usage)
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else await asyncio.to_thread(model.detokenize, p) for p in req.prompt]
+    reply = Reply(chat=False, model=state.model_id, choices=len(prompts) * n, n=n, include_usage=req.include_usage,
+                  continuous_usage=req.continuous_usage, logprobs=req.logprobs is not None, echo=echo,
+                  piece=model.piece)
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    specs = [JobSpec(tokens, req.sampling(), reply.job_id(i)) for i, tokens in enumerate(prompts)]
-    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos))
+    specs = [JobSpec(tokens, req.sampling(j), reply.job_id(i * n + j))
+             for i, tokens in enumerate(prompts) for j in range(n)]
+    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
+                             constraint=constraint, logprobs=req.logprobs,
+                             prompt_logprobs=req.logprobs if req.echo else None)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
