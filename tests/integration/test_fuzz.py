@@ -110,7 +110,9 @@ def check_answer(path: str, status: int, content_type: str, raw: bytes) -> None:
     if path == "/v1/inference":
         assert isinstance(body["text"], str) and body["stop_reason"] in STOP_REASONS
     elif path in ("/v1/completions", "/v1/chat/completions"):
-        assert len(body["choices"]) == 1 and body["usage"]["total_tokens"] >= body["usage"]["prompt_tokens"]
+        # one choice per prompt and per n, indexed in order
+        assert [c["index"] for c in body["choices"]] == list(range(len(body["choices"]))) and body["choices"]
+        assert body["usage"]["total_tokens"] >= body["usage"]["prompt_tokens"]
     elif path == "/v1/tokenize":
         assert all(isinstance(t, int) for t in body["tokens"])
     else:
