@@ -139,7 +139,8 @@ async def test_vllm_tokenizer_routes_serve_the_models_vocabulary_and_template(wo
             assert (await resp.json())["tokens"] == chat_tokens
 
         for body, param in (({"prompt": "x", "messages": messages}, None), ({}, None),
-                            ({"prompt": "x", "frobnicate": 1}, "frobnicate")):
+                            ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+                            ({"messages": [{**messages[0], "audio": {}}]}, "messages.0.audio")):
             async with http.post("/tokenize", json=body) as resp:
                 err = (await resp.json())["error"]
             assert resp.status == 400 and set(err) == {"message", "type", "param", "code"} and err["param"] == param
