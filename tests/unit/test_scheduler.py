@@ -55,6 +55,7 @@ class FakeContext:
         self.copies: list[tuple[int, int, int]] = []
         self._last: dict[int, int] = {}  # batch index → token there
         self._logits: dict[int, np.ndarray] = {}
+        self.cpu_sampled: list[int] = []
 
     @property
     def kv(self) -> dict[int, set[int]]:
@@ -122,6 +123,11 @@ class FakeContext:
         if index in self._logits:  # read (and maybe masked) on the CPU: the best token left
             return int(np.argmax(self._logits[index]))
         return (self._last[index] + 1) % 26
+
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+        assert seq_id in self.chains, "sampled without a chain"
+        self.cpu_sampled.append(seq_id)
+        return int(np.argmax(logits))
 
     def logits(self, index: int) -> np.ndarray:
         """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
@@ -578,3 +584,13 @@ def test_a_constraint_that_allows_nothing_fails_its_job_alone():
     run(core)
     assert isinstance(got[-1], Failed) and got[-1].code == "constraint_failed"
     assert text(free) == "efg" and end(free).stop_reason is StopReason.MAX_TOKENS
+
+
+def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_neighbours():
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=FakeGrammars())
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), logprobs=0)
+    free = submit(core, "b", [1, 2, 3], max_tokens=3)
+    run(core)
+    assert end(got).tokens_out == 3 and text(free) == "efg"
+    assert [len(batch) for batch in ctx.batches] == [2, 2, 2]
+    assert ctx.cpu_sampled == [0, 0, 0]  # masked logits: sampled from what the mask left, on the CPU

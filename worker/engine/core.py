@@ -52,6 +52,7 @@ class EngineContext(SlotResources, Protocol):
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
     def logits(self, index: int) -> np.ndarray: ...
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int: ...
 
     @property
     def n_outputs(self) -> int: ...  # logits rows one batch may ask for
@@ -277,6 +278,10 @@ class EngineCore:
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
         self._read_prompt_logprobs(plan)
+        # A job sampled on the CPU holds the step up by its logprobs, mask and chain (0.3-2 ms on a 128k
+        # vocabulary, measured on an H200). Letting it sit out every other step and sampling it while the next one
+        # computes was tried and measured worse for it and no better for its neighbours: the engine thread's own
+        # work already fills the time a step computes (docs/BENCHMARKS.md).
         sampled = [self._sample(slot, index) for slot, index in plan.sample_at()]
         now = time.perf_counter()  # the first read of a sampled token waited for the step
         self.stats.queue_s += t1 - t0
@@ -300,20 +305,23 @@ class EngineCore:
                 self.scheduler.update([self._sample(slot, len(part.tokens) - 1)], time.perf_counter())
 
     def _sample(self, slot: Slot, index: int) -> Sampled:
-        """The slot's next token. A job that reads its logits has them here on the CPU: logprobs taken from the
-        model's own values, then the constraint's mask applied, then its chain samples what is left."""
         job = slot.job
         assert job is not None
         if not job.reads_logits:
             return slot, self.ctx.sample(slot.seq_id, index), None
+        # A job that reads its logits: logprobs taken from the model's own values, then the constraint's mask
+        # applied (in place, in llama.cpp's buffer), then the job's chain samples what is left: from the allowed
+        # tokens alone where there is a mask (a narrow one makes the chain's sort short).
         logits = self.ctx.logits(index)
         ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
-        if slot.guide is not None and not slot.guide.mask(logits):
+        if slot.guide is None:
+            token = self.ctx.sample(slot.seq_id, index)
+        elif slot.guide.mask(logits):
+            token = self.ctx.sample_logits(slot.seq_id, logits, finite_only=True)
+            slot.guide.consume(token)
+        else:
             self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
             return slot, -1, None
-        token = self.ctx.sample(slot.seq_id, index)
-        if slot.guide is not None:
-            slot.guide.consume(token)
         return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
 
     def _read_prompt_logprobs(self, plan: StepPlan) -> None:

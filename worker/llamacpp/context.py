@@ -17,6 +17,7 @@ from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
 
 PENALTY_LAST_N = 64
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PROMPT_OUTPUTS = 64  # llama.cpp's default window for repetition/presence/frequency penalties
 
 # (seq_id, tokens, first position, wants logits for the last token, wants logits for every token)
@@ -159,6 +160,7 @@ class Context:
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
         self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
+        self._all_ids = np.arange(model.n_vocab, dtype=np.int32)
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
@@ -196,6 +198,23 @@ class Context:
         """The token sampled for the output at batch position `index` (in the graph, or here on the CPU from the
         logits logits() gives, as changed there)."""
         return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
+
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+        """The token the sequence's chain picks from these logits (read, perhaps masked, on the CPU; they need not
+        be the context's any more). With `finite_only`, tokens at -inf are left out of the candidates: a narrow
+        mask then makes the chain's sort short."""
+        chain = self._chains[seq_id]
+        ids = np.flatnonzero(np.isfinite(logits)).astype(np.int32) if finite_only else self._all_ids
+        candidates = np.empty(len(ids), dtype=_TOKEN_DATA)
+        candidates["id"] = ids
+        candidates["logit"] = logits[ids] if finite_only else logits
+        candidates["p"] = 0.0
+        array = lc.llama_token_data_array(data=candidates.ctypes.data_as(lc.llama_token_data_p), size=len(ids),
+                                          selected=-1, sorted=False)
+        lc.llama_sampler_apply(chain.ptr, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        lc.llama_sampler_accept(chain.ptr, token)  # as llama_sampler_sample does: penalties see the history
+        return token
 
     def logits(self, index: int) -> np.ndarray:
         """The logits of the output at batch position `index`, as a writable view of llama.cpp's own buffer (on a
