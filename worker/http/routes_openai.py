@@ -30,7 +30,7 @@ from worker.engine.sampling import (
     Temperature,
     TopK,
 )
-from worker.http import chat
+from worker.chat import template as chat
 from worker.http.errors import ApiError, openai_error
 from worker.http.jobs import JobStream, submit_job
 from worker.http.schemas import read_json
