@@ -85,6 +85,7 @@ class CallStream:
     scan: ObjectScan = field(default_factory=ObjectScan)
     announced: bool = False
     sent: int = 0  # how far into the arguments' text the fragments have gone
+    needs_arguments: bool = False  # an object without arguments is no call (Llama: the answer is any JSON)
 
     def feed(self, piece: str, out: _Out) -> None:
         self.scan.feed(piece)
@@ -105,7 +106,9 @@ class CallStream:
     def is_call(self) -> bool:
         """Known to be a call: a name, and arguments that have begun (or a closed object with a name)."""
         args = self._arguments()
-        return self.name is not None and (args is not None and args.start >= 0 or self.scan.end is not None)
+        if args is not None and args.start >= 0:
+            return self.name is not None
+        return self.name is not None and self.scan.end is not None and not self.needs_arguments
 
     def _arguments(self) -> Member | None:
         return self.scan.member("arguments", "parameters")
@@ -386,7 +389,8 @@ class LeadingJsonCalls(ToolParser):
                     return
                 if stripped.startswith("{"):
                     self.held = ""
-                    self.call, self.buffer, self.state = CallStream(self.calls, self.new_id), stripped, "call"
+                    self.call = CallStream(self.calls, self.new_id, needs_arguments=True)
+                    self.buffer, self.state = stripped, "call"
                 elif self.state == "start":
                     self.state = "content"
                 else:  # text after the calls is not part of the tool format: dropped, as llama.cpp does
