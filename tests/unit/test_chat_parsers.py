@@ -144,24 +144,24 @@ def test_text_after_the_calls_is_content():
 
 
 def test_forced_open_thinking_is_reasoning_until_the_close():
-    make = lambda: ChatParser(ToolParser(), ReasoningSplitter(forced_open=True))  # noqa: E731
+    make = lambda: ChatParser(ToolParser(), ReasoningSplitter(forced_open=True))
     text = "Okay, 2+2.\nIt is 4.\n</think>\n\nThe answer is **4**."
     assert parse_every_way(make, text) == ("The answer is **4**.", "Okay, 2+2.\nIt is 4.", [], False)
 
 
 def test_unclosed_thinking_is_all_reasoning():
-    make = lambda: ChatParser(ToolParser(), ReasoningSplitter())  # noqa: E731
+    make = lambda: ChatParser(ToolParser(), ReasoningSplitter())
     assert parse_every_way(make, "<think>\nstill going </thi") == ("", "still going </thi", [], False)
 
 
 def test_inline_reasoning_keeps_the_raw_text():
-    make = lambda: ChatParser(ToolParser(), ReasoningSplitter(forced_open=True, inline=True))  # noqa: E731
+    make = lambda: ChatParser(ToolParser(), ReasoningSplitter(forced_open=True, inline=True))
     text = "hmm\n</think>\n\nHi"
     assert parse_every_way(make, text) == ("<think>" + text, "", [], False)
 
 
 def test_think_later_in_the_answer_is_content():
-    make = lambda: ChatParser(ToolParser(), ReasoningSplitter())  # noqa: E731
+    make = lambda: ChatParser(ToolParser(), ReasoningSplitter())
     text = "Answer first. <think>not reasoning</think>"
     assert parse_every_way(make, text) == (text, "", [], False)
 

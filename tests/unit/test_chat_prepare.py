@@ -105,7 +105,7 @@ def test_no_tools_no_constraint():
 def test_the_generic_form_tells_the_model_the_tools_and_constrains_every_answer():
     plan = smollm2(HISTORY, tools=[WEATHER])
     assert plan.family == "generic" and plan.constraint is not None and plan.constraint.trigger is None
-    assert plan.prompt.startswith("<|im_start|>system\nYou can call these tools:\n[\n  {\n    \"name\": \"get_weather\"")
+    assert plan.prompt.startswith('<|im_start|>system\nYou can call these tools:\n[\n  {\n    "name": "get_weather"')
     assert '{"response": "<your reply>"}' in plan.prompt
     assert ('<|im_start|>assistant\n{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'
             '<|im_end|>') in plan.prompt

@@ -1,11 +1,13 @@
 """Tool-call families: how a model writes a call, told from its chat template, and the grammar that makes it write one.
 
-| family  | templates                                  | a call                                               | auto's trigger |
-| ------- | ------------------------------------------ | ---------------------------------------------------- | -------------- |
-| hermes  | Hermes 2/3, Qwen 2.5, Qwen 3 (`<tool_call>`) | `<tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>` | `<tool_call>` |
-| llama3  | Llama 3.1+ (`ipython` role)                | `{"name": …, "parameters": {…}}` (the whole answer)  | `{"name"`      |
-| mistral | Mistral v3 / Nemo (`[TOOL_CALLS]`)         | `[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`     | `[TOOL_CALLS]` |
-| generic | anything else (SmolLM2, Gemma)             | `{"tool_calls": [{"name": …, "arguments": {…}}]}` or `{"response": "…"}`, always constrained |  |
+- hermes (Hermes 2/3, Qwen 2.5, Qwen 3: templates with `<tool_call>`): each call is
+  `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`; auto's trigger is `<tool_call>`.
+- llama3 (Llama 3.1+: the `ipython` role): the whole answer is `{"name": …, "parameters": {…}}` (after an optional
+  `<|python_tag|>`); auto's trigger is `{"name"`.
+- mistral (Mistral v3 / Nemo: `[TOOL_CALLS]`): `[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`; the trigger is the
+  marker.
+- generic (anything else: SmolLM2, Gemma): the answer is `{"tool_calls": [{"name": …, "arguments": {…}}]}` or
+  `{"response": "…"}`, constrained from the first token (there is no marker to wait for).
 
 The grammars are llguidance Lark: the call's wrapper in the family's own canonical spelling (what its models were
 trained to write, so a constrained model stays in distribution), the arguments as `%json` of the tool's parameter
@@ -122,7 +124,7 @@ def tool_grammar(family: Family, tools: list[Tool], *, lazy: bool, parallel: boo
     elif family.name == "mistral":
         assert family.open_marker
         items = f'call (", " call){more}' if parallel else "call"
-        rules = [*calls, f'list: "[" {items} "]"']
+        rules = [*calls, f'list: " "? "[" {items} "]"']  # v0.3's template writes "[TOOL_CALLS] ["
         start = "list" if lazy else f"{family.marker(family.open_marker)} list"
     else:  # generic: one JSON object
         return "start: answer\nanswer: %json " + json.dumps(generic_schema(tools, required=True, parallel=parallel),

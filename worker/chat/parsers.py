@@ -8,7 +8,6 @@ text, which concatenate to the arguments the model wrote.
 
 from __future__ import annotations
 
-import json
 import secrets
 import string
 from collections.abc import Callable

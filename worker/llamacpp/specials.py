@@ -14,7 +14,7 @@ def special_tokens(vocab: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     buf = ctypes.create_string_buffer(256)
     for token in range(lc.llama_vocab_n_tokens(vocab)):
-        attr = lc.llama_token_get_attr(vocab, token)
+        attr = lc.llama_vocab_get_attr(vocab, token)
         if not attr & (lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED):
             continue
         n = lc.llama_token_to_piece(vocab, token, buf, 256, 0, True)
