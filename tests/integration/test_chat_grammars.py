@@ -229,3 +229,23 @@ def test_random_walks_after_the_trigger_make_valid_calls(qwen3: Vocab):
         deltas += [parser.feed(text) for text in stream(qwen3, tokens)] + [parser.finish()]
         assert "".join(d.content for d in deltas) == "Let me look."
         assert_valid_calls(call_arguments(deltas))
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "<|im_start|>assistant\n{% if open_thinking %}<think>\n{% endif %}")
+
+
+def test_generic_grammars_let_a_thinking_model_think_first(smollm2: Vocab):
+    """A template that thinks but knows nothing of tools (DeepSeek-R1 distills): the JSON answer follows the
+    reasoning block (here `<think>` is text, not a token)."""
+    answer = '{"response": "Sunny."}'
+    opened = chat.prepare(THINKING_TEMPLATE, ASK, tools=[WEATHER], special_tokens=smollm2.specials,
+                          template_kwargs={"open_thinking": True})
+    assert smollm2.accepts(opened.constraint.source, f"The user asks.\n</think>\n\n{answer}")
+    assert not smollm2.accepts(opened.constraint.source, answer)
+    parser = opened.parser()
+    delta = parser.feed(f"The user asks.\n</think>\n\n{answer}")
+    assert (delta.reasoning, delta.content) == ("The user asks.", "Sunny.")
+    optional = chat.prepare(THINKING_TEMPLATE, ASK, tools=[WEATHER], special_tokens=smollm2.specials).constraint
+    assert smollm2.accepts(optional.source, answer)
+    assert smollm2.accepts(optional.source, f"<think>\nhm\n</think>\n\n{answer}")

@@ -160,6 +160,16 @@ def test_inline_reasoning_keeps_the_raw_text():
     assert parse_every_way(make, text) == ("<think>" + text, "", [], False)
 
 
+def test_inline_reasoning_still_parses_the_calls_after_it():
+    make = lambda: hermes(ReasoningSplitter(inline=True))
+    text = '<think>\nuse the tool\n</think>\n\n<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'
+    content, reasoning, made, _ = parse_every_way(make, text)
+    assert (content, reasoning) == ("<think>\nuse the tool\n</think>", "") and made == calls(("a", "{}"))
+    generic_inline = lambda: ChatParser(GenericJson(counter_ids()), ReasoningSplitter(forced_open=True,
+                                                                                      inline=True))
+    assert parse_every_way(generic_inline, 'x</think>\n{"response": "hi"}')[:2] == ("<think>x</think>hi", "")
+
+
 def test_think_later_in_the_answer_is_content():
     make = lambda: ChatParser(ToolParser(), ReasoningSplitter())
     text = "Answer first. <think>not reasoning</think>"

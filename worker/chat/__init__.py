@@ -138,9 +138,9 @@ def prepare(chat_template: str, messages: list[dict[str, Any]], *, tools: list[d
     constraint = None
     if active:
         if family.name == "generic":
-            source = (families.generic_auto_grammar(tool_list, parallel=parallel) if choice == "auto"
-                      else families.tool_grammar(family, tool_list, lazy=False, parallel=parallel))
-            constraint = Constraint("lark", source)
+            constraint = Constraint("lark", families.generic_grammar(
+                family, tool_list, required=choice != "auto", parallel=parallel, thinking=thinks,
+                forced_open=forced_open))
         elif choice == "auto":
             constraint = Constraint("lark", families.tool_grammar(family, tool_list, lazy=True, parallel=parallel),
                                     trigger=family.trigger)

@@ -126,9 +126,9 @@ def tool_grammar(family: Family, tools: list[Tool], *, lazy: bool, parallel: boo
         items = f'call (", " call){more}' if parallel else "call"
         rules = [*calls, f'list: " "? "[" {items} "]"']  # v0.3's template writes "[TOOL_CALLS] ["
         start = "list" if lazy else f"{family.marker(family.open_marker)} list"
-    else:  # generic: one JSON object
-        return "start: answer\nanswer: %json " + json.dumps(generic_schema(tools, required=True, parallel=parallel),
-                                                         ensure_ascii=False) + "\n"
+    else:
+        return generic_grammar(family, tools, required=True, parallel=parallel, thinking=thinking,
+                               forced_open=forced_open)
     if thinking and not lazy:
         prefix, think = reasoning_rules(family, forced_open)
         start, rules = prefix + start, [*rules, *think]
@@ -159,9 +159,15 @@ def generic_schema(tools: list[Tool], *, required: bool, parallel: bool) -> dict
     return {**schema, "x-guidance": JSON_OPTIONS}
 
 
-def generic_auto_grammar(tools: list[Tool], *, parallel: bool) -> str:
-    return "start: answer\nanswer: %json " + json.dumps(generic_schema(tools, required=False, parallel=parallel),
-                                                     ensure_ascii=False) + "\n"
+def generic_grammar(family: Family, tools: list[Tool], *, required: bool, parallel: bool, thinking: bool = False,
+                    forced_open: bool = False) -> str:
+    """The generic form's whole answer: one JSON object, after a reasoning block where the template thinks."""
+    schema = generic_schema(tools, required=required, parallel=parallel)
+    start, rules = "answer", ["answer: %json " + json.dumps(schema, ensure_ascii=False)]
+    if thinking:
+        prefix, think = reasoning_rules(family, forced_open)
+        start, rules = prefix + start, [*rules, *think]
+    return "\n".join([f"start: {start}", *rules]) + "\n"
 
 
 def generic_system_prompt(tools: list[Tool], *, required: bool) -> str:

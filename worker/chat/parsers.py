@@ -176,11 +176,12 @@ class CallList:
 
 
 class ReasoningSplitter:
-    """`<think>…</think>` at the start of an answer as reasoning; the rest as content (leading space dropped).
+    """`<think>…</think>` at the start of an answer as reasoning; what follows goes on to the tool-call parser
+    (its leading space dropped).
 
     forced_open: the prompt already opened the block (DeepSeek-R1 distills end it with `<think>\\n`), so the answer
-    starts inside it. inline: keep the block in the content, as the model wrote it (the opening tag included when the
-    prompt gave it), for clients that want the raw text.
+    starts inside it. inline: the block stays in the content as the model wrote it (with the `<think>` the prompt
+    opened), for clients that want the raw text; calls after it are still parsed.
     """
 
     OPEN, CLOSE = "<think>", "</think>"
@@ -196,15 +197,17 @@ class ReasoningSplitter:
 
     def feed(self, text: str, out: _Out) -> str:
         """Reasoning goes to `out`; returns the content to pass on."""
-        if self.inline:
-            text, self.prefix = self.prefix + text, ""
-            return text
+        if self.prefix:
+            out.content.append(self.prefix)
+            self.prefix = ""
         self.buffer += text
         content = ""
         while self.buffer:
             if self.state == "start":
                 stripped = self.buffer.lstrip(WHITESPACE)
                 if stripped.startswith(self.OPEN):
+                    if self.inline:
+                        out.content.append(self.buffer[:len(self.buffer) - len(stripped) + len(self.OPEN)])
                     self.buffer, self.state = stripped[len(self.OPEN):], "think"
                 elif self.OPEN.startswith(stripped):
                     break  # maybe the tag, still arriving
@@ -226,11 +229,18 @@ class ReasoningSplitter:
         """Reasoning up to the closing tag; True when the tag was found."""
         at = self.buffer.find(self.CLOSE)
         if at >= 0:
-            self._reason(self.buffer[:at], out, final=True)
-            self.buffer, self.state, self.strip_content = self.buffer[at + len(self.CLOSE):], "content", True
+            end = at + len(self.CLOSE)
+            if self.inline:
+                out.content.append(self.buffer[:end])
+            else:
+                self._reason(self.buffer[:at], out, final=True)
+            self.buffer, self.state, self.strip_content = self.buffer[end:], "content", not self.inline
             return True
         keep = partial_suffix(self.buffer, self.CLOSE)
-        self._reason(self.buffer[:len(self.buffer) - keep], out, final=False)
+        if self.inline:
+            out.content.append(self.buffer[:len(self.buffer) - keep])
+        else:
+            self._reason(self.buffer[:len(self.buffer) - keep], out, final=False)
         self.buffer = self.buffer[len(self.buffer) - keep:]
         return False
 
@@ -250,10 +260,14 @@ class ReasoningSplitter:
 
     def finish(self, out: _Out) -> str:
         """The end of the answer: an unclosed block is reasoning; returns the content still held."""
-        if self.inline:
-            return ""
+        if self.prefix:
+            out.content.append(self.prefix)
+            self.prefix = ""
         if self.state == "think":
-            self._reason(self.buffer, out, final=True)
+            if self.inline:
+                out.content.append(self.buffer)
+            else:
+                self._reason(self.buffer, out, final=True)
             return ""
         if self.state == "start" or not self.strip_content:
             return self.buffer
