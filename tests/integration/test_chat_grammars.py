@@ -219,16 +219,18 @@ def test_random_walks_always_make_valid_calls(qwen3: Vocab, llama31: Vocab, tool
             assert_valid_calls(call_arguments(deltas), only=None if tool_choice == "required" else "get_time")
 
 
-def test_random_walks_after_the_trigger_make_valid_calls(qwen3: Vocab):
+def test_random_walks_after_the_trigger_make_valid_calls(qwen3: Vocab, llama31: Vocab):
+    """auto: free text, then the trigger, then whatever the lazy grammar allows: the parser reads the calls."""
     rng = random.Random(3)
-    plan = qwen3_plan(qwen3)
-    for _ in range(15):
-        tokens = random_walk(qwen3, plan.constraint.source, rng)
-        parser = plan.parser()
-        deltas = [parser.feed("Let me look. " + plan.constraint.trigger)]
-        deltas += [parser.feed(text) for text in stream(qwen3, tokens)] + [parser.finish()]
-        assert "".join(d.content for d in deltas) == "Let me look."
-        assert_valid_calls(call_arguments(deltas))
+    for vocab, make in ((qwen3, qwen3_plan), (llama31, llama31_plan)):
+        plan = make(vocab)
+        for _ in range(15):
+            tokens = random_walk(vocab, plan.constraint.source, rng)
+            parser = plan.parser()
+            deltas = [parser.feed("Let me look. " + plan.constraint.trigger)]
+            deltas += [parser.feed(text) for text in stream(vocab, tokens)] + [parser.finish()]
+            assert "".join(d.content for d in deltas) == "Let me look."
+            assert_valid_calls(call_arguments(deltas))
 
 
 THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

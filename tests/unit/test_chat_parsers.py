@@ -202,6 +202,17 @@ def test_llama3_text_answer():
     assert parse_every_way(llama3, text) == (text, "", [], False)
 
 
+def test_llama3_call_after_some_text_where_the_trigger_is():
+    text = 'Let me check that for you. {"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    assert parse_every_way(llama3, text) == ("Let me check that for you.", "",
+                                             calls(("get_weather", {"city": "Oslo"})), True)
+
+
+def test_llama3_json_in_text_that_is_no_call_stays_content():
+    text = 'Use {"name": "Ada"} as the body, or {"x": 1}.'
+    assert parse_every_way(llama3, text) == (text, "", [], False)
+
+
 def test_llama3_name_after_the_parameters():
     text = '{"parameters": {"city": "Oslo"}, "name": "get_weather"}'
     assert parse_every_way(llama3, text)[2] == calls(("get_weather", {"city": "Oslo"}))

@@ -373,25 +373,27 @@ class MarkedCalls(ToolParser):
 
 
 class LeadingJsonCalls(ToolParser):
-    """Llama 3.1+: an answer that is a call is a JSON object {"name": ..., "parameters": {...}} (optionally after
-    `<|python_tag|>`), several separated by `;` where the model makes parallel calls; any other answer is content.
-    Text that starts with `{` is held until it is known to be a call or not."""
+    """Llama 3.1+: a call is a JSON object {"name": ..., "parameters": {...}}, the whole answer (optionally after
+    `<|python_tag|>`, several separated by `;` where the model makes parallel calls), or after some text from the
+    point where `{"name"` appears (where auto's lazy grammar takes over). Any other text is content, JSON included:
+    an object is held until it is known to be a call or not."""
 
     PYTHON_TAG = "<|python_tag|>"
+    TRIGGER = '{"name"'
 
     def __init__(self, new_id: IdFactory = openai_call_id) -> None:
         super().__init__(new_id)
         self.buffer = ""
-        self.state = "start"  # start, call, between, content
+        self.state = "start"  # start, text, call, between
         self.call: CallStream | None = None
         self.held = ""  # the raw text of an object not yet known to be a call
+        self.pending_space = ""
 
     def feed(self, text: str, out: _Out) -> None:
         self.buffer += text
         while self.buffer:
-            if self.state == "content":
-                out.content.append(self.buffer)
-                self.buffer = ""
+            if self.state == "call":
+                self._call(out)
             elif self.state in ("start", "between"):
                 stripped = self.buffer.lstrip(WHITESPACE)
                 if self.state == "between" and stripped.startswith(";"):
@@ -399,19 +401,37 @@ class LeadingJsonCalls(ToolParser):
                 if stripped.startswith(self.PYTHON_TAG):
                     stripped = stripped[len(self.PYTHON_TAG):]
                 if not stripped or self.PYTHON_TAG.startswith(stripped) or stripped == ";":
-                    return
+                    return  # space, or a marker still arriving
                 if stripped.startswith("{"):
-                    self.held = ""
-                    self.call = CallStream(self.calls, self.new_id, needs_arguments=True)
-                    self.buffer, self.state = stripped, "call"
-                elif self.state == "start":
-                    self.state = "content"
-                else:  # text after the calls is not part of the tool format: dropped, as llama.cpp does
-                    self.buffer, self.state = "", "after"
-            elif self.state == "after":
-                self.buffer = ""
-            else:
-                self._call(out)
+                    self._candidate(stripped)
+                else:
+                    self.buffer, self.state = stripped if self.state == "between" else self.buffer, "text"
+            elif not self._text(out, final=False):
+                return
+
+    def _text(self, out: _Out, final: bool) -> bool:
+        at = self.buffer.find(self.TRIGGER)
+        if at >= 0:  # the space before it is held: dropped if this is a call, content if not
+            self._content(self.buffer[:at], out)
+            self._candidate(self.buffer[at:])
+            return True
+        keep = 0 if final else partial_suffix(self.buffer, self.TRIGGER)
+        self._content(self.buffer[:len(self.buffer) - keep], out, final=final)
+        self.buffer = self.buffer[len(self.buffer) - keep:]
+        return False
+
+    def _content(self, text: str, out: _Out, final: bool = False) -> None:
+        """Content, its trailing space held back (dropped if a call follows)."""
+        text = self.pending_space + text
+        trailing = 0 if final else _trailing_space(text)
+        self.pending_space = text[len(text) - trailing:]
+        text = text[:len(text) - trailing]
+        if text:
+            out.content.append(text)
+
+    def _candidate(self, text: str) -> None:
+        self.call = CallStream(self.calls, self.new_id, needs_arguments=True)
+        self.buffer, self.held, self.state = text, "", "call"
 
     def _call(self, out: _Out) -> None:
         call = self.call
@@ -421,22 +441,27 @@ class LeadingJsonCalls(ToolParser):
             self.held += piece
         call.feed(piece, out)
         if call.announced:
-            self.held = ""
+            self.held = self.pending_space = ""
         if not call.done:
             return
+        rest = call.scan.rest if call.scan.end is not None else ""
         if call.announced:
             self.calls += 1
-            self.buffer, self.state = call.scan.rest, "between"
-        elif self.calls == 0:  # an object that is not a call: the answer is plain content
-            self.buffer, self.held, self.state = self.held, "", "content"
-        else:
-            self.buffer, self.held, self.state = "", "", "between"
+            self.buffer, self.state = rest, "between"
+        else:  # an object that is not a call: content, as written
+            self._content(self.held[:len(self.held) - len(rest)], out)
+            self.buffer, self.held, self.state = rest, "", "text"
 
     def finish(self, out: _Out) -> None:
-        if self.state == "call" and self.call is not None and not self.call.announced and self.calls == 0:
-            out.content.append(self.held)  # cut off before it was known to be a call
-        elif self.state == "start" and self.buffer.strip(WHITESPACE) not in ("", self.PYTHON_TAG):
-            out.content.append(self.buffer)
+        if self.state == "call" and self.call is not None and not self.call.announced:
+            self._content(self.held, out, final=True)  # cut off before it was known to be a call
+        elif self.state == "text":
+            self._text(out, final=True)
+        elif self.state == "start":
+            self._content(self.buffer if self.buffer.strip(WHITESPACE) != self.PYTHON_TAG else "", out, final=True)
+        if self.pending_space and self.state != "between":
+            out.content.append(self.pending_space)
+            self.pending_space = ""
 
 
 class GenericJson(ToolParser):
