@@ -14,6 +14,7 @@ from typing import Any
 from loguru import logger
 
 from worker.config import Settings
+from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.metrics import Metrics
@@ -125,12 +126,13 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                       threads=s.threads, threads_batch=s.threads_batch,
                       flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded),
                       in_graph_sampling=in_graph)
+        grammars = Grammars(model.guidance_tokenizer, lambda token: model.piece(token, special=True), info.n_vocab)
         try:
             if (status := ctx.warm_up()) != 0:
                 logger.warning(f"warm-up decode returned {status}")
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
-                                prefix_cache=prefix_cache, metrics=metrics,
+                                prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()

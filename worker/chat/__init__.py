@@ -58,15 +58,7 @@ from worker.chat.parsers import (
     openai_call_id,
 )
 from worker.chat.template import TemplateCompileError, TemplateRenderError
-
-try:
-    from worker.engine.outputs import Constraint  # type: ignore[attr-defined, unused-ignore]
-except ImportError:  # the engine's Constraint lands on main with issue 14; until the merge, the same shape here
-    @dataclass(frozen=True)
-    class Constraint:  # type: ignore[no-redef, unused-ignore]
-        kind: Literal["json_schema", "json_object", "lark", "gbnf", "regex"]
-        source: str = ""
-        trigger: str | None = None
+from worker.engine.outputs import Constraint
 
 __all__ = ["ChatDelta", "ChatParser", "ChatPlan", "ChatRequestError", "TemplateCompileError", "TemplateRenderError",
            "ToolCallDelta", "call_arguments", "prepare", "template"]

@@ -18,10 +18,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from loguru import logger
 
-from worker.engine.outputs import Draining, DuplicateJob, Job, Output, Overloaded, StopReason
-from worker.engine.scheduler import Part, Scheduler, SchedulerMetrics, SlotResources, StepPlan, Vocab
+from worker.engine.constraints import Grammars
+from worker.engine.logprobs import Ranked
+from worker.engine.outputs import (
+    Constraint,
+    ConstraintError,
+    Draining,
+    DuplicateJob,
+    Job,
+    Output,
+    Overloaded,
+    StopReason,
+    SubmitError,
+)
+from worker.engine.scheduler import (
+    Part,
+    Sampled,
+    Scheduler,
+    SchedulerMetrics,
+    Slot,
+    SlotResources,
+    StepPlan,
+    Vocab,
+)
 
 
 class EngineContext(SlotResources, Protocol):
@@ -29,6 +51,10 @@ class EngineContext(SlotResources, Protocol):
 
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
+    def logits(self, index: int) -> np.ndarray: ...
+
+    @property
+    def n_outputs(self) -> int: ...  # logits rows one batch may ask for
     def quiet_log(self, quiet: bool) -> None: ...
     def close(self) -> None: ...
 
@@ -60,8 +86,11 @@ class EngineCore:
         prefix_cache: bool = True,
         metrics: SchedulerMetrics | None = None,
         profile_path: str | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.ctx = ctx
+        self.vocab = vocab
+        self.grammars = grammars
         self.ctx_size = ctx_size
         self.n_slots = parallel
         self.max_queue = max_queue
@@ -72,7 +101,9 @@ class EngineCore:
         self.kv_cells_total = ctx_size * parallel  # every slot's own ctx_size cells
         self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
-                                   prefix_cache=prefix_cache, metrics=metrics)
+                                   prefix_cache=prefix_cache, metrics=metrics,
+                                   guides=grammars.guide if grammars is not None else None,
+                                   prompt_logits_per_step=ctx.n_outputs - parallel)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []
@@ -98,6 +129,10 @@ class EngineCore:
                 raise Draining("the worker is shutting down")
             if job.job_id in self._jobs:
                 raise DuplicateJob(f"job {job.job_id!r} is already running or waiting")
+            if job.prompt_logprobs is not None and self.scheduler.prompt_logits_per_step < 1:
+                raise SubmitError("this engine's context keeps no logits rows for a prompt's logprobs")
+            if job.constraint is not None and self.grammars is None:
+                raise ConstraintError("this engine does not constrain output")
             waiting = self.queued()
             if waiting >= self.max_queue:
                 raise Overloaded(f"{waiting} requests are waiting; the queue holds {self.max_queue}")
@@ -122,6 +157,13 @@ class EngineCore:
             for job in self._jobs.values():
                 job.cancel_reason = job.cancel_reason or reason
             self._cond.notify()
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Raises ConstraintError unless the constraint can be enforced (compiling it may take a while: call it off
+        the event loop, before submitting the job)."""
+        if self.grammars is None:
+            raise ConstraintError("this engine does not constrain output")
+        self.grammars.check(constraint)
 
     def drain(self) -> None:
         """New jobs are refused from now on; running and waiting ones go on."""
@@ -234,7 +276,8 @@ class EngineCore:
         self.scheduler.decoded(zip(plan.slots, plan.parts, strict=True))  # its cells are taken now
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
-        sampled = [(slot, self.ctx.sample(slot.seq_id, index)) for slot, index in plan.sample_at()]
+        self._read_prompt_logprobs(plan)
+        sampled = [self._sample(slot, index) for slot, index in plan.sample_at()]
         now = time.perf_counter()  # the first read of a sampled token waited for the step
         self.stats.queue_s += t1 - t0
         self.stats.wait_s += now - t2
@@ -252,9 +295,42 @@ class EngineCore:
                 self.scheduler.fail(slot, "decode_failed", f"llama_decode failed with status {status}")
                 continue
             self.scheduler.decoded([(slot, part)])
-            if part.logits:
-                token = self.ctx.sample(slot.seq_id, len(part.tokens) - 1)
-                self.scheduler.update([(slot, token)], time.perf_counter())
+            self._read_prompt_logprobs(StepPlan([part], [slot]))
+            if part.logits and slot.job is not None:
+                self.scheduler.update([self._sample(slot, len(part.tokens) - 1)], time.perf_counter())
+
+    def _sample(self, slot: Slot, index: int) -> Sampled:
+        """The slot's next token. A job that reads its logits has them here on the CPU: logprobs taken from the
+        model's own values, then the constraint's mask applied, then its chain samples what is left."""
+        job = slot.job
+        assert job is not None
+        if not job.reads_logits:
+            return slot, self.ctx.sample(slot.seq_id, index), None
+        logits = self.ctx.logits(index)
+        ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
+        if slot.guide is not None and not slot.guide.mask(logits):
+            self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
+            return slot, -1, None
+        token = self.ctx.sample(slot.seq_id, index)
+        if slot.guide is not None:
+            slot.guide.consume(token)
+        return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
+
+    def _read_prompt_logprobs(self, plan: StepPlan) -> None:
+        """For parts that read every position's logits: the logprob of each prompt token that position predicts."""
+        index = 0
+        for slot, part in zip(plan.slots, plan.parts, strict=True):
+            job = slot.job
+            if part.all_logits and job is not None and job.prompt_logprobs is not None:
+                out = []
+                for offset in range(len(part.tokens)):
+                    at = part.pos + offset + 1  # the prompt token this position's logits predict
+                    if at >= len(job.prompt_tokens):
+                        break  # the last position's logits give the first generated token
+                    logits = self.ctx.logits(index + offset)
+                    out.append(Ranked(logits, job.prompt_logprobs).of(logits, job.prompt_tokens[at], self.vocab.piece))
+                self.scheduler.prompt_logprobs(slot, out)
+            index += len(part.tokens)
 
     def _flush_text(self) -> None:
         self.scheduler.flush_text()

@@ -20,7 +20,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
-from worker.engine.outputs import Failed, Finished, Job, Narrated, Output, Started, StopReason, TokenText
+from worker.engine.constraints import Guide
+from worker.engine.outputs import (
+    Constraint,
+    Failed,
+    Finished,
+    Job,
+    Narrated,
+    Output,
+    PromptLogprobs,
+    Started,
+    StopReason,
+    TokenLogprob,
+    TokenText,
+)
 from worker.engine.sampling import SamplingParams
 from worker.engine.text import TextStream
 from worker.narration import narrate
@@ -29,7 +42,7 @@ from worker.narration import narrate
 class SlotResources(Protocol):
     """What the scheduler asks of the llama.cpp context, per sequence."""
 
-    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None: ...
+    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
     def forget(self, seq_id: int) -> None: ...
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
@@ -38,7 +51,7 @@ class SlotResources(Protocol):
 
 
 class Vocab(Protocol):
-    def piece(self, token: int) -> bytes: ...
+    def piece(self, token: int, special: bool = False) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
 
 
@@ -63,6 +76,8 @@ class Slot:
     seq_id: int
     job: Job | None = None
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
+    chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
+    guide: Guide | None = None  # the job's constraint
     text: TextStream | None = None
     prompt_pos: int = 0  # prompt tokens already decoded
     n_past: int = 0  # KV cells this sequence holds
@@ -72,6 +87,8 @@ class Slot:
     prompt_cells: int = 0  # how many of them were computed in prompt steps (the ones the cache reuses)
     pending: int | None = None  # sampled, its text not yet done (see flush_text)
     pending_at: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not out yet
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     tokens_out: int = 0
     admitted_at: float = 0.0
     idle_since: float = 0.0
@@ -91,6 +108,7 @@ class Part(NamedTuple):
     tokens: list[int]
     pos: int
     logits: bool  # a token is sampled after its last position
+    all_logits: bool = False  # every position's logits are read (the prompt's own logprobs)
 
 
 @dataclass
@@ -124,6 +142,8 @@ class Scheduler:
         prefix_cache: bool = True,
         metrics: SchedulerMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        guides: Callable[[Constraint], Guide] | None = None,
+        prompt_logits_per_step: int = 0,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
@@ -138,6 +158,10 @@ class Scheduler:
         self.chain_idle_s = chain_idle_s
         self.metrics = metrics or NoMetrics()
         self.clock = clock
+        self.guides = guides
+        # prompt positions a step may read logits at (the prompt's own logprobs): the context's output rows beyond
+        # one per sequence
+        self.prompt_logits_per_step = prompt_logits_per_step
         self.waiting: collections.deque[Job] = collections.deque()
         self.n_running = 0
         self._chains_changed = False  # since the last plan: llama.cpp re-reserves at the next decode
@@ -165,6 +189,7 @@ class Scheduler:
         if not (overlap and plan.steady):
             self.flush_text()
         budget = self.batch_size
+        logits_budget = self.prompt_logits_per_step
         for slot in self.slots:  # one token per decoding sequence first, then prompt chunks as far as the batch allows
             if slot.decoding:
                 plan.parts.append(Part(slot.seq_id, [slot.last_token], slot.n_past, True))
@@ -175,9 +200,16 @@ class Scheduler:
             job = slot.job
             if job is None or slot.decoding or budget <= 0:
                 continue
-            chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + budget]
+            n = budget
+            if job.prompt_logprobs is not None:  # every position's logits: as many as the context keeps outputs for
+                n = min(n, logits_budget)
+                if n <= 0:
+                    continue
+                logits_budget -= n
+            chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + n]
             slot.prompt_pos += len(chunk)
-            plan.parts.append(Part(slot.seq_id, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens)))
+            plan.parts.append(Part(slot.seq_id, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens),
+                                   job.prompt_logprobs is not None))
             plan.slots.append(slot)
             slot.n_past += len(chunk)
             budget -= len(chunk)
@@ -228,7 +260,7 @@ class Scheduler:
         the last one's logits give the first token, and llama.cpp's attention for a lone query rounds otherwise
         than for a batch (see _reusable_cells), so a suffix of one token would change greedy text."""
         free = [slot for slot in self.slots if slot.job is None]
-        if not self.prefix_cache:
+        if not self.prefix_cache or job.prompt_logprobs is not None:  # the prompt's logprobs need its logits
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
             self._keep(slot, 0)
             return slot, 0
@@ -276,7 +308,7 @@ class Scheduler:
     def _prefix_in_flight(self, job: Job, held: dict[int, int]) -> bool:
         """Whether a running job is still prefilling a longer prefix of this job's prompt than any slot holds."""
         prefilling = [slot for slot in self.slots if slot.job is not None and not slot.decoding]
-        if not (self.prefix_cache and prefilling):
+        if not (self.prefix_cache and prefilling) or job.prompt_logprobs is not None:
             return False
         prompt = job.prompt_tokens[:-MIN_SUFFIX]
         shared = max(_common_prefix(slot.job.prompt_tokens, prompt) for slot in prefilling if slot.job)
@@ -307,12 +339,19 @@ class Scheduler:
         slot.job = job
         slot.text = TextStream(job.stop)
         slot.cached = cached
-        reuse = slot.chain_params == job.params
+        slot.logprobs, slot.prompt_logprobs = [], []
+        # A job that reads its logits on the CPU (a mask, logprobs) samples there: decided here, once a job
+        on_cpu = self.in_graph_sampling and job.reads_logits
+        reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu
         slot.chain_params = None  # until the context has the chain
         if not reuse and self.in_graph_sampling:
             self._chains_changed = True
-        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse)
-        slot.chain_params = job.params
+        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu)
+        slot.chain_params, slot.chain_on_cpu = job.params, on_cpu
+        if job.constraint is not None:
+            if self.guides is None:
+                raise RuntimeError("this engine has no grammars for a constrained job")
+            slot.guide = self.guides(job.constraint)
         slot.prompt_pos = slot.n_past = cached
         slot.tokens_out = 0
         slot.admitted_at = self.clock()
@@ -326,10 +365,10 @@ class Scheduler:
 
     # ---- results ---------------------------------------------------------------------------------------------
 
-    def update(self, sampled: Iterable[tuple[Slot, int]], now: float) -> None:
+    def update(self, sampled: Iterable[Sampled], now: float) -> None:
         """Sampled tokens: what the next step depends on (whether each sequence goes on, and with which token).
         Their text is done by the next flush_text."""
-        for slot, token in sampled:
+        for slot, token, logprob in sampled:
             job = slot.job
             if job is None:  # ended meanwhile (a stop sequence in the text just done)
                 continue
@@ -341,8 +380,24 @@ class Scheduler:
             slot.tokens_out += 1
             slot.last_token = token
             slot.pending, slot.pending_at = token, now
+            if logprob is not None:
+                slot.logprobs.append(logprob)
             if slot.tokens_out >= job.max_tokens:
                 self.finish(slot, StopReason.MAX_TOKENS)
+            elif slot.guide is not None and slot.guide.stopped:  # the grammar is complete: nothing may follow
+                self.finish(slot, StopReason.EOS)
+
+    def prompt_logprobs(self, slot: Slot, logprobs: list[TokenLogprob]) -> None:
+        """Logprobs of the prompt tokens a step's part predicted; all of them go out once the prompt is in."""
+        job = slot.job
+        if job is None:
+            return
+        if not slot.prompt_logprobs:
+            slot.prompt_logprobs.append(None)  # nothing predicts the first token
+        slot.prompt_logprobs.extend(logprobs)
+        if slot.prompt_pos == len(job.prompt_tokens):
+            self._emit(job, PromptLogprobs(tuple(slot.prompt_logprobs)))
+            slot.prompt_logprobs = []
 
     def flush_text(self) -> None:
         for slot in self.slots:
@@ -359,9 +414,10 @@ class Scheduler:
         else:
             self.metrics.token_generated(None, at - slot.last_token_at)
         slot.last_token_at = at
-        text = slot.text.feed(self.vocab.piece(token))
+        text = slot.text.feed(self.vocab.piece(token, job.special_text))
         if text:
-            self._emit(job, TokenText(text, slot.tokens_out - 1))
+            self._emit(job, TokenText(text, slot.tokens_out - 1, tuple(slot.logprobs)))
+            slot.logprobs = []
         if slot.text.matched is not None:
             self.finish(slot, StopReason.STOP_SEQUENCE)
 
@@ -373,8 +429,8 @@ class Scheduler:
         job, text = slot.job, slot.text
         assert job is not None and text is not None
         tail = text.finish()
-        if tail:
-            self._emit(job, TokenText(tail, max(slot.tokens_out - 1, 0)))
+        if tail or slot.logprobs:
+            self._emit(job, TokenText(tail, max(slot.tokens_out - 1, 0), tuple(slot.logprobs)))
         end_at = self.clock()
         first = slot.first_token_at or end_at
         end = Finished(
@@ -420,7 +476,8 @@ class Scheduler:
             slot.prompt_cells = min(len(slot.kv_tokens), len(slot.job.prompt_tokens))
         else:
             self._drop_sequence(slot)  # a failed job's cells may not be what they should
-        slot.job = slot.text = slot.pending = None
+        slot.job = slot.text = slot.pending = slot.guide = None
+        slot.logprobs, slot.prompt_logprobs = [], []
         slot.cached = 0
         slot.idle_since = self.clock()
         self.n_running -= 1
@@ -459,6 +516,8 @@ class Scheduler:
         """Cells that idle slots keep for the next prompts."""
         return sum(len(slot.kv_tokens) for slot in self.slots if slot.job is None)
 
+
+Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, that token's logprob if asked for
 
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick

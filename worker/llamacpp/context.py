@@ -16,10 +16,11 @@ import numpy as np
 from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
 
-PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/presence/frequency penalties
+PENALTY_LAST_N = 64
+PROMPT_OUTPUTS = 64  # llama.cpp's default window for repetition/presence/frequency penalties
 
-# (seq_id, tokens, first position, wants logits for the last token)
-BatchPart = tuple[int, list[int], int, bool]
+# (seq_id, tokens, first position, wants logits for the last token, wants logits for every token)
+BatchPart = tuple[int, list[int], int, bool, bool]
 
 
 class ChainParams(Protocol):
@@ -103,13 +104,13 @@ class Batch:
 
     def fill(self, parts: Iterable[BatchPart]) -> None:
         n = 0
-        for seq_id, tokens, start_pos, last_logits in parts:
+        for seq_id, tokens, start_pos, last_logits, all_logits in parts:
             k = len(tokens)
             self.tokens[n : n + k] = tokens
             self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
             self.seq[n : n + k] = seq_id
-            self.logits[n : n + k] = 0
-            self.logits[n + k - 1] = 1 if last_logits else 0
+            self.logits[n : n + k] = 1 if all_logits else 0
+            self.logits[n + k - 1] = 1 if last_logits or all_logits else 0
             n += k
         self.n = self.struct.n_tokens = n
 
@@ -126,8 +127,11 @@ class Context:
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per sequence and step, and
-        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output).
-        params.n_outputs_max = n_seq if n_outputs is None else n_outputs
+        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output);
+        # the default leaves room for a prompt's own logprobs, PROMPT_OUTPUTS positions a step. A batch asking for
+        # more aborts the process (a GGML_ASSERT), so the engine reads this bound from `n_outputs`.
+        self.n_outputs = n_seq + PROMPT_OUTPUTS if n_outputs is None else n_outputs
+        params.n_outputs_max = self.n_outputs
         params.n_threads = threads
         params.n_threads_batch = threads_batch or threads
         # A stream of cells per sequence, not one unified pool. In the pool every token attends, masked, over the
@@ -154,27 +158,31 @@ class Context:
         self._mem = lc.llama_get_memory(self.ptr)
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
+        self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
 
-    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool) -> None:
+    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool, on_cpu: bool = False) -> None:
         """Give a sequence its chain: the one it has, reset (reuse), or a new one built from params. In the decode
-        graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not."""
+        graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not. An
+        `on_cpu` chain stays out of the graph: it samples logits read (and masked) on the CPU."""
         chain = self._chains.get(seq_id)
         if reuse and chain is not None:
             chain.reset()
             return
         self.drop_chain(seq_id)
         chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab)
-        if self.in_graph_sampling:
+        if self.in_graph_sampling and not on_cpu:
             lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
+            self._attached.add(seq_id)
 
     def drop_chain(self, seq_id: int) -> None:
         chain = self._chains.pop(seq_id, None)
         if chain is not None:
-            if self.in_graph_sampling:
+            if seq_id in self._attached:
                 lc.llama_set_sampler(self.ptr, seq_id, None)
+                self._attached.discard(seq_id)
             chain.close()
 
     # ---- steps -----------------------------------------------------------------------------------------------
@@ -185,8 +193,17 @@ class Context:
         return int(lc.llama_decode(self.ptr, self._batch.struct))
 
     def sample(self, seq_id: int, index: int) -> int:
-        """The token sampled for the output at batch position `index` (in the graph, or here on the CPU)."""
+        """The token sampled for the output at batch position `index` (in the graph, or here on the CPU from the
+        logits logits() gives, as changed there)."""
         return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
+
+    def logits(self, index: int) -> np.ndarray:
+        """The logits of the output at batch position `index`, as a writable view of llama.cpp's own buffer (on a
+        GPU, reading them waits for the step). Valid until the next decode."""
+        ptr = lc.llama_get_logits_ith(self.ptr, index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def quiet_log(self, quiet: bool) -> None:
         """ggml's own log kept out of Python (see route_ggml_log), for steps that allocate nothing."""
@@ -196,7 +213,7 @@ class Context:
 
     def warm_up(self) -> int:
         """One decode at load pays the one-time costs (graph allocation, kernels, weights paging in)."""
-        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True)])
+        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True, False)])
         self.clear()
         return status
 
