@@ -55,7 +55,8 @@ class Vocab:
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         lark = llguidance.LLMatcher.grammar_from_lark(grammar)
-        assert llguidance.LLMatcher.validate_grammar(lark, self.tokenizer) == ""
+        # no warnings either: the engine refuses a grammar llguidance would only partly enforce
+        assert llguidance.LLMatcher.validate_grammar_with_warnings(lark, self.tokenizer) == (False, [])
         matcher = llguidance.LLMatcher(self.tokenizer, lark, log_level=0)
         assert not matcher.is_error(), matcher.get_error()
         return matcher

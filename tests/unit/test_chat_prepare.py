@@ -122,8 +122,9 @@ def test_a_system_message_keeps_its_text_before_the_tools():
 
 
 def test_qwen3_thinking_switch_and_reasoning_split():
-    plan = qwen3(template_kwargs={"enable_thinking": False})
+    plan = qwen3(template_kwargs={"enable_thinking": False}, tools=[WEATHER], tool_choice="required")
     assert plan.prompt.endswith("<think>\n\n</think>\n\n")
+    assert "think" not in plan.constraint.source  # the prompt closed the block: the answer is the calls
     parser = qwen3().parser()
     delta = parser.feed("<think>\nhmm\n</think>\n\nHello")
     assert (delta.reasoning, delta.content) == ("hmm", "Hello")

@@ -126,19 +126,21 @@ def prepare(chat_template: str, messages: list[dict[str, Any]], *, tools: list[d
                              tools=rendered_tools, extra=template_kwargs)
     thinks = "<think>" in chat_template
     forced_open = thinks and prompt.rstrip().endswith("<think>")
+    # The prompt closed the block itself (Qwen 3's enable_thinking=False): a constrained answer starts after it.
+    may_think = thinks and not prompt.rstrip().endswith("</think>")
     parallel = parallel_tool_calls and named is None
     constraint = None
     if active:
         if family.name == "generic":
             constraint = Constraint("lark", families.generic_grammar(
-                family, tool_list, required=choice != "auto", parallel=parallel, thinking=thinks,
+                family, tool_list, required=choice != "auto", parallel=parallel, thinking=may_think,
                 forced_open=forced_open))
         elif choice == "auto":
             constraint = Constraint("lark", families.tool_grammar(family, tool_list, lazy=True, parallel=parallel),
                                     trigger=family.trigger)
         else:
             constraint = Constraint("lark", families.tool_grammar(family, tool_list, lazy=False, parallel=parallel,
-                                                                  thinking=thinks, forced_open=forced_open))
+                                                                  thinking=may_think, forced_open=forced_open))
     return ChatPlan(prompt=prompt, constraint=constraint, special_text=active and family.needs_special_text,
                     family=family.name, tools_active=active, _family=family,
                     _reasoning_args=(forced_open, reasoning == "inline") if thinks else None)

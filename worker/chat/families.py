@@ -78,8 +78,18 @@ def lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def arguments_schema(tool: Tool) -> dict[str, Any]:
+    """The tool's parameters as the call's arguments are constrained: only the parameters it declares unless it says
+    otherwise (llama.cpp's reading too: JSON schema's default would let a model invent keys, at high temperature
+    without end)."""
+    schema = dict(tool.parameters)
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    return schema
+
+
 def _args_rule(tool: Tool) -> str:
-    schema = {**tool.parameters, "x-guidance": JSON_OPTIONS}
+    schema = {**arguments_schema(tool), "x-guidance": JSON_OPTIONS}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
@@ -145,7 +155,7 @@ def _llama_rest(family: Family, tools: list[Tool]) -> list[str]:
 
 def generic_schema(tools: list[Tool], *, required: bool, parallel: bool) -> dict[str, Any]:
     """The generic form's JSON schema (llama.cpp's generic handler, with `tool_calls` a list in both cases)."""
-    calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+    calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": arguments_schema(t)},
               "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     items = calls[0] if len(calls) == 1 else {"anyOf": calls}
     call_list: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
