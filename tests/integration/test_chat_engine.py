@@ -20,7 +20,7 @@ from worker.engine.constraints import Grammars
 from worker.engine.outputs import Failed, Finished, Job, StopReason, TokenText
 from worker.engine.sampling import SamplingParams
 from worker.llamacpp import Model
-from worker.llamacpp.specials import special_tokens
+from worker.llamacpp.specials import model_special_tokens
 from worker.models.resolve import embedded_model_path
 
 WEATHER = {"type": "function", "function": {
@@ -53,7 +53,7 @@ def plan_for(name: str, model: Model, **kw) -> chat.ChatPlan:
     source = SMOLLM2_TEMPLATE if name == "smollm2" else template(name)
     extra = {"enable_thinking": False} if name == "qwen3" else None
     return chat.prepare(source, ASK, tools=[WEATHER, TIME], bos_token=model.info.bos, eos_token=model.info.eos,
-                        special_tokens=special_tokens(model.vocab), template_kwargs=extra, **kw)
+                        special_tokens=model_special_tokens(model), template_kwargs=extra, **kw)
 
 
 async def answer(model: Model, plan: chat.ChatPlan, seed: int, max_tokens: int = 400):

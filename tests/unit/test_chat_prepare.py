@@ -116,6 +116,21 @@ def test_the_generic_form_tells_the_model_the_tools_and_constrains_every_answer(
     assert '"response"' not in required.constraint.source and "reply to the user" not in required.prompt
 
 
+def test_generic_results_of_parallel_calls_are_one_user_turn():
+    from tests.unit.test_chat import GEMMA3_TEMPLATE  # refuses two user turns in a row
+
+    history = [*ASK, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "b", "content": "9:00"}]
+    plan = chat.prepare(GEMMA3_TEMPLATE, history, tools=[WEATHER, TIME], bos_token="<bos>")
+    assert plan.family == "generic"
+    assert ('<start_of_turn>user\n{"tool_response": {"tool": "get_weather", "content": "sunny"}}\n'
+            '{"tool_response": {"tool": "get_time", "content": "9:00"}}<end_of_turn>\n<start_of_turn>model\n'
+            in plan.prompt)
+
+
 def test_a_system_message_keeps_its_text_before_the_tools():
     plan = smollm2([{"role": "system", "content": "Be brief."}, *ASK], tools=[WEATHER])
     assert plan.prompt.startswith("<|im_start|>system\nBe brief.\n\nYou can call these tools:")

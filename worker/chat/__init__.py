@@ -189,16 +189,21 @@ def parse_tool_choice(tool_choice: str | dict[str, Any] | None, tools: list[Tool
 def _generic_messages(messages: list[dict[str, Any]], tools: list[Tool], required: bool) -> list[dict[str, Any]]:
     """For a template that knows nothing of tools (llama.cpp's generic form): the tools and the answer's JSON form in
     the system message, earlier calls as that JSON, and tool results as user turns."""
-    out = []
+    out: list[dict[str, Any]] = []
     for m in messages:
         if m.get("tool_calls"):
             calls = [{"name": c["function"].get("name"), "arguments": c["function"].get("arguments")}
                      for c in m["tool_calls"]]
             m = {"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)}
         elif m.get("role") == "tool":
-            result = {"tool_response": {"tool": m.get("name"), "content": m.get("content")}}
-            m = {"role": "user", "content": json.dumps(result, ensure_ascii=False)}
+            result = json.dumps({"tool_response": {"tool": m.get("name"), "content": m.get("content")}},
+                                ensure_ascii=False)
+            if out and out[-1].get("tool_results"):  # results of parallel calls: one turn (roles must alternate)
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + result}
+                continue
+            m = {"role": "user", "content": result, "tool_results": True}
         out.append(m)
+    out = [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
     if tools:
         instructions = families.generic_system_prompt(tools, required=required)
         if out and out[0].get("role") == "system":
