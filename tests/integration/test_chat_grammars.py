@@ -91,9 +91,9 @@ def smollm2() -> Vocab:
 
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory) -> Vocab:
-    """A tiny Mistral with [TOOL_CALLS] as a control token, as Mistral's v3 tokenizer has it."""
+    """A tiny Mistral with [TOOL_CALLS] and [ARGS] as control tokens, as Mistral's tokenizers have them."""
     folder = tmp_path_factory.mktemp("mistral")
-    tokenizer = sentencepiece_tokenizer(320, prefix_space=False, extra_specials=("[TOOL_CALLS]",))
+    tokenizer = sentencepiece_tokenizer(320, prefix_space=False, extra_specials=("[TOOL_CALLS]", "[ARGS]"))
     cfg = tiny_config("mistral", vocab_size_of(tokenizer))
     write_checkpoint(folder / "m", cfg, tiny_weights(cfg, np.random.default_rng(0)), tokenizer,
                      tokenizer_config={"bos_token": "<s>", "eos_token": "</s>"})
@@ -161,6 +161,27 @@ def test_mistral_grammars(mistral: Vocab):
     assert mistral.accepts(required, f"[TOOL_CALLS][{TIME_CALL}]")
     assert not mistral.accepts(required, f"[TOOL_CALLS][{TIME_CALL}, {WEATHER_CALL}]")
     assert not mistral.accepts(required, f"[{TIME_CALL}]")  # the marker is required, as its token
+
+
+def test_mistral_named_args_grammars(mistral: Vocab):
+    family = families.detect("[TOOL_CALLS]{{ name }}[ARGS]", mistral.specials)
+    assert family.name == "mistral_args" and family.needs_special_text
+    tools = chat.parse_tools([WEATHER, TIME])
+    weather, time = '[ARGS]{"city": "Paris", "days": 3}', '[ARGS]{"tz": "UTC"}'
+    lazy = families.tool_grammar(family, tools, lazy=True, parallel=True)
+    assert mistral.accepts(lazy, f"get_weather{weather}[TOOL_CALLS]get_time{time}")
+    required = families.tool_grammar(family, tools, lazy=False, parallel=False)
+    assert mistral.accepts(required, f"[TOOL_CALLS]get_time{time}")
+    assert not mistral.accepts(required, f"[TOOL_CALLS]get_time{weather}")
+    assert not mistral.accepts(required, f"[TOOL_CALLS]get_time{time}[TOOL_CALLS]get_time{time}")
+    plan = chat.prepare("{{ '[TOOL_CALLS][ARGS]' }}", ASK, tools=[WEATHER, TIME], tool_choice="required",
+                        special_tokens=mistral.specials)
+    rng = random.Random(5)
+    for _ in range(10):
+        tokens = random_walk(mistral, plan.constraint.source, rng)
+        parser = plan.parser()
+        deltas = [parser.feed(text) for text in stream(mistral, tokens)] + [parser.finish()]
+        assert_valid_calls(call_arguments(deltas))
 
 
 def test_generic_grammars(smollm2: Vocab):

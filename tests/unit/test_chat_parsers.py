@@ -19,6 +19,7 @@ from worker.chat.parsers import (
     GenericJson,
     LeadingJsonCalls,
     MarkedCalls,
+    NamedArgsCalls,
     ReasoningSplitter,
     ToolParser,
     call_arguments,
@@ -90,8 +91,10 @@ def parse_every_way(make: Callable[[], ChatParser], text: str) -> tuple[str, str
 
 
 def calls(*pairs: tuple[str, object]) -> list[dict[str, str]]:
-    return [{"id": f"call_{i}", "name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}
-            for i, (name, args) in enumerate(pairs)]
+    def text(args: object) -> str:
+        return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+    return [{"id": f"call_{i}", "name": name, "arguments": text(args)} for i, (name, args) in enumerate(pairs)]
 
 
 # ---------------------------------------------------------------------------------------------- Hermes / Qwen
@@ -226,6 +229,21 @@ def test_mistral_call_list():
             '{"name": "get_time", "arguments": {"tz": "CET"}}]')
     assert parse_every_way(mistral, text) == ("Checking.", "", calls(("get_weather", {"city": "Lyon"}),
                                                                       ("get_time", {"tz": "CET"})), True)
+
+
+def mistral_args() -> ChatParser:
+    return ChatParser(NamedArgsCalls(counter_ids()), None)
+
+
+def test_mistral_named_args_calls():
+    text = ('Sure.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Nîmes", "days": 2}'
+            '[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{"tz": "CET"}')
+    assert parse_every_way(mistral_args, text) == ("Sure.", "", calls(("get_weather", {"city": "Nîmes", "days": 2}),
+                                                                      ("get_time", {"tz": "CET"})), True)
+
+
+def test_mistral_named_args_plain_answer():
+    assert parse_every_way(mistral_args, "No tools [needed] here.") == ("No tools [needed] here.", "", [], False)
 
 
 def test_mistral_ids_are_nine_letters_and_digits():

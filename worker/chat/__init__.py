@@ -50,6 +50,7 @@ from worker.chat.parsers import (
     IdFactory,
     LeadingJsonCalls,
     MarkedCalls,
+    NamedArgsCalls,
     ReasoningSplitter,
     ToolCallDelta,
     ToolParser,
@@ -79,7 +80,7 @@ class ChatPlan:
     prompt: str
     constraint: Constraint | None
     special_text: bool  # the job must give special tokens' text (markers that are control tokens)
-    family: str  # hermes, llama3, mistral, generic: for logs
+    family: str  # hermes, llama3, mistral, mistral_args, generic: for logs
     tools_active: bool
     _family: Family = field(repr=False)
     _reasoning_args: tuple[bool, bool] | None = field(repr=False, default=None)  # forced_open, inline
@@ -94,6 +95,8 @@ class ChatPlan:
             tools = MarkedCalls("<tool_call>", "</tool_call>", new_id or openai_call_id)
         elif name == "mistral":
             tools = MarkedCalls("[TOOL_CALLS]", None, new_id or mistral_call_id)
+        elif name == "mistral_args":
+            tools = NamedArgsCalls(new_id or mistral_call_id)
         elif name == "llama3":
             tools = LeadingJsonCalls(new_id or openai_call_id)
         else:

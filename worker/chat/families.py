@@ -6,6 +6,8 @@
   `<|python_tag|>`); auto's trigger is `{"name"`.
 - mistral (Mistral v3 / Nemo: `[TOOL_CALLS]`): `[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`; the trigger is the
   marker.
+- mistral_args (Mistral Small 3.1+, Magistral, Devstral: `[TOOL_CALLS]` and `[ARGS]`): `[TOOL_CALLS]name[ARGS]{…}`
+  per call; the trigger is `[TOOL_CALLS]`.
 - generic (anything else: SmolLM2, Gemma): the answer is `{"tool_calls": [{"name": …, "arguments": {…}}]}` or
   `{"response": "…"}`, constrained from the first token (there is no marker to wait for).
 
@@ -59,7 +61,8 @@ class Family:
     @property
     def needs_special_text(self) -> bool:
         """The markers are special tokens: their text must reach the parser (Job.special_text)."""
-        return any(m in self.specials for m in (self.open_marker, self.close_marker) if m)
+        markers = (self.open_marker, self.close_marker, "[ARGS]" if self.name == "mistral_args" else None)
+        return any(m in self.specials for m in markers if m)
 
 
 def detect(template: str, specials: Mapping[str, int]) -> Family:
@@ -69,6 +72,8 @@ def detect(template: str, specials: Mapping[str, int]) -> Family:
         return Family("hermes", "<tool_call>", "</tool_call>", "arguments", "<tool_call>", specials)
     if "<|start_header_id|>ipython<|end_header_id|>" in template or "<|python_tag|>" in template:
         return Family("llama3", None, None, "parameters", '{"name"', specials)
+    if "[TOOL_CALLS]" in template and "[ARGS]" in template:
+        return Family("mistral_args", "[TOOL_CALLS]", None, "arguments", "[TOOL_CALLS]", specials)
     if "[TOOL_CALLS]" in template:
         return Family("mistral", "[TOOL_CALLS]", None, "arguments", "[TOOL_CALLS]", specials)
     return Family("generic", None, None, "arguments", None, specials)
@@ -131,6 +136,13 @@ def tool_grammar(family: Family, tools: list[Tool], *, lazy: bool, parallel: boo
             rules = ["start: rest", *calls, *(_llama_rest(family, tools))]
             return "\n".join(rules) + "\n"
         rules, start = calls, "call"
+    elif family.name == "mistral_args":
+        assert family.open_marker
+        open_marker, args_marker = family.marker(family.open_marker), family.marker("[ARGS]")
+        rules = ["named: " + " | ".join(f"{lark_string(t.name)} {args_marker} args_{i}" for i, t in enumerate(tools)),
+                 *call_rules(family, tools)[1:]]
+        first = "named" if lazy else f"{open_marker} named"
+        start = f"{first} ({open_marker} named){more}" if parallel else first
     elif family.name == "mistral":
         assert family.open_marker
         items = f'call (", " call){more}' if parallel else "call"

@@ -372,6 +372,75 @@ class MarkedCalls(ToolParser):
             self._text(out, final=True)
 
 
+class NamedArgsCalls(ToolParser):
+    """Mistral's newer form (Small 3.1+, Magistral, Devstral, Ministral 3): `[TOOL_CALLS]name[ARGS]{json}` per call,
+    the arguments the JSON itself; an `[CALL_ID]id` the model may write after the name is read and dropped (the
+    call gets its own id). Text before the first marker is content."""
+
+    OPEN, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+
+    def __init__(self, new_id: IdFactory = mistral_call_id) -> None:
+        super().__init__(new_id)
+        self.buffer = ""
+        self.state = "text"  # text, name, args
+        self.scan = ObjectScan()
+        self.sent = 0
+        self.pending_space = ""
+        self.after_call = False
+
+    def feed(self, text: str, out: _Out) -> None:
+        self.buffer += text
+        while self.buffer:
+            if self.state == "text":
+                at = self.buffer.find(self.OPEN)
+                if at < 0:
+                    keep = partial_suffix(self.buffer, self.OPEN)
+                    self._content(self.buffer[:len(self.buffer) - keep], out)
+                    self.buffer = self.buffer[len(self.buffer) - keep:]
+                    return
+                self._content(self.buffer[:at], out)
+                self.pending_space, self.buffer, self.state = "", self.buffer[at + len(self.OPEN):], "name"
+            elif self.state == "name":
+                at = self.buffer.find(self.ARGS)
+                if at < 0:
+                    return  # the name is short: wait for all of it
+                name = self.buffer[:at].split(self.CALL_ID)[0].strip(WHITESPACE)
+                out.calls.append(ToolCallDelta(self.calls, self.new_id(), name))
+                self.buffer, self.state = self.buffer[at + len(self.ARGS):], "args"
+                self.scan, self.sent = ObjectScan(), 0
+            else:
+                self.scan.feed(self.buffer)
+                self.buffer = ""
+                start = next((i for i, c in enumerate(self.scan.text) if c not in WHITESPACE), None)
+                end = self.scan.end if self.scan.end is not None else self.scan.pos
+                if start is not None and end > start + self.sent:
+                    out.calls.append(ToolCallDelta(self.calls, arguments=self.scan.text[start + self.sent:end]))
+                    self.sent = end - start
+                if self.scan.end is None and not self.scan.failed:
+                    return
+                self.calls += 1
+                self.buffer, self.state, self.after_call = self.scan.rest, "text", True
+
+    def _content(self, text: str, out: _Out, final: bool = False) -> None:
+        if self.after_call:
+            text = text.lstrip(WHITESPACE)
+            if not text:
+                return
+            self.after_call = False
+        text = self.pending_space + text
+        trailing = 0 if final else _trailing_space(text)
+        self.pending_space = text[len(text) - trailing:]
+        text = text[:len(text) - trailing]
+        if text:
+            out.content.append(text)
+
+    def finish(self, out: _Out) -> None:
+        if self.state == "text":
+            self._content(self.buffer, out, final=True)
+        elif self.state == "args" and self.sent == 0:
+            out.calls.append(ToolCallDelta(self.calls, arguments="{}"))
+
+
 class LeadingJsonCalls(ToolParser):
     """Llama 3.1+: a call is a JSON object {"name": ..., "parameters": {...}}, the whole answer (optionally after
     `<|python_tag|>`, several separated by `;` where the model makes parallel calls), or after some text from the
