@@ -158,6 +158,8 @@ def test_a_prompt_that_opens_thinking_starts_the_answer_inside_it():
     ({"type": "function"}, None, "tools", "must be a list"),
     ([{"type": "retrieval"}], None, "tools", "is not"),
     ([{"type": "function", "function": {"name": ""}}], None, "tools", "name"),
+    ([{"type": "function", "function": {"name": "get weather[ARGS]"}}], None, "tools", "name"),
+    ([{"type": "function", "function": {"name": "x" * 65}}], None, "tools", "name"),
     ([WEATHER, WEATHER], None, "tools", "two tools"),
     ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None, "tools", "JSON schema"),
     (None, "required", "tool_choice", "needs tools"),

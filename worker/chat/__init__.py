@@ -5,8 +5,10 @@ The route calls `prepare` once per request and then runs one parser per answer (
 
     plan = chat.prepare(info.chat_template, messages, tools=req.tools, tool_choice=req.tool_choice,
                         parallel_tool_calls=req.parallel_tool_calls, reasoning="split",
-                        bos_token=info.bos, eos_token=info.eos, special_tokens=model.special_tokens)
+                        bos_token=info.bos, eos_token=info.eos,
+                        special_tokens=worker.llamacpp.specials.model_special_tokens(model))
     tokens = model.prompt_tokens(plan.prompt)
+    if plan.constraint: the engine's check (off the loop) → ConstraintError: HTTP 400 with param "tools"
     job = Job(..., constraint=plan.constraint, special_text=plan.special_text)   # constraint: None or lazy or not
     parser = plan.parser()                      # one per choice
     for each TokenText: delta = parser.feed(text)    # ChatDelta(content, reasoning, tool_calls)
@@ -37,6 +39,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,6 +68,8 @@ __all__ = ["ChatDelta", "ChatParser", "ChatPlan", "ChatRequestError", "TemplateC
            "ToolCallDelta", "call_arguments", "prepare", "template"]
 
 Reasoning = Literal["split", "inline"]
+# OpenAI's rule for function names, and dots (MCP clients name tools server.tool): names go into grammars and markup.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 class ChatRequestError(ValueError):
@@ -160,8 +165,9 @@ def parse_tools(tools: list[dict[str, Any]] | None) -> list[Tool]:
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
             raise ChatRequestError(f"tools[{i}] is not {{'type': 'function', 'function': {{...}}}}", "tools")
         name = function.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64:
-            raise ChatRequestError(f"tools[{i}].function.name must be a name of 1 to 64 characters", "tools")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ChatRequestError(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '-' or '.'",
+                                   "tools")
         if any(t.name == name for t in out):
             raise ChatRequestError(f"two tools are named {name!r}", "tools")
         parameters = function.get("parameters", families.NO_PARAMETERS)
