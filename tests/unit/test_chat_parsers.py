@@ -132,6 +132,10 @@ def test_an_empty_thinking_block_and_no_tools():
     assert parse_every_way(hermes, text) == ("Paris is the capital.", "", [], False)
 
 
+def test_a_marker_without_json_after_it_leaves_the_text_as_content():
+    assert parse_every_way(hermes, "I'd use <tool_call> here.") == ("I'd use here.", "", [], False)
+
+
 def test_a_call_without_arguments_gets_an_empty_object():
     made = parse_every_way(hermes, '<tool_call>\n{"name": "ping"}\n</tool_call>')[2]
     assert made == calls(("ping", "{}"))

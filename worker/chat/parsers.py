@@ -359,7 +359,9 @@ class MarkedCalls(ToolParser):
         piece, self.buffer = self.buffer, ""
         call.feed(piece, out)
         if isinstance(call, CallStream):
-            if call.done:
+            if call.scan.failed and not call.announced:  # no JSON after the marker (only unconstrained): text
+                self.buffer, self.state = call.scan.text, "text"
+            elif call.done:
                 self.calls += int(call.announced)
                 self.buffer = call.scan.rest if call.scan.end is not None else ""
                 self.state, self.after_call = "close", True
