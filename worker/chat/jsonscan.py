@@ -149,16 +149,18 @@ _PARTIAL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\|\\u[0-9a-fA-F]{0,3})$")
 _HIGH_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}$")
 
 
-def decode_partial_string(raw: str) -> str:
-    """The text of a JSON string literal's body read so far (`raw`: after the opening quote, before any closing one),
-    up to the last character that can be decoded for certain: a cut escape or a lone high surrogate waits."""
+def decode_partial_string(raw: str) -> tuple[str, int]:
+    """A piece of a JSON string literal's body (`raw`, starting where an earlier piece ended), decoded up to the last
+    character that can be decoded for certain (a cut escape or a lone high surrogate waits): (text, how much of
+    `raw` it used)."""
+    end = len(raw)
     cut = _PARTIAL_ESCAPE.search(raw)
     if cut:
-        raw = raw[:cut.start(1)]
-    surrogate = _HIGH_SURROGATE.search(raw)
-    if surrogate:
-        raw = raw[:surrogate.end() - 6]
+        end = cut.start(1)
+    surrogate = _HIGH_SURROGATE.search(raw, 0, end)
+    if surrogate and surrogate.end() == end:
+        end -= 6
     try:
-        return str(json.loads('"' + raw + '"'))
+        return str(json.loads('"' + raw[:end] + '"')), end
     except ValueError:
-        return ""
+        return "", 0

@@ -544,7 +544,7 @@ class GenericJson(ToolParser):
         self.scan = ObjectScan()
         self.list: CallList | None = None
         self.fed = 0  # how much of the tool_calls value went to the list
-        self.said = 0  # how much of the response's text went out
+        self.said = 0  # how much of the response's JSON text has been decoded and sent
 
     def feed(self, text: str, out: _Out) -> None:
         self.scan.feed(text)
@@ -558,10 +558,10 @@ class GenericJson(ToolParser):
         response = self.scan.member("response")
         if response is not None and response.start >= 0 and self.scan.text[response.start] == '"':
             end = response.end - 1 if response.end is not None else self.scan.pos
-            said = decode_partial_string(self.scan.text[response.start + 1:end])
-            if len(said) > self.said:
-                out.content.append(said[self.said:])
-                self.said = len(said)
+            text, used = decode_partial_string(self.scan.text[response.start + 1 + self.said:end])
+            if text:
+                out.content.append(text)
+            self.said += used
 
     def finish(self, out: _Out) -> None:
         if self.scan.failed or (self.scan.member("tool_calls") is None and self.scan.member("response") is None):
