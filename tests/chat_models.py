@@ -7,8 +7,11 @@ files); the vocabularies are trained on tests/convert_reference.CORPUS, with the
 the real tokenizers add them: Qwen's `<tool_call>`/`</tool_call>`/`<think>`/`</think>` as added, non-special tokens
 (user-defined in the GGUF), Llama 3's `<|python_tag|>`, `<|eom_id|>`, `<|eot_id|>` and headers as special ones.
 
-    from tests.chat_models import tool_model_gguf       # a module-level helper, or the fixtures below
-    path = tool_model_gguf("qwen3", tmp_path)           # → the converted .gguf
+    from tests.chat_models import tool_model_gguf       # the helper: the converted .gguf under a folder
+    path = tool_model_gguf("qwen3", tmp_path)           # "qwen3" or "llama3_1"
+
+    from tests.chat_models import qwen3_tools_gguf      # or the session fixtures, imported into the test module
+                                                        # (or a conftest) so that pytest finds them
 """
 
 from __future__ import annotations
