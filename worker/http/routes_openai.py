@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from worker.chat import template as chat
 from worker.engine.outputs import Failed, Finished, StopReason, TokenText
 from worker.engine.sampling import (
     MinP,
@@ -30,7 +31,6 @@ from worker.engine.sampling import (
     Temperature,
     TopK,
 )
-from worker.http import chat
 from worker.http.errors import ApiError, openai_error
 from worker.http.jobs import JobStream, submit_job
 from worker.http.schemas import read_json
