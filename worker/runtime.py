@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 
-from worker.config import Settings
+from worker.config import UNQUANTIZED_KV, Settings
 from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
@@ -57,12 +57,13 @@ def placement(settings: Settings) -> Placement:
     return Placement(gpu, f"{gpu}:{settings.device}", layers)
 
 
-def flash_attn_policy(setting: str, *, offloaded: bool) -> str:
+def flash_attn_policy(setting: str, *, offloaded: bool, quantized_v: bool = False) -> str:
     # auto = on with the GPU; off on the CPU, where llama.cpp's flash attention changed SmolLM2's greedy output
-    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's).
+    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's);
+    # on wherever the V cache is quantized, which llama.cpp runs only with it.
     if setting != "auto":
         return setting
-    return "on" if offloaded else "off"
+    return "on" if offloaded or quantized_v else "off"
 
 
 @dataclass
@@ -124,7 +125,9 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
         prefix_cache = s.prefix_cache == "on"
         ctx = Context(model, n_ctx=ctx_size * s.parallel, n_seq=s.parallel, n_batch=s.batch_size,
                       threads=s.threads, threads_batch=s.threads_batch,
-                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded),
+                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded,
+                                                   quantized_v=s.cache_type_v not in UNQUANTIZED_KV),
+                      cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
                       in_graph_sampling=in_graph)
         grammars = Grammars(model.guidance_tokenizer, lambda token: model.piece(token, special=True), info.n_vocab)
         try:

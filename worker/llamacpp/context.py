@@ -17,6 +17,11 @@ from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
 
 PENALTY_LAST_N = 64
+# KV cache types by their llama-server names (--cache-type-k/-v); ggml_type numbers (BF16, 30, has no constant in
+# the Python binding)
+_GGML_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16, "bf16": 30, "q8_0": lc.GGML_TYPE_Q8_0,
+               "q4_0": lc.GGML_TYPE_Q4_0, "q4_1": lc.GGML_TYPE_Q4_1, "iq4_nl": lc.GGML_TYPE_IQ4_NL,
+               "q5_0": lc.GGML_TYPE_Q5_0, "q5_1": lc.GGML_TYPE_Q5_1}
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PROMPT_OUTPUTS = 64  # llama.cpp's default window for repetition/presence/frequency penalties
 
@@ -120,6 +125,7 @@ class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
         flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
+        cache_type_k: str = "f16", cache_type_v: str = "f16",
     ) -> None:
         """n_ctx cells, n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
         params = lc.llama_context_default_params()
@@ -146,6 +152,8 @@ class Context:
             "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
         params.no_perf = True
+        params.type_k = _GGML_TYPES[cache_type_k]
+        params.type_v = _GGML_TYPES[cache_type_v]
         # llama.cpp reads a GGUF's YaRN corrections for a few architectures only; the context takes them for any
         for key in ("yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
             if (value := model.meta(f"{model.info.architecture}.rope.scaling.{key}")) is not None:
