@@ -32,7 +32,7 @@ def main() -> None:
                          ("t0.8 top_k40", SamplingParams(temperature=0.8, top_k=40))):
         ctx.clear()
         ctx.use_chain(0, params, reuse=False, on_cpu=True)
-        assert ctx.decode([(0, prompt, 0, True, False)]) == 0
+        assert ctx.decode([(0, prompt, 0, True, False, 0)]) == 0
         pos, token, t = len(prompt), 0, dict.fromkeys(("decode+read", "ranked", "mask", "sample"), 0.0)
         index = len(prompt) - 1
         for _ in range(args.n):
@@ -52,7 +52,7 @@ def main() -> None:
             t["mask"] += t3 - t2
             t["sample"] += t4 - t3
             t5 = time.perf_counter()
-            assert ctx.decode([(0, [token], pos, True, False)]) == 0
+            assert ctx.decode([(0, [token], pos, True, False, 0)]) == 0
             ctx.logits(0)
             t["decode+read"] += time.perf_counter() - t5 + (t1 - t0)
             pos, index = pos + 1, 0

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
     )
+    spec_type: Literal["none", "ngram"] = Field(
+        "none", description="speculative decoding (llama-server's --spec-type): ngram proposes tokens from the "
+        "sequence's own prompt and output (prompt lookup), verified in the same decode step as everyone's tokens; "
+        "output is the model's either way")
+    spec_draft_n_max: int = Field(8, ge=1, le=32, description="tokens proposed per step at most")
+    spec_draft_n_min: int = Field(1, ge=1, le=32, description="a shorter proposal is not verified")
+    spec_max_load: int = Field(
+        4, ge=1, description="running + waiting requests above which nobody speculates: with many sequences a step "
+        "is no longer memory-bound and verifying proposals costs what it saves")
     cache_type_k: KvCacheType = Field(
         "f16", description="the KV cache's K type (llama-server's --cache-type-k); quantized types hold more "
         "tokens in the same memory")

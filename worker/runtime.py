@@ -16,6 +16,7 @@ from loguru import logger
 from worker.config import UNQUANTIZED_KV, Settings
 from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
+from worker.engine.speculative import SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.metrics import Metrics
 from worker.models.resolve import resolve
@@ -136,6 +137,8 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
+                                speculation=SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min,
+                                                       max_load=s.spec_max_load) if s.spec_type == "ngram" else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()

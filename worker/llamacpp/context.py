@@ -25,8 +25,9 @@ _GGML_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16, "bf16": 30, "q8
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PROMPT_OUTPUTS = 64  # llama.cpp's default window for repetition/presence/frequency penalties
 
-# (seq_id, tokens, first position, wants logits for the last token, wants logits for every token)
-BatchPart = tuple[int, list[int], int, bool, bool]
+# (seq_id, tokens, first position, wants logits for the last token, wants logits for every token, how many of
+# the tokens are proposals (the engine's business: logits for every token is what it needs of the context))
+BatchPart = tuple[int, list[int], int, bool, bool, int]
 
 
 class ChainParams(Protocol):
@@ -110,7 +111,7 @@ class Batch:
 
     def fill(self, parts: Iterable[BatchPart]) -> None:
         n = 0
-        for seq_id, tokens, start_pos, last_logits, all_logits in parts:
+        for seq_id, tokens, start_pos, last_logits, all_logits, _ in parts:
             k = len(tokens)
             self.tokens[n : n + k] = tokens
             self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
@@ -240,7 +241,7 @@ class Context:
 
     def warm_up(self) -> int:
         """One decode at load pays the one-time costs (graph allocation, kernels, weights paging in)."""
-        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True, False)])
+        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True, False, 0)])
         self.clear()
         return status
 
