@@ -77,7 +77,9 @@ async def test_a_quoting_answer_is_the_same_text_and_at_least_1_3x_faster(model)
             # lone token (up to ~0.1 in a logit, measured in test_constrained); llama-server's speculation shares it.
             assert near_tie is None or near_tie < 0.15, (i, near_tie, text(a), text(b))
             end = b[-1]
-            assert isinstance(end, Finished) and end.acceptance_rate is not None and end.acceptance_rate >= 0.4, end
+            assert isinstance(end, Finished)
+            if prompt == COPY:  # copied word for word: proposals found and mostly accepted
+                assert end.acceptance_rate is not None and end.acceptance_rate >= 0.6, end
         speed = {"plain": 0.0, "spec": 0.0}
         for r in range(3):  # alternated; the best of each, as a busy neighbour slows one run, not the method
             for name, engine in (("plain", plain), ("spec", spec)):

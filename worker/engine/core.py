@@ -296,6 +296,8 @@ class EngineCore:
         self.stats.queue_s += t1 - t0
         self.stats.wait_s += now - t2
         self.scheduler.update(sampled, now)
+        if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
+            self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
         """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those

@@ -37,7 +37,7 @@ from worker.engine.outputs import (
     TokenText,
 )
 from worker.engine.sampling import SamplingParams
-from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig
+from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig, StepCosts
 from worker.engine.text import TextStream
 from worker.narration import narrate
 
@@ -124,6 +124,7 @@ class StepPlan:
     # A steady step (a token a sequence, no chain attached or detached since the last) is quick to queue; any other
     # makes llama_decode itself long (a prompt, or llama.cpp re-reserving its graph after a chain change).
     steady: bool = True
+    prefill: bool = False  # some part is a prompt chunk
 
     def sample_at(self) -> list[tuple[Slot, Part, int]]:
         """(slot, part, batch index of its last token) of each part that wants a token and whose job still runs."""
@@ -171,6 +172,7 @@ class Scheduler:
         self.prompt_logits_per_step = prompt_logits_per_step
         self.speculation = speculation
         self.proposer = NgramProposer(speculation) if speculation is not None else None
+        self.step_costs = StepCosts()
         self.waiting: collections.deque[Job] = collections.deque()
         self.n_running = 0
         self._chains_changed = False  # since the last plan: llama.cpp re-reserves at the next decode
@@ -222,6 +224,7 @@ class Scheduler:
             slot.prompt_pos += len(chunk)
             plan.parts.append(Part(slot.seq_id, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens),
                                    job.prompt_logprobs is not None))
+            plan.prefill = True
             plan.slots.append(slot)
             slot.n_past += len(chunk)
             budget -= len(chunk)
@@ -239,6 +242,9 @@ class Scheduler:
             return []
         n = min(spec.n, room, job.max_tokens - slot.tokens_out - 1)
         if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
+            return []
+        if not self.step_costs.worth(spec.recent_rate, self.n_running):
+            spec.pause = 8  # then try again: the costs and the rate change with the text and the load
             return []
         draft = self.proposer.propose(np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n)
         return draft if len(draft) >= config.n_min else []
