@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path("~/.cache/llm-worker-rbee"), description="converted GGUFs, keyed by a hash of their sources"
     )
+    served_model_name: str | None = Field(
+        None, description="the model's id for clients (/v1/models, answers, /health); default: the hub id, the "
+        "file's stem or the folder's name, never a host path")
+    cors_allow_origins: str | None = Field(
+        None, description="browser origins allowed to call the worker (CORS), comma-separated "
+        "(https://app.example.com), or * for any; default: none (no CORS headers, preflights answered 405)")
     worker_id: str = Field(
         default_factory=lambda: f"worker-{uuid.uuid4().hex[:12]}",
         description="identity reported in /health, logs and narration",
@@ -178,6 +184,31 @@ class Settings(BaseSettings):
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
         return v
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _check_served_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^\s/][^\s]{0,127}", v):
+            raise ValueError("must be 1-128 characters, no spaces, not starting with /")
+        return v
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _check_origins(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        origins = [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port] (e.g. http://localhost:3000) "
+                                 "or *")
+        if not origins:
+            raise ValueError("no origin given")
+        return ",".join(origins)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return self.cors_allow_origins.split(",") if self.cors_allow_origins else []
 
     @field_validator("worker_id")
     @classmethod

@@ -19,7 +19,7 @@ from worker.engine.core import EngineCore
 from worker.engine.speculative import SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.metrics import Metrics
-from worker.models.resolve import resolve
+from worker.models.resolve import public_id, resolve
 from worker.narration import narrate
 
 Progress = Callable[..., None]  # (stage, value, **extra)
@@ -150,7 +150,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     vram_after = gpu_memory_used()
     vram = sum(max(0, vram_after.get(d, 0) - vram_before.get(d, 0)) for d in vram_after)
     load_s = time.perf_counter() - t0
-    _bind_metrics(metrics, engine, model, where, load_s)
+    _bind_metrics(metrics, engine, model, where, load_s, s.served_model_name or public_id(resolved.ref))
     narrate("model_load_complete", f"Model ready on {where.device} in {load_s:.2f} s: "
             f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
@@ -160,13 +160,15 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     return Runtime(model, engine, where, vram, load_s)
 
 
-def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float) -> None:
+def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float,
+                  model_id: str) -> None:
     info = model.info
     m.bind_engine(slots=engine.n_slots, running=lambda: engine.busy, waiting=lambda: engine.waiting,
                   kv_usage=engine.kv_usage, kv_cells=engine.kv_cells, kv_cells_total=engine.kv_cells_total)
     m.bind_device_memory(gpu_memory_used)
     m.load_seconds.set(load_s)
     m.model_size.set(info.size_bytes)
-    labels: dict[str, Any] = {"model": info.ref, "architecture": info.architecture,
+    # /metrics is open: the model's public id, never the host path of its file
+    labels: dict[str, Any] = {"model": model_id, "architecture": info.architecture,
                               "quantization": info.quantization, "backend": where.backend, "device": where.device}
     m.model_info.info(labels)
