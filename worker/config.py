@@ -27,6 +27,10 @@ class ConfigError(Exception):
     """A setting is invalid: the worker exits 2 with this one-line reason."""
 
 
+# The KV cache types llama.cpp's server accepts (--cache-type-k/-v)
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+UNQUANTIZED_KV = ("f32", "f16", "bf16")
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLM_WORKER_",
@@ -95,6 +99,21 @@ class Settings(BaseSettings):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
     )
+    spec_type: Literal["none", "ngram"] = Field(
+        "none", description="speculative decoding (llama-server's --spec-type): ngram proposes tokens from the "
+        "sequence's own prompt and output (prompt lookup), verified in the same decode step as everyone's tokens; "
+        "output is the model's either way")
+    spec_draft_n_max: int = Field(8, ge=1, le=32, description="tokens proposed per step at most")
+    spec_draft_n_min: int = Field(1, ge=1, le=32, description="a shorter proposal is not verified")
+    spec_max_load: int = Field(
+        4, ge=1, description="running + waiting requests above which nobody speculates: with many sequences a step "
+        "is no longer memory-bound and verifying proposals costs what it saves")
+    cache_type_k: KvCacheType = Field(
+        "f16", description="the KV cache's K type (llama-server's --cache-type-k); quantized types hold more "
+        "tokens in the same memory")
+    cache_type_v: KvCacheType = Field(
+        "f16", description="the KV cache's V type; a quantized V needs flash attention (--flash-attn auto turns it "
+        "on for one; off is refused)")
     backend_sampling: Literal["auto", "on", "off"] = Field(
         "auto",
         description="sample inside llama.cpp's decode graph (llama_set_sampler); auto = when the model is offloaded",
@@ -197,6 +216,13 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", v):
             raise ValueError("must be 1-128 characters of [A-Za-z0-9._-]")
         return v
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> Settings:
+        if self.cache_type_v not in UNQUANTIZED_KV and self.flash_attn == "off":
+            raise ValueError(f"--cache-type-v {self.cache_type_v} needs flash attention: llama.cpp cannot run a "
+                             "quantized V cache without it; use --flash-attn auto or on, or an f16/bf16/f32 V cache")
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_without_token(self) -> Settings:

@@ -13,9 +13,10 @@ from typing import Any
 
 from loguru import logger
 
-from worker.config import Settings
+from worker.config import UNQUANTIZED_KV, Settings
 from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
+from worker.engine.speculative import SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.metrics import Metrics
 from worker.models.resolve import public_id, resolve
@@ -57,12 +58,13 @@ def placement(settings: Settings) -> Placement:
     return Placement(gpu, f"{gpu}:{settings.device}", layers)
 
 
-def flash_attn_policy(setting: str, *, offloaded: bool) -> str:
+def flash_attn_policy(setting: str, *, offloaded: bool, quantized_v: bool = False) -> str:
     # auto = on with the GPU; off on the CPU, where llama.cpp's flash attention changed SmolLM2's greedy output
-    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's).
+    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's);
+    # on wherever the V cache is quantized, which llama.cpp runs only with it.
     if setting != "auto":
         return setting
-    return "on" if offloaded else "off"
+    return "on" if offloaded or quantized_v else "off"
 
 
 @dataclass
@@ -124,7 +126,9 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
         prefix_cache = s.prefix_cache == "on"
         ctx = Context(model, n_ctx=ctx_size * s.parallel, n_seq=s.parallel, n_batch=s.batch_size,
                       threads=s.threads, threads_batch=s.threads_batch,
-                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded),
+                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded,
+                                                   quantized_v=s.cache_type_v not in UNQUANTIZED_KV),
+                      cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
                       in_graph_sampling=in_graph)
         grammars = Grammars(model.guidance_tokenizer, lambda token: model.piece(token, special=True), info.n_vocab)
         try:
@@ -133,6 +137,8 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
+                                speculation=SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min,
+                                                       max_load=s.spec_max_load) if s.spec_type == "ngram" else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()

@@ -93,7 +93,7 @@ def reference_logprobs(model: Model, tokens: list[int], chunk: int = 512) -> np.
     try:
         for start in range(0, len(tokens), chunk):
             part = tokens[start : start + chunk]
-            assert ctx.decode([(0, part, start, True, True)]) == 0
+            assert ctx.decode([(0, part, start, True, True, 0)]) == 0
             rows += [ctx.logits(i).astype(np.float64) for i in range(len(part))]
     finally:
         ctx.close()

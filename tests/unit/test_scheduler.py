@@ -27,6 +27,7 @@ from worker.engine.outputs import (
 )
 from worker.engine.sampling import SamplingParams
 from worker.engine.scheduler import Part, Scheduler
+from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig
 
 EOG = 0
 BAD = 1000
@@ -55,6 +56,7 @@ class FakeContext:
         self.copies: list[tuple[int, int, int]] = []
         self._last: dict[int, int] = {}  # batch index → token there
         self._logits: dict[int, np.ndarray] = {}
+        self.cpu_sampled: list[int] = []
 
     @property
     def kv(self) -> dict[int, set[int]]:
@@ -122,6 +124,11 @@ class FakeContext:
         if index in self._logits:  # read (and maybe masked) on the CPU: the best token left
             return int(np.argmax(self._logits[index]))
         return (self._last[index] + 1) % 26
+
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+        assert seq_id in self.chains, "sampled without a chain"
+        self.cpu_sampled.append(seq_id)
+        return int(np.argmax(logits))
 
     def logits(self, index: int) -> np.ndarray:
         """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
@@ -578,3 +585,76 @@ def test_a_constraint_that_allows_nothing_fails_its_job_alone():
     run(core)
     assert isinstance(got[-1], Failed) and got[-1].code == "constraint_failed"
     assert text(free) == "efg" and end(free).stop_reason is StopReason.MAX_TOKENS
+
+
+def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_neighbours():
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=FakeGrammars())
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), logprobs=0)
+    free = submit(core, "b", [1, 2, 3], max_tokens=3)
+    run(core)
+    assert end(got).tokens_out == 3 and text(free) == "efg"
+    assert [len(batch) for batch in ctx.batches] == [2, 2, 2]
+    assert ctx.cpu_sampled == [0, 0, 0]  # masked logits: sampled from what the mask left, on the CPU
+
+
+# ---- speculative decoding ------------------------------------------------------------------------------------
+
+REPEATING = [5, 6, 7, 8, 9, 10, 5, 6, 7]  # the fake continues t -> t+1; what followed "6 7 8" is proposed
+
+
+def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_cells():
+    plain_core, plain_ctx = engine()
+    plain = submit(plain_core, "a", REPEATING, max_tokens=12)
+    run(plain_core)
+    core, ctx = engine(speculation=SpecConfig(n_max=4))
+    got = submit(core, "a", REPEATING, max_tokens=12)
+    run(core)  # check_accounting after every step: the scheduler's cells are llama.cpp's, rejected ones freed
+    assert text(got) == text(plain) and end(got).tokens_out == end(plain).tokens_out == 12
+    assert len(ctx.batches) < len(plain_ctx.batches)
+    drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
+    assert drafted[0].all_logits and drafted[0].tokens == [8, 9, 10, 5, 6]  # after "6 7 8": "9 10 5 6"
+    e = end(got)
+    assert e.draft_tokens > 0 and 0 < e.accepted_tokens < e.draft_tokens and e.acceptance_rate is not None
+
+
+def test_speculation_ends_exactly_where_plain_decoding_would():
+    for kw in ({"max_tokens": 5}, {"max_tokens": 30, "stop": ("ij",)}, {"max_tokens": 40}):
+        plain_core, _ = engine()
+        plain = submit(plain_core, "a", REPEATING, **kw)
+        run(plain_core)
+        core, _ = engine(speculation=SpecConfig(n_max=8))
+        got = submit(core, "a", REPEATING, **kw)
+        run(core)
+        assert text(got) == text(plain), kw
+        assert (end(got).stop_reason, end(got).tokens_out) == (end(plain).stop_reason, end(plain).tokens_out), kw
+
+
+def test_nobody_speculates_under_load_or_when_a_job_opts_out():
+    core, ctx = engine(parallel=4, speculation=SpecConfig(n_max=4, max_load=2))
+    outs = [submit(core, f"j{i}", REPEATING, max_tokens=8) for i in range(3)]
+    run(core)
+    assert all(text(o) == "ijklmnop" for o in outs)
+    assert not any(p.n_draft for batch in ctx.batches for p in batch)
+    core, ctx = engine(speculation=SpecConfig(n_max=4))
+    got = submit(core, "a", REPEATING, max_tokens=8, speculate=False)
+    run(core)
+    assert text(got) == "ijklmnop" and not any(p.n_draft for batch in ctx.batches for p in batch)
+
+
+def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
+    spec = SlotSpeculation(n=8)
+    spec.record(8, 0, 8)
+    assert spec.n == 4
+    spec.record(4, 0, 8)
+    spec.record(2, 0, 8)
+    spec.record(1, 0, 8)
+    assert spec.n == 1 and spec.pause == 16
+    spec.record(1, 1, 8)
+    assert spec.n == 2 and spec.rate == 1 / 16
+
+
+def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():
+    proposer = NgramProposer(SpecConfig(ngram_max=3, ngram_min=2))
+    history = np.array([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3], dtype=np.int32)
+    assert proposer.propose(history, 3) == [4, 9, 2]  # "1 2 3" seen at 0, not the later "2 3"
+    assert proposer.propose(np.array([7, 8, 9], dtype=np.int32), 3) == []

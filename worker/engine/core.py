@@ -44,6 +44,7 @@ from worker.engine.scheduler import (
     StepPlan,
     Vocab,
 )
+from worker.engine.speculative import SpecConfig
 
 
 class EngineContext(SlotResources, Protocol):
@@ -52,6 +53,7 @@ class EngineContext(SlotResources, Protocol):
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
     def logits(self, index: int) -> np.ndarray: ...
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int: ...
 
     @property
     def n_outputs(self) -> int: ...  # logits rows one batch may ask for
@@ -87,6 +89,7 @@ class EngineCore:
         metrics: SchedulerMetrics | None = None,
         profile_path: str | None = None,
         grammars: Grammars | None = None,
+        speculation: SpecConfig | None = None,
     ) -> None:
         self.ctx = ctx
         self.vocab = vocab
@@ -103,7 +106,7 @@ class EngineCore:
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
                                    prefix_cache=prefix_cache, metrics=metrics,
                                    guides=grammars.guide if grammars is not None else None,
-                                   prompt_logits_per_step=ctx.n_outputs - parallel)
+                                   prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []
@@ -277,11 +280,24 @@ class EngineCore:
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
         self._read_prompt_logprobs(plan)
-        sampled = [self._sample(slot, index) for slot, index in plan.sample_at()]
+        # A job sampled on the CPU holds the step up by its logprobs, mask and chain (0.3-2 ms on a 128k
+        # vocabulary, measured on an H200). Letting it sit out every other step and sampling it while the next one
+        # computes was tried and measured worse for it and no better for its neighbours: the engine thread's own
+        # work already fills the time a step computes (docs/BENCHMARKS.md).
+        sampled: list[Sampled] = []
+        for slot, part, index in plan.sample_at():
+            if slot.job is None:  # failed by its constraint earlier in this loop
+                continue
+            if part.n_draft:
+                sampled += self._verify(slot, part, index)
+            else:
+                sampled.append(self._sample(slot, index))
         now = time.perf_counter()  # the first read of a sampled token waited for the step
         self.stats.queue_s += t1 - t0
         self.stats.wait_s += now - t2
         self.scheduler.update(sampled, now)
+        if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
+            self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
         """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those
@@ -297,23 +313,50 @@ class EngineCore:
             self.scheduler.decoded([(slot, part)])
             self._read_prompt_logprobs(StepPlan([part], [slot]))
             if part.logits and slot.job is not None:
-                self.scheduler.update([self._sample(slot, len(part.tokens) - 1)], time.perf_counter())
+                index = len(part.tokens) - 1
+                got = self._verify(slot, part, index) if part.n_draft else [self._sample(slot, index)]
+                self.scheduler.update(got, time.perf_counter())
+
+    def _verify(self, slot: Slot, part: Part, index: int) -> list[Sampled]:
+        """The target's own token at each proposed position, up to the first that differs from the proposal (or
+        ends the text); the proposals before it are accepted, the cells of the rest freed."""
+        first = index - part.n_draft  # the batch index of the part's first token
+        draft = part.tokens[1:]
+        tokens: list[int] = []
+        for i in range(part.n_draft + 1):
+            token = self._pick(slot, first + i)
+            tokens.append(token)
+            if i == part.n_draft or token != draft[i] or self.vocab.is_eog(token):
+                break
+        self.scheduler.accept_draft(slot, part, len(tokens) - 1)
+        return [(slot, token, None) for token in tokens]
+
+    def _pick(self, slot: Slot, index: int) -> int:
+        """A speculating job's token: greedy without penalties is the logits' argmax (llama.cpp's greedy sampler
+        takes the first of equal maxima, as numpy does), read at a fraction of a full chain's cost."""
+        params = slot.job.params if slot.job is not None else None
+        if params is not None and params.greedy and not params.penalized:
+            return int(self.ctx.logits(index).argmax())
+        return self.ctx.sample(slot.seq_id, index)
 
     def _sample(self, slot: Slot, index: int) -> Sampled:
-        """The slot's next token. A job that reads its logits has them here on the CPU: logprobs taken from the
-        model's own values, then the constraint's mask applied, then its chain samples what is left."""
         job = slot.job
         assert job is not None
         if not job.reads_logits:
-            return slot, self.ctx.sample(slot.seq_id, index), None
+            return slot, self._pick(slot, index) if slot.spec is not None else self.ctx.sample(slot.seq_id, index), None
+        # A job that reads its logits: logprobs taken from the model's own values, then the constraint's mask
+        # applied (in place, in llama.cpp's buffer), then the job's chain samples what is left: from the allowed
+        # tokens alone where there is a mask (a narrow one makes the chain's sort short).
         logits = self.ctx.logits(index)
         ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
-        if slot.guide is not None and not slot.guide.mask(logits):
+        if slot.guide is None:
+            token = self.ctx.sample(slot.seq_id, index)
+        elif slot.guide.mask(logits):
+            token = self.ctx.sample_logits(slot.seq_id, logits, finite_only=True)
+            slot.guide.consume(token)
+        else:
             self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
             return slot, -1, None
-        token = self.ctx.sample(slot.seq_id, index)
-        if slot.guide is not None:
-            slot.guide.consume(token)
         return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
 
     def _read_prompt_logprobs(self, plan: StepPlan) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -14,14 +15,16 @@ class Ranked:
     logits (a mask only sets disallowed tokens to -inf, so an allowed token's logit is still the model's after)."""
 
     def __init__(self, logits: np.ndarray, k: int) -> None:
-        top = float(logits.max())
-        self.log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+        top = logits.max()
+        shifted = np.subtract(logits, top)  # float32 and in place after this copy: ~0.3 ms on a 128k vocabulary
+        np.exp(shifted, out=shifted)
+        self.log_z = float(top) + math.log(float(shifted.sum(dtype=np.float64)))
+        self.top: list[tuple[int, float]] = []
         if k > 0:
-            best = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
+            n = len(logits)
+            best = np.argpartition(logits, n - k)[n - k :] if k < n else np.arange(n)
             best = best[np.argsort(-logits[best], kind="stable")]
             self.top = [(int(t), float(logits[t]) - self.log_z) for t in best]
-        else:
-            self.top = []
 
     def of(self, logits: np.ndarray, token: int, piece: Callable[[int], bytes]) -> TokenLogprob:
         return TokenLogprob(token, piece(token), float(logits[token]) - self.log_z,

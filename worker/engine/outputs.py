@@ -79,6 +79,12 @@ class Finished:
     decode_s: float
     stop_sequence: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculation: tokens proposed, and how many of them the model accepted
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def tokens_per_sec(self) -> float:
@@ -138,6 +144,7 @@ class Job:
     logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and the top k at its position
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); the prompt is computed afresh
     special_text: bool = False  # control tokens' text is part of the text (tool-call markup the caller parses)
+    speculate: bool = True  # where the worker speculates, this job may (a request can opt out)
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel_reason: StopReason | None = None  # set from the loop; read by the scheduler between steps
     done: bool = False

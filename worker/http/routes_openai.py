@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import MISSING, BaseModel, ValidationError
 
+from worker.chat import template as chat
 from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, TokenLogprob, TokenText
-from worker.http import chat
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
 from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
 from worker.http.protocol_native import ModelCard

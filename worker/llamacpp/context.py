@@ -17,10 +17,17 @@ from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
 
 PENALTY_LAST_N = 64
+# KV cache types by their llama-server names (--cache-type-k/-v); ggml_type numbers (BF16, 30, has no constant in
+# the Python binding)
+_GGML_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16, "bf16": 30, "q8_0": lc.GGML_TYPE_Q8_0,
+               "q4_0": lc.GGML_TYPE_Q4_0, "q4_1": lc.GGML_TYPE_Q4_1, "iq4_nl": lc.GGML_TYPE_IQ4_NL,
+               "q5_0": lc.GGML_TYPE_Q5_0, "q5_1": lc.GGML_TYPE_Q5_1}
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PROMPT_OUTPUTS = 64  # llama.cpp's default window for repetition/presence/frequency penalties
 
-# (seq_id, tokens, first position, wants logits for the last token, wants logits for every token)
-BatchPart = tuple[int, list[int], int, bool, bool]
+# (seq_id, tokens, first position, wants logits for the last token, wants logits for every token, how many of
+# the tokens are proposals (the engine's business: logits for every token is what it needs of the context))
+BatchPart = tuple[int, list[int], int, bool, bool, int]
 
 
 class ChainParams(Protocol):
@@ -104,7 +111,7 @@ class Batch:
 
     def fill(self, parts: Iterable[BatchPart]) -> None:
         n = 0
-        for seq_id, tokens, start_pos, last_logits, all_logits in parts:
+        for seq_id, tokens, start_pos, last_logits, all_logits, _ in parts:
             k = len(tokens)
             self.tokens[n : n + k] = tokens
             self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
@@ -119,6 +126,7 @@ class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
         flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
+        cache_type_k: str = "f16", cache_type_v: str = "f16",
     ) -> None:
         """n_ctx cells, n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
         params = lc.llama_context_default_params()
@@ -145,6 +153,8 @@ class Context:
             "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
         params.no_perf = True
+        params.type_k = _GGML_TYPES[cache_type_k]
+        params.type_v = _GGML_TYPES[cache_type_v]
         # llama.cpp reads a GGUF's YaRN corrections for a few architectures only; the context takes them for any
         for key in ("yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
             if (value := model.meta(f"{model.info.architecture}.rope.scaling.{key}")) is not None:
@@ -159,6 +169,7 @@ class Context:
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
         self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
+        self._all_ids = np.arange(model.n_vocab, dtype=np.int32)
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
@@ -197,6 +208,23 @@ class Context:
         logits logits() gives, as changed there)."""
         return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
 
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+        """The token the sequence's chain picks from these logits (read, perhaps masked, on the CPU; they need not
+        be the context's any more). With `finite_only`, tokens at -inf are left out of the candidates: a narrow
+        mask then makes the chain's sort short."""
+        chain = self._chains[seq_id]
+        ids = np.flatnonzero(np.isfinite(logits)).astype(np.int32) if finite_only else self._all_ids
+        candidates = np.empty(len(ids), dtype=_TOKEN_DATA)
+        candidates["id"] = ids
+        candidates["logit"] = logits[ids] if finite_only else logits
+        candidates["p"] = 0.0
+        array = lc.llama_token_data_array(data=candidates.ctypes.data_as(lc.llama_token_data_p), size=len(ids),
+                                          selected=-1, sorted=False)
+        lc.llama_sampler_apply(chain.ptr, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        lc.llama_sampler_accept(chain.ptr, token)  # as llama_sampler_sample does: penalties see the history
+        return token
+
     def logits(self, index: int) -> np.ndarray:
         """The logits of the output at batch position `index`, as a writable view of llama.cpp's own buffer (on a
         GPU, reading them waits for the step). Valid until the next decode."""
@@ -213,7 +241,7 @@ class Context:
 
     def warm_up(self) -> int:
         """One decode at load pays the one-time costs (graph allocation, kernels, weights paging in)."""
-        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True, False)])
+        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True, False, 0)])
         self.clear()
         return status
 
