@@ -116,6 +116,7 @@ class GenerateRequest(Strict):
                                 "match (llama.cpp's grammar syntax)")
     json_schema: dict[str, Any] | None = Field(None, description="llama-server's: a JSON schema the output must "
                                                "match")
+    speculative: bool | None = Field(None, description="false: never speculative decoding for this request")
     # Accepted and ignored: they change nothing about the text.
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -372,7 +372,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                   logprobs=req.logprobs_k is not None, plan=plan)
     specs = [JobSpec(tokens, req.sampling(j), reply.job_id(j)) for j in range(req.choices)]
     jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
-                             constraint=constraint, logprobs=req.logprobs_k, special_text=plan.special_text)
+                             constraint=constraint, logprobs=req.logprobs_k, special_text=plan.special_text,
+                             speculate=req.speculative is not False)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
@@ -405,7 +406,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
              for i, tokens in enumerate(prompts) for j in range(n)]
     jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
                              constraint=constraint, logprobs=req.logprobs,
-                             prompt_logprobs=req.logprobs if req.echo else None)
+                             prompt_logprobs=req.logprobs if req.echo else None, speculate=req.speculative is not False)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
