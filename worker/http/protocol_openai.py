@@ -190,13 +190,13 @@ class Message(Strict):
     function_call: Any = neutral_only()
     audio: Any = neutral_only()
 
-    @model_validator(mode="after")
-    def _content_or_calls(self) -> Message:
+    def check_supported(self) -> None:
+        super().check_supported()
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+            raise ApiError(400, "invalid_request", "content is required (it may be null only in an assistant "
+                           "message with tool_calls)", field="content")
         if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an assistant message has tool_calls")
-        return self
+            raise ApiError(400, "invalid_request", "only an assistant message has tool_calls", field="tool_calls")
 
     @field_validator("content")
     @classmethod
