@@ -4,6 +4,7 @@ a stream) that the document does not describe."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ SEED = int(os.environ.get("SCHEMATHESIS_SEED", "20261123"))  # fixed: a CI run c
 RUN_LIMIT_S = 420  # a hard limit for the whole schemathesis run
 
 
-def _document() -> dict:
+async def _document() -> dict:
     """The document of a fresh app (built from its route table and models, so it depends on code only)."""
     return document(create_app(Settings(_cli_parse_args=[])))
 
@@ -69,7 +70,7 @@ async def test_document_is_served_without_the_token():
             served = await resp.json()
     finally:
         w.stop()
-    assert served == json.loads(json.dumps(_document()))
+    assert served == json.loads(json.dumps(await _document()))
     assert served["openapi"].startswith("3.1")
     assert served["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
 
@@ -109,7 +110,7 @@ def test_schemathesis_finds_nothing(st_worker, tmp_path: Path):
     assert result.returncode == 0 and report["exit_code"] == 0, result.stdout[-8000:]
     assert not report["failures"] and not report["errors"] and cases["errored"] == 0, result.stdout[-8000:]
     # Every documented operation but the document's own (schemathesis leaves out the URL it loads the schema from).
-    documented = {f"{m.upper()} {p}" for p, item in _document()["paths"].items() for m in item}
+    documented = {f"{m.upper()} {p}" for p, item in asyncio.run(_document())["paths"].items() for m in item}
     assert set(report["valid_rates"]) == documented - {"GET /openapi.json"}, set(report["valid_rates"])
     assert report["operations"]["tested"] == len(documented) - 1
     assert cases["generated"] >= 20 * len(documented)
