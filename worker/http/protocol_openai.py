@@ -225,6 +225,16 @@ class Message(Strict):
         return message
 
 
+def check_messages(messages: list[Message]) -> None:
+    """Each message's fields that ask for what this worker does not do; the 400 names the message."""
+    for i, message in enumerate(messages):
+        try:
+            message.check_supported()
+        except ApiError as exc:
+            exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
+            raise
+
+
 class FunctionDefinition(Strict):
     name: str = Field(description="1 to 64 letters, digits, '_', '-' or '.'")
     description: str | None = None
@@ -303,18 +313,13 @@ class ChatRequest(GenerateRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        check_messages(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "invalid_request", "'top_logprobs' needs 'logprobs': true", field="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text" and (
                 self.grammar is not None or self.json_schema is not None):
             raise ApiError(400, "invalid_request", "give one constraint: 'response_format', 'grammar' or "
                            "'json_schema'", field="response_format")
-        for i, message in enumerate(self.messages):
-            try:
-                message.check_supported()
-            except ApiError as exc:
-                exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
-                raise
 
     @property
     def logprobs_k(self) -> int | None:
@@ -377,6 +382,11 @@ class VllmTokenizeRequest(Strict):
     add_generation_prompt: bool = True
     continue_final_message: Any = neutral_only(False)
     return_token_strs: bool = False
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.messages is not None:
+            check_messages(self.messages)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> VllmTokenizeRequest:

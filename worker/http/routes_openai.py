@@ -1,8 +1,9 @@
-"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize.
+"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize, and
+vLLM's tokenizer routes at the root (/tokenize, /detokenize, /tokenizer_info).
 
-Generation goes through jobs.submit_job like the native route. The wire format is protocol_openai's models; errors
-take OpenAI's shape ({"error": {"message", "type", "param", "code"}}: the routes are added with ErrorStyle.OPENAI), so
-the openai SDK raises its typed exceptions.
+Generation goes through jobs.submit_jobs like the native route (one job per prompt and per choice). The wire format
+is protocol_openai's models; errors take OpenAI's shape ({"error": {"message", "type", "param", "code"}}: the routes
+are added with ErrorStyle.OPENAI), so the openai SDK raises its typed exceptions.
 """
 
 from __future__ import annotations
@@ -488,7 +489,8 @@ async def vllm_tokenize(request: web.Request) -> web.Response:
         # Special tokens written in the text are those tokens, as a Hugging Face tokenizer reads them.
         tokens = (model.prompt_tokens(text) if add_special
                   else model.tokenize(text, add_special=False, parse_special=True))
-        strs = [model.piece(t).decode("utf-8", errors="replace") for t in tokens] if req.return_token_strs else None
+        strs = ([model.piece(t, special=True).decode("utf-8", errors="replace") for t in tokens]
+                if req.return_token_strs else None)
         return tokens, strs
 
     tokens, strs = await asyncio.to_thread(run)
@@ -503,7 +505,11 @@ async def vllm_detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(VllmDetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
-    return _json(VllmDetokenizeResponse(prompt=await asyncio.to_thread(model.detokenize, req.tokens)))
+
+    def run() -> str:  # special tokens as their text, as a Hugging Face tokenizer decodes them by default
+        return b"".join(model.piece(t, special=True) for t in req.tokens).decode("utf-8", errors="replace")
+
+    return _json(VllmDetokenizeResponse(prompt=await asyncio.to_thread(run)))
 
 
 @routes.get("/tokenizer_info")
