@@ -394,15 +394,6 @@ class VllmTokenizeRequest(Strict):
             raise ValueError("give exactly one of 'prompt' and 'messages'")
         return self
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        for i, message in enumerate(self.messages or []):
-            try:
-                message.check_supported()
-            except ApiError as exc:
-                exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
-                raise
-
 
 class VllmDetokenizeRequest(Strict):
     model: str | None = None
