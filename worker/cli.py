@@ -16,7 +16,7 @@ from loguru import logger
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.http.app import create_app, drain
-from worker.http.errors import JsonErrorRunner
+from worker.http.server import raise_open_files_limit, runner_for
 from worker.http.state import STATE
 from worker.narration import configure, narrate
 
@@ -53,10 +53,11 @@ def _route_aiohttp_logs() -> None:
 async def serve(settings: Settings) -> int:
     _route_aiohttp_logs()
     app = create_app(settings)
-    # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
-    # JsonErrorRunner: even what aiohttp's HTTP parser refuses is answered in the contract's JSON error shape.
-    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
-                           max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its job. The runner's
+    # connections answer what aiohttp's HTTP parser refuses in the contract's JSON error shape, and guard against
+    # slow heads, slow bodies, readers that stop reading and too many connections (worker/http/server.py).
+    raise_open_files_limit(settings.max_connections)
+    runner = runner_for(app, max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
     await runner.setup()
     state = app[STATE]
     try:

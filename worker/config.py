@@ -6,6 +6,7 @@ import contextvars
 import ipaddress
 import os
 import re
+import resource
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -125,6 +126,18 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may finish after SIGTERM before they are cancelled"
     )
+    header_timeout: float = Field(
+        15.0, gt=0, description="seconds a connection may take to send a whole request head, from its opening or "
+        "its last answer (idle keep-alive connections close after it too)"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a request body may take to arrive whole after its head; slower: 408"
+    )
+    max_connections: int = Field(
+        default_factory=lambda: default_max_connections(), ge=1,
+        description="open connections at most; a new one closes the oldest idle one, or is refused with 503 when "
+        "all are busy; default: 1024, or half the open-files limit when that is lower",
+    )
 
     @field_validator("tensor_split")
     @classmethod
@@ -202,6 +215,11 @@ def default_threads() -> int:
     # llama.cpp's threads spin at every graph barrier: one descheduled by the event loop stalls them all
     # (measured on 2 cores: 1 thread streams faster than 2). So leave one core to the rest of the process.
     return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 2))
 
 
 def _is_loopback(host: str) -> bool:

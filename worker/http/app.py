@@ -18,6 +18,7 @@ from worker.exit_codes import ExitCode
 from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth, check_auth
 from worker.http.errors import ApiError, error_response, is_openai_path, json_errors, openai_error_response
+from worker.http.server import read_body_in_time
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
 from worker.llamacpp import ModelLoadError
 from worker.metrics import Metrics
@@ -180,6 +181,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Any] = [count_requests, correlation_id, json_errors]
     middlewares.append(bearer_auth(settings.api_token or None))
+    middlewares.append(read_body_in_time)  # after auth: a body is read only for a request that may send one
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
