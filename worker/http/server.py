@@ -128,6 +128,8 @@ def runner_for(app: web.Application, **parser_limits: Any) -> WorkerRunner:
     settings = app[SETTINGS]
     # keepalive_timeout: aiohttp's timer from a connection's start (and from each answer's end) until a whole
     # request head has arrived: the header timeout, idle keep-alive connections included.
+    # shutdown_timeout: after the drain, a handler still running (a body still trickling in, an answer its client
+    # does not read) gets this long and is then cancelled; aiohttp's 60 s would hold the exit past --drain-timeout.
     return WorkerRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=settings.header_timeout,
                         lingering_time=LINGERING_S, shutdown_timeout=1.0, **parser_limits)
 
