@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         ge=1,
         description="CPU threads for prompt processing (no tokens stream meanwhile); default: all cores",
     )
+    tokenizer_threads: int = Field(
+        2, ge=1, le=64, description="threads that tokenize prompts, off the event loop; one of them takes short "
+        "texts only, so a short prompt never waits behind long ones"
+    )
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
     )

@@ -118,6 +118,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             vocab_size=info.n_vocab, bos=info.bos, eos=info.eos, unk=info.unk)
     try:
         progress("warmup", 0.9)
+        model.prepare_tokenizer()
         ctx_size = s.ctx_size or min(info.n_ctx_train or 4096, 4096)
         in_graph = s.backend_sampling == "on" or (s.backend_sampling == "auto" and where.offloaded)
         prefix_cache = s.prefix_cache == "on"

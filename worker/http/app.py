@@ -20,6 +20,7 @@ from worker.http.auth import bearer_auth, check_auth
 from worker.http.errors import ApiError, error_response, is_openai_path, json_errors, openai_error_response
 from worker.http.server import read_body_in_time
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
+from worker.http.tokenizing import TOKENIZERS, TokenizerPool
 from worker.llamacpp import ModelLoadError
 from worker.metrics import Metrics
 from worker.models.errors import ModelResolveError
@@ -122,6 +123,10 @@ async def drain(app: web.Application, timeout: float) -> None:
     await asyncio.sleep(0.05)  # let the handlers flush their last events
 
 
+async def _close_tokenizers(app: web.Application) -> None:
+    app[TOKENIZERS].close()
+
+
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """requests_total{route,code}, request_duration_seconds{route}, errors_total{code} for answered errors."""
@@ -186,6 +191,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[STATE] = WorkerState()
+    app[TOKENIZERS] = TokenizerPool(settings.tokenizer_threads)
+    app.on_cleanup.append(_close_tokenizers)
     app.cleanup_ctx.append(_runtime_lifecycle)
     app.cleanup_ctx.append(_pool_lifecycle)
     routes_native.setup(app)

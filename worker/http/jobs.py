@@ -14,7 +14,7 @@ from aiohttp import web
 from worker.engine.core import EngineCore
 from worker.engine.outputs import Failed, Finished, Job, Output, Overloaded, SubmitError, TokenText, is_last
 from worker.engine.sampling import SamplingParams
-from worker.http import sse
+from worker.http import sse, tokenizing
 from worker.http.errors import ApiError, submit_error
 from worker.http.state import SETTINGS, STATE
 
@@ -91,16 +91,18 @@ async def submit_job(
     waiting = engine.queued()
     if waiting >= engine.max_queue:
         raise submit_error(Overloaded(f"{waiting} requests are waiting; the queue holds {engine.max_queue}"))
+    limit = engine.ctx_size
     if isinstance(prompt, str):
-        tokens = await asyncio.to_thread(runtime.model.tokenize, prompt, parse_special=parse_special)
+        # Tokenized only until it is known to be longer than the context: it is refused for what is known of it.
+        tokens = await tokenizing.tokenize(request, prompt, parse_special=parse_special, limit=limit)
     else:
         tokens = list(prompt)
     if not tokens:
         raise ApiError(400, "invalid_request", "the prompt has no tokens", field="prompt")
-    limit = engine.ctx_size
     if len(tokens) + max_tokens > limit:
+        known = f"at least {len(tokens)}" if isinstance(prompt, str) and len(tokens) > limit else len(tokens)
         raise ApiError(400, "context_length_exceeded",
-                       f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                       f"prompt ({known} tokens) + max_tokens ({max_tokens}) exceeds the context "
                        f"of {limit} tokens", prompt_tokens=len(tokens), n_ctx=limit)
     outputs: asyncio.Queue[Sequence[Output]] = asyncio.Queue()
     job = Job(

@@ -8,7 +8,6 @@ only at their neutral value (null, false, 1, "none", ...), so a client that send
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -30,7 +29,7 @@ from worker.engine.sampling import (
     Temperature,
     TopK,
 )
-from worker.http import chat
+from worker.http import chat, tokenizing
 from worker.http.errors import ApiError, openai_error
 from worker.http.jobs import JobStream, submit_job
 from worker.http.schemas import read_json
@@ -387,7 +386,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except chat.TemplateRenderError as exc:
         raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
                        field="messages") from None
-    tokens = await asyncio.to_thread(model.prompt_tokens, prompt)
+    tokens = await tokenizing.prompt_tokens(request, prompt, limit=runtime.engine.ctx_size)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
     reply = Reply(chat=True, model=info.ref, include_usage=req.include_usage)
     job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
@@ -400,7 +399,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     model = request.app[STATE].require_ready().model
     req = _parse(CompletionRequest, await read_json(request))
     if isinstance(req.prompt, str):
-        tokens = await asyncio.to_thread(model.prompt_tokens, req.prompt)
+        tokens = await tokenizing.prompt_tokens(request, req.prompt,
+                                                limit=request.app[STATE].require_ready().engine.ctx_size)
     else:
         _check_token_ids(req.prompt, model.n_vocab, "prompt")
         tokens = req.prompt
@@ -438,15 +438,15 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.post("/v1/tokenize")
 async def tokenize(request: web.Request) -> web.Response:
-    model = request.app[STATE].require_ready().model
+    request.app[STATE].require_ready()
     req = _parse(TokenizeRequest, await read_json(request))
 
-    def run() -> list[int]:
-        if req.add_special and req.parse_special:
-            return model.prompt_tokens(req.text)  # exactly what a completion prompt of this text gets
-        return model.tokenize(req.text, add_special=req.add_special, parse_special=req.parse_special)
-
-    return web.json_response({"tokens": await asyncio.to_thread(run)})
+    if req.add_special and req.parse_special:  # exactly what a completion prompt of this text gets
+        tokens = await tokenizing.prompt_tokens(request, req.text)
+    else:
+        tokens = await tokenizing.tokenize(request, req.text, add_special=req.add_special,
+                                           parse_special=req.parse_special)
+    return web.json_response({"tokens": tokens})
 
 
 @routes.post("/v1/detokenize")
@@ -454,7 +454,7 @@ async def detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(DetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
-    return web.json_response({"text": await asyncio.to_thread(model.detokenize, req.tokens)})
+    return web.json_response({"text": await tokenizing.detokenize(request, req.tokens)})
 
 
 def setup(app: web.Application) -> None:
