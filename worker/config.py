@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     body_timeout: float = Field(
         60.0, gt=0, description="seconds a request body may take to arrive whole after its head; slower: 408"
     )
+    write_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may leave its answer unread (the send buffer full) before the "
+        "connection is dropped and its request cancelled"
+    )
     max_connections: int = Field(
         default_factory=lambda: default_max_connections(), ge=1,
         description="open connections at most; a new one closes the oldest idle one, or is refused with 503 when "

@@ -61,7 +61,7 @@ class Metrics:
         self.model_info = Info(p + "model", "the model being served", registry=r)
         self.connections = Gauge(p + "http_connections", "HTTP connections open", registry=r)
         self.connections_closed = Counter(p + "http_connections_closed", "connections the worker closed or refused "
-                                          "to guard itself, by reason (header_timeout, body_timeout, "
+                                          "to guard itself, by reason (header_timeout, body_timeout, write_timeout, "
                                           "evicted, over_capacity)", ["reason"], registry=r)
 
     def bind_engine(self, *, slots: int, running: Callable[[], float], waiting: Callable[[], float],

@@ -19,7 +19,7 @@ from tests.integration.worker_process import WorkerProcess
 def guarded_worker():
     """Short guard times and a small connection cap, so an attack shows within seconds."""
     w = WorkerProcess(["--parallel", "2", "--ctx-size", "512", "--header-timeout", "2", "--body-timeout", "2",
-                       "--max-connections", "24"]).start()
+                       "--write-timeout", "2", "--max-connections", "24"]).start()
     yield w
     w.stop()
 
@@ -165,3 +165,86 @@ async def test_connection_cap_refuses_when_every_connection_is_busy():
             assert h.status == 200
     finally:
         w.stop()
+
+
+def non_reading_socket(url: str, path: str, body: dict) -> socket.socket:
+    """A client that sends its request and then reads nothing (a small receive buffer, so it fills at once)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(host_port(url))
+    raw = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    return sock
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+async def test_stream_whose_reader_stops_is_dropped_and_its_job_cancelled(guarded_worker):
+    """A stream whose client reads nothing: once its buffers are full and nothing is acknowledged for
+    --write-timeout 2 s, the connection is dropped (narrated `client_stalled`, counted) and the job cancelled, so
+    its slot is free long before its 480 tokens."""
+    w = guarded_worker
+    before = len([e for e in w.events if e.get("action") == "client_stalled"])
+    sock = non_reading_socket(w.url, "/v1/inference", {"prompt": "Count:", "max_tokens": 480, "ignore_eos": True,
+                                                       "temperature": 0, "job_id": "never-read"})
+    try:
+        cancelled = await asyncio.to_thread(
+            lambda: next(iter(_wait_all(w, "inference_cancelled", "never-read", 120))))
+        stalled = [e for e in w.events if e.get("action") == "client_stalled"]
+        assert len(stalled) == before + 1 and stalled[-1]["job_id"] == "never-read"
+        assert cancelled["tokens_out"] < 480
+        async with aiohttp.ClientSession() as s:
+            async with s.get(w.url + "/health") as h:
+                assert (await h.json())["slots"]["busy"] == 0
+            async with s.get(w.url + "/metrics") as m:
+                text = await m.text()
+        assert 'llm_worker_http_connections_closed_total{reason="write_timeout"}' in text
+    finally:
+        sock.close()
+
+
+def _wait_all(w: WorkerProcess, action: str, job_id: str, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in w.events if e.get("action") == action and e.get("job_id") == job_id]
+        if found:
+            return found
+        time.sleep(0.05)
+    raise TimeoutError(f"no {action} for {job_id} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def stall_worker():
+    w = WorkerProcess(["--parallel", "2", "--ctx-size", "512", "--write-timeout", "2"]).start()
+    yield w
+    w.stop()
+
+
+async def test_big_answers_neither_block_the_loop_nor_stay_in_memory(stall_worker):
+    """Six /v1/tokenize answers of ~2 MB of JSON each, to clients that read none of them: /health answers within
+    a fraction of a second throughout, each connection is dropped after --write-timeout (the kernel had taken the
+    answer, the client acknowledged none of it), and the worker's memory does not keep their answers."""
+    w = stall_worker
+    text = "hello world, " * 150_000  # 1.95 MB of text, ~300k tokens
+    rss0 = rss_bytes(w.proc.pid)
+    before = len([e for e in w.events if e.get("action") == "client_stalled"])
+    socks = [non_reading_socket(w.url, "/v1/tokenize", {"text": text}) for _ in range(6)]
+    try:
+        latencies = await health_latencies(w.url, time.monotonic() + 6)
+        for _ in range(200):
+            if len([e for e in w.events if e.get("action") == "client_stalled"]) >= before + 6:
+                break
+            await asyncio.sleep(0.1)
+        stalled = [e for e in w.events if e.get("action") == "client_stalled"][before:]
+        assert len(stalled) == 6
+        assert max(latencies) < 0.5, latencies
+        print(f"/health while six big answers were written: max {max(latencies) * 1000:.0f} ms; "
+              f"RSS {rss0 / 2**20:.0f} -> {rss_bytes(w.proc.pid) / 2**20:.0f} MiB after they were dropped")
+        assert rss_bytes(w.proc.pid) - rss0 < 200 * 2**20
+    finally:
+        for sock in socks:
+            sock.close()

@@ -121,4 +121,5 @@ async def submit_job(
         engine.submit(job)
     except SubmitError as exc:
         raise submit_error(exc) from None
+    request["job_id"] = job.job_id  # for what the connection narrates about this request
     return JobStream(engine, job, outputs)

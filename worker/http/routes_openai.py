@@ -437,7 +437,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/tokenize")
-async def tokenize(request: web.Request) -> web.Response:
+async def tokenize(request: web.Request) -> web.StreamResponse:
     request.app[STATE].require_ready()
     req = _parse(TokenizeRequest, await read_json(request))
 
@@ -446,7 +446,7 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         tokens = await tokenizing.tokenize(request, req.text, add_special=req.add_special,
                                            parse_special=req.parse_special)
-    return web.json_response({"tokens": tokens})
+    return await tokenizing.tokens_response(request, tokens)
 
 
 @routes.post("/v1/detokenize")

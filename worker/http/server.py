@@ -8,14 +8,20 @@ and its handler (and so its slot) for as long as it likes. Here:
   (aiohttp's keep-alive timer, which already runs from the connection's start);
 - a body must be whole within `--body-timeout` of its head (read_body_in_time, a middleware);
 - at most `--max-connections` are open: a new one closes the oldest connection that is only waiting (for a head
-  or between requests), and is refused with 503 when every connection is busy.
+  or between requests), and is refused with 503 when every connection is busy;
+- a connection whose client has acknowledged none of its answer's waiting bytes for `--write-timeout` seconds (a
+  reader that stopped reading) is aborted: its buffers are dropped and its handler cancelled, so its job ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import resource
+import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +44,7 @@ LINGERING_S = 1.0
 @dataclass(frozen=True)
 class ConnectionPolicy:
     max_connections: int
+    write_timeout: float
     metrics: Metrics
 
     def closed(self, reason: str) -> None:
@@ -52,12 +59,15 @@ def _refusal(status: int, code: str, message: str) -> bytes:
 
 
 class GuardedProtocol(JsonErrorProtocol):
-    """One connection, with the cap and the header timeout's count."""
+    """One connection, with the cap, the header timeout's count and the write timeout."""
 
     def __init__(self, manager: Any, *, policy: ConnectionPolicy, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._policy = policy
         self.refused = False  # over the cap: answered 503, closing
+        self._stalled_s = 0.0
+        self._last_pending = 0
+        self._last_acked: int | None = None
 
     @property
     def waiting_for_request(self) -> bool:
@@ -99,10 +109,79 @@ class GuardedProtocol(JsonErrorProtocol):
         if was_open and self.transport is None:
             self._policy.closed("header_timeout")
 
+    def check_stall(self, interval: float) -> None:
+        """Called every `interval` seconds: a connection with bytes waiting for its client, of which the client has
+        acknowledged none since the last call, has stalled for another interval (the kernel's own buffer may hold
+        megabytes for a reader that stopped: its acknowledgements tell, not the buffers filling)."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        pending = transport.get_write_buffer_size() + _unsent_bytes(sock)
+        acked = _acked_bytes(sock)
+        if acked is None:  # no TCP_INFO (not Linux, not TCP): a buffer that does not shrink
+            progress = pending < self._last_pending
+        else:
+            progress = acked != self._last_acked
+        self._last_pending, self._last_acked = pending, acked
+        self._stalled_s = 0.0 if pending == 0 or progress else self._stalled_s + interval
+        if self._stalled_s >= self._policy.write_timeout:
+            self._writes_stalled(pending)
+
+    def _writes_stalled(self, buffered: int) -> None:
+        self._stalled_s = 0.0
+        transport = self.transport
+        if transport is None:
+            return
+        request = self._current_request
+        where = f"{request.method} {request.path}" if request is not None else "an answer"
+        narrate("client_stalled", f"A client took none of its answer for {self._policy.write_timeout:g} s "
+                f"({where}, {buffered} bytes waiting): connection dropped, its request cancelled.",
+                level="warning", actor="http", target=where, buffered_bytes=buffered,
+                job_id=request.get("job_id") if request is not None else None,
+                correlation_id=request.get("correlation_id") if request is not None else None)
+        self._policy.closed("write_timeout")
+        transport.abort()  # drops the buffer now; connection_lost cancels the handler (handler_cancellation)
+
+
+# How often connections are checked for stalled readers.
+STALL_CHECK_S = 0.5
+
+
+def _unsent_bytes(sock: Any) -> int:
+    """Bytes in the kernel's send queue, not yet acknowledged by the client (0 where it cannot be asked)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
+def _acked_bytes(sock: Any) -> int | None:
+    """tcpi_bytes_acked of Linux's struct tcp_info (a u64 at offset 120, since Linux 4.1); None where absent."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return struct.unpack_from("Q", info, 120)[0] if len(info) >= 128 else None
+
+
 class GuardedServer(web.Server):
     def __init__(self, *args: Any, policy: ConnectionPolicy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.policy = policy
+        self._watch: asyncio.TimerHandle | None = self._loop.call_later(STALL_CHECK_S, self._check_stalls)
+
+    def _check_stalls(self) -> None:
+        self._watch = self._loop.call_later(STALL_CHECK_S, self._check_stalls)
+        for conn in self.connections:
+            if isinstance(conn, GuardedProtocol):
+                conn.check_stall(STALL_CHECK_S)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        await super().shutdown(timeout)
 
     def __call__(self) -> RequestHandler:
         return GuardedProtocol(self, loop=self._loop, policy=self.policy, **self._kwargs)
@@ -116,7 +195,7 @@ class WorkerRunner(web.AppRunner):
         app = self._app
         assert app is not None
         settings = app[SETTINGS]
-        policy = ConnectionPolicy(settings.max_connections, app[METRICS])
+        policy = ConnectionPolicy(settings.max_connections, settings.write_timeout, app[METRICS])
         guarded = GuardedServer(server.request_handler, request_factory=server.request_factory,
                                 handler_cancellation=server.handler_cancellation,
                                 loop=asyncio.get_running_loop(), policy=policy, **server._kwargs)

@@ -123,6 +123,26 @@ async def prompt_tokens(request: web.Request, text: str, limit: int | None = Non
         text, limit=limit, gone=gone))
 
 
+# Token ids written per piece of a /v1/tokenize answer: ~0.2 MB of JSON, a few ms of the loop's time each.
+TOKENS_PER_PIECE = 32 * 1024
+
+
+async def tokens_response(request: web.Request, tokens: list[int]) -> web.StreamResponse:
+    """`{"tokens": [...]}` written a piece at a time: a long answer (MBs for a 4 MB text) neither holds the loop
+    while it is encoded nor sits whole in memory; each piece waits until the client has taken the last ones."""
+    if len(tokens) <= TOKENS_PER_PIECE:
+        return web.json_response({"tokens": tokens})
+    response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+    await response.prepare(request)
+    for start in range(0, len(tokens), TOKENS_PER_PIECE):
+        piece = ",".join(map(str, tokens[start:start + TOKENS_PER_PIECE]))
+        await response.write(f'{{"tokens":[{piece}'.encode() if start == 0 else f",{piece}".encode())
+        await asyncio.sleep(0)  # the loop's other work between pieces, even when nothing had to wait
+    await response.write(b"]}")
+    await response.write_eof()
+    return response
+
+
 async def detokenize(request: web.Request, tokens: list[int]) -> str:
     model = request.app[STATE].require_ready().model
     return await request.app[TOKENIZERS].run(len(tokens), lambda _gone: model.detokenize(tokens))
