@@ -51,9 +51,10 @@ class ConnectionPolicy:
         self.metrics.connections_closed.labels(reason=reason).inc()
 
 
-def _refusal(status: int, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    head = (f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+def _overloaded_answer(message: str) -> bytes:
+    """A whole 503 in the contract's JSON shape, for a connection no handler will see."""
+    body = json.dumps({"error": {"code": "overloaded", "message": message}}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
     return head.encode() + body
 
@@ -95,8 +96,8 @@ class GuardedProtocol(JsonErrorProtocol):
         # Nothing of this connection is read or handled; the 503 goes out, then the close a moment later (closing
         # with its request unread at once would reset the connection before the client reads the answer).
         refused.pause_reading()
-        refused.write(_refusal(503, "overloaded", f"the worker has {self._policy.max_connections} connections "
-                               "open, all busy"))
+        refused.write(_overloaded_answer(f"the worker has {self._policy.max_connections} connections open, "
+                                         "all busy"))
         if refused.can_write_eof():
             refused.write_eof()
         self._loop.call_later(LINGERING_S, self.force_close)
