@@ -80,12 +80,14 @@ class Settings(BaseSettings):
     threads: int = Field(
         default_factory=lambda: default_threads(),
         ge=1,
-        description="CPU threads for generation; default: all cores but one, which the HTTP loop and clients need",
+        description="CPU threads for one-token steps; default: the CPUs this process may use (affinity, cgroup "
+        "quota) but one, which the HTTP loop and the tokenizers need",
     )
     threads_batch: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)),
+        default_factory=lambda: default_threads(),
         ge=1,
-        description="CPU threads for prompt processing (no tokens stream meanwhile); default: all cores",
+        description="CPU threads for prompt chunks and steps of several sequences; default: as --threads (with "
+        "every CPU in use, one busy neighbour stalls llama.cpp's spinning threads at every barrier)",
     )
     tokenizer_threads: int = Field(
         2, ge=1, le=64, description="threads that tokenize prompts, off the event loop; one of them takes short "
@@ -220,9 +222,46 @@ class Settings(BaseSettings):
 
 
 def default_threads() -> int:
-    # llama.cpp's threads spin at every graph barrier: one descheduled by the event loop stalls them all
-    # (measured on 2 cores: 1 thread streams faster than 2). So leave one core to the rest of the process.
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    # llama.cpp's threads spin at every graph barrier: one descheduled (by the event loop, the tokenizers, or
+    # another process) stalls them all (measured on 2 cores: 1 thread streams faster than 2, and a busy neighbour
+    # made 4-sequence steps 3.9x slower with 2 threads). So leave one CPU to the rest of the machine.
+    return max(1, available_cpus() - 1)
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """CPUs this process may use: its affinity, lowered to a cgroup CPU quota (a container's --cpus) in whole CPUs,
+    since a thread that outruns the quota is stopped until the next period while the others spin."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    return cpus if quota is None else max(1, min(cpus, int(quota)))
+
+
+def cgroup_cpu_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
+    """The CPU quota (CPUs' worth of time per period) of this process's cgroup, v2 or v1; None if there is none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = {ctrl: path for _, ctrls, path in (ln.split(":", 2) for ln in lines if ln.count(":") >= 2)
+           for ctrl in ctrls.split(",")}
+    candidates: list[tuple[Path, str]] = []  # (folder, "v2" | "v1")
+    if "" in own:  # cgroup v2: "0::/path"
+        candidates += [(cgroup_root / own[""].lstrip("/"), "v2"), (cgroup_root, "v2")]
+    for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        candidates += [(cgroup_root / name / own.get("cpu", "/").lstrip("/"), "v1"), (cgroup_root / name, "v1")]
+    for folder, version in candidates:
+        try:
+            if version == "v2":
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+                if quota == "max":
+                    return None
+                return int(quota) / int(period)
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def default_max_connections() -> int:

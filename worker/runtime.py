@@ -148,7 +148,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
             slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
-            backend_sampling=in_graph, vram_bytes=vram,
+            backend_sampling=in_graph, vram_bytes=vram, threads=s.threads, threads_batch=s.threads_batch,
             cute="Ready to tell stories!")
     return Runtime(model, engine, where, vram, load_s)
 
