@@ -28,6 +28,10 @@ class ConfigError(Exception):
     """A setting is invalid: the worker exits 2 with this one-line reason."""
 
 
+# The KV cache types llama.cpp's server accepts (--cache-type-k/-v)
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+UNQUANTIZED_KV = ("f32", "f16", "bf16")
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLM_WORKER_",
@@ -53,6 +57,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path("~/.cache/llm-worker-rbee"), description="converted GGUFs, keyed by a hash of their sources"
     )
+    served_model_name: str | None = Field(
+        None, description="the model's id for clients (/v1/models, answers, /health); default: the hub id, the "
+        "file's stem or the folder's name, never a host path")
+    cors_allow_origins: str | None = Field(
+        None, description="browser origins allowed to call the worker (CORS), comma-separated "
+        "(https://app.example.com), or * for any; default: none (no CORS headers, preflights answered 405)")
     worker_id: str = Field(
         default_factory=lambda: f"worker-{uuid.uuid4().hex[:12]}",
         description="identity reported in /health, logs and narration",
@@ -96,6 +106,24 @@ class Settings(BaseSettings):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
     )
+    spec_type: Literal["none", "ngram"] = Field(
+        "none", description="speculative decoding (llama-server's --spec-type): ngram proposes tokens from the "
+        "sequence's own prompt and output (prompt lookup), verified in the same decode step as everyone's tokens; "
+        "output is the model's either way")
+    spec_draft_n_max: int = Field(8, ge=1, le=32, description="tokens proposed per step at most")
+    spec_draft_n_min: int = Field(1, ge=1, le=32, description="a shorter proposal is not verified")
+    spec_max_load: int = Field(
+        4, ge=1, description="running + waiting requests above which nobody speculates: with many sequences a step "
+        "is no longer memory-bound and verifying proposals costs what it saves")
+    reasoning_format: Literal["split", "inline"] = Field(
+        "split", description="a reasoning model's <think>…</think>: split out as reasoning_content (as llama-server, "
+        "vLLM and SGLang do), or inline, left in the content; a request can ask otherwise (reasoning_format)")
+    cache_type_k: KvCacheType = Field(
+        "f16", description="the KV cache's K type (llama-server's --cache-type-k); quantized types hold more "
+        "tokens in the same memory")
+    cache_type_v: KvCacheType = Field(
+        "f16", description="the KV cache's V type; a quantized V needs flash attention (--flash-attn auto turns it "
+        "on for one; off is refused)")
     backend_sampling: Literal["auto", "on", "off"] = Field(
         "auto",
         description="sample inside llama.cpp's decode graph (llama_set_sampler); auto = when the model is offloaded",
@@ -183,12 +211,44 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _check_served_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^\s/][^\s]{0,127}", v):
+            raise ValueError("must be 1-128 characters, no spaces, not starting with /")
+        return v
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _check_origins(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        origins = [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port] (e.g. http://localhost:3000) "
+                                 "or *")
+        if not origins:
+            raise ValueError("no origin given")
+        return ",".join(origins)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return self.cors_allow_origins.split(",") if self.cors_allow_origins else []
+
     @field_validator("worker_id")
     @classmethod
     def _check_worker_id(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", v):
             raise ValueError("must be 1-128 characters of [A-Za-z0-9._-]")
         return v
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> Settings:
+        if self.cache_type_v not in UNQUANTIZED_KV and self.flash_attn == "off":
+            raise ValueError(f"--cache-type-v {self.cache_type_v} needs flash attention: llama.cpp cannot run a "
+                             "quantized V cache without it; use --flash-attn auto or on, or an f16/bf16/f32 V cache")
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_without_token(self) -> Settings:

@@ -54,6 +54,8 @@ class Metrics:
                                         "prompt", registry=r)
         self.prefix_evicted_cells = Counter(p + "prefix_cache_evicted_cells", "cached tokens dropped for new prompts",
                                             registry=r)
+        self.spec_draft = Counter(p + "spec_draft_tokens", "tokens proposed by speculative decoding", registry=r)
+        self.spec_accepted = Counter(p + "spec_accepted_tokens", "proposed tokens the model accepted", registry=r)
         self.load_seconds = Gauge(p + "model_load_seconds", "seconds the model took to load", registry=r)
         self.model_size = Gauge(p + "model_size_bytes", "size of the model file", registry=r)
         self.device_memory = Gauge(p + "device_memory_used_bytes", "memory in use on the GPU, as the backend "
@@ -110,6 +112,10 @@ class Metrics:
     def prefix_evicted(self, cells: int) -> None:
         self.prefix_evictions.inc()
         self.prefix_evicted_cells.inc(cells)
+
+    def draft_verified(self, proposed: int, accepted: int) -> None:
+        self.spec_draft.inc(proposed)
+        self.spec_accepted.inc(accepted)
 
 
 def _used_on(used: Callable[[], dict[str, int]], device: str) -> float:

@@ -13,11 +13,13 @@ from typing import Any
 
 from loguru import logger
 
-from worker.config import Settings
+from worker.config import UNQUANTIZED_KV, Settings
+from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
+from worker.engine.speculative import SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.metrics import Metrics
-from worker.models.resolve import resolve
+from worker.models.resolve import public_id, resolve
 from worker.narration import narrate
 
 Progress = Callable[..., None]  # (stage, value, **extra)
@@ -56,12 +58,13 @@ def placement(settings: Settings) -> Placement:
     return Placement(gpu, f"{gpu}:{settings.device}", layers)
 
 
-def flash_attn_policy(setting: str, *, offloaded: bool) -> str:
+def flash_attn_policy(setting: str, *, offloaded: bool, quantized_v: bool = False) -> str:
     # auto = on with the GPU; off on the CPU, where llama.cpp's flash attention changed SmolLM2's greedy output
-    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's).
+    # ("Hello! I'sure I'm not…" instead of "Hello! I'm here to help…", the output without it and llama-cpp-python's);
+    # on wherever the V cache is quantized, which llama.cpp runs only with it.
     if setting != "auto":
         return setting
-    return "on" if offloaded else "off"
+    return "on" if offloaded or quantized_v else "off"
 
 
 @dataclass
@@ -124,14 +127,19 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
         prefix_cache = s.prefix_cache == "on"
         ctx = Context(model, n_ctx=ctx_size * s.parallel, n_seq=s.parallel, n_batch=s.batch_size,
                       threads=s.threads, threads_batch=s.threads_batch,
-                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded),
+                      flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded,
+                                                   quantized_v=s.cache_type_v not in UNQUANTIZED_KV),
+                      cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
                       in_graph_sampling=in_graph)
+        grammars = Grammars(model.guidance_tokenizer, lambda token: model.piece(token, special=True), info.n_vocab)
         try:
             if (status := ctx.warm_up()) != 0:
                 logger.warning(f"warm-up decode returned {status}")
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
-                                prefix_cache=prefix_cache, metrics=metrics,
+                                prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
+                                speculation=SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min,
+                                                       max_load=s.spec_max_load) if s.spec_type == "ngram" else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()
@@ -143,7 +151,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     vram_after = gpu_memory_used()
     vram = sum(max(0, vram_after.get(d, 0) - vram_before.get(d, 0)) for d in vram_after)
     load_s = time.perf_counter() - t0
-    _bind_metrics(metrics, engine, model, where, load_s)
+    _bind_metrics(metrics, engine, model, where, load_s, s.served_model_name or public_id(resolved.ref))
     narrate("model_load_complete", f"Model ready on {where.device} in {load_s:.2f} s: "
             f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
@@ -153,13 +161,15 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     return Runtime(model, engine, where, vram, load_s)
 
 
-def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float) -> None:
+def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float,
+                  model_id: str) -> None:
     info = model.info
     m.bind_engine(slots=engine.n_slots, running=lambda: engine.busy, waiting=lambda: engine.waiting,
                   kv_usage=engine.kv_usage, kv_cells=engine.kv_cells, kv_cells_total=engine.kv_cells_total)
     m.bind_device_memory(gpu_memory_used)
     m.load_seconds.set(load_s)
     m.model_size.set(info.size_bytes)
-    labels: dict[str, Any] = {"model": info.ref, "architecture": info.architecture,
+    # /metrics is open: the model's public id, never the host path of its file
+    labels: dict[str, Any] = {"model": model_id, "architecture": info.architecture,
                               "quantization": info.quantization, "backend": where.backend, "device": where.device}
     m.model_info.info(labels)

@@ -9,7 +9,7 @@ import pytest
 from worker.engine.core import EngineCore
 from worker.engine.outputs import Job
 from worker.engine.sampling import SamplingParams
-from worker.http.routes_native import native_event
+from worker.http.protocol_native import native_event
 from worker.llamacpp import Context, Model
 from worker.metrics import Metrics
 from worker.models.resolve import embedded_model_path
@@ -39,7 +39,8 @@ async def events_of(job: Job | None, queue: asyncio.Queue) -> list[dict]:
     """The job's outputs as the native stream's events."""
     events: list[dict] = []
     while not events or events[-1]["type"] not in ("end", "error"):
-        events.extend(native_event(o, "embedded") for o in await asyncio.wait_for(queue.get(), 30))
+        events.extend(native_event(o, "embedded").model_dump(mode="json")
+                      for o in await asyncio.wait_for(queue.get(), 30))
     return events
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.worker_process import WorkerProcess
-from worker.http.errors import is_openai_path
+from worker.http.errors import ErrorStyle, style_for
 
 ROUTES = ["/v1/inference", "/v1/completions", "/v1/chat/completions", "/v1/tokenize", "/v1/detokenize"]
 REQUEST_TIMEOUT = 30  # seconds: a request that has not ended by then is a hang
@@ -28,6 +28,24 @@ EXAMPLES = 120  # per property; each is one request
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
+
+
+def _app_for_routes():
+    """An app never started: only its route table (and each route's error style) is read."""
+    from worker.config import Settings
+    from worker.http.app import create_app
+
+    async def make():
+        return create_app(Settings(_cli_parse_args=[]))
+
+    return asyncio.run(make())
+
+
+ROUTE_TABLE = _app_for_routes()
+
+
+def _openai_style(path: str) -> bool:
+    return style_for(ROUTE_TABLE, path) is ErrorStyle.OPENAI
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +95,7 @@ def check_answer(path: str, status: int, content_type: str, raw: bytes) -> None:
     if status >= 400:
         assert content_type == "application/json", (status, raw[:200])
         err = json.loads(raw)["error"]
-        if is_openai_path(path):
+        if _openai_style(path):
             assert set(err) == {"message", "type", "param", "code"}, err
         else:
             assert isinstance(err["code"], str) and isinstance(err["message"], str), err
@@ -92,7 +110,9 @@ def check_answer(path: str, status: int, content_type: str, raw: bytes) -> None:
     if path == "/v1/inference":
         assert isinstance(body["text"], str) and body["stop_reason"] in STOP_REASONS
     elif path in ("/v1/completions", "/v1/chat/completions"):
-        assert len(body["choices"]) == 1 and body["usage"]["total_tokens"] >= body["usage"]["prompt_tokens"]
+        # one choice per prompt and per n, indexed in order
+        assert [c["index"] for c in body["choices"]] == list(range(len(body["choices"]))) and body["choices"]
+        assert body["usage"]["total_tokens"] >= body["usage"]["prompt_tokens"]
     elif path == "/v1/tokenize":
         assert all(isinstance(t, int) for t in body["tokens"])
     else:

@@ -93,6 +93,8 @@ def test_bad_hyper_parameter_exits_3_naming_file_and_key(tmp_path: Path, embedde
     (["--no-such-flag", "1"], "no-such-flag"),
     (["--host", "0.0.0.0"], "API token"),
     (["--config", "/nowhere.toml"], "/nowhere.toml"),
+    (["--cache-type-v", "q4_0", "--flash-attn", "off"], "--cache-type-v"),
+    (["--cache-type-k", "q3_k"], "--cache-type-k"),
 ])
 def test_invalid_settings_exit_2_with_one_line(args, needle):
     result = run_worker(*args)

@@ -216,7 +216,7 @@ def test_harmless_and_neutral_fields_are_accepted(client, model_id):
 # ---- errors arrive as the SDK's typed exceptions ----------------------------------------------------------------
 
 BAD_CHAT = [
-    ({"n": 2}, "n", "invalid_request"),
+    ({"n": 0}, "n", "invalid_request"),
     ({"temperature": 2.5}, "temperature", "invalid_request"),
     ({"top_p": 1.5}, "top_p", "invalid_request"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_request"),
@@ -224,17 +224,19 @@ BAD_CHAT = [
     ({"max_tokens": 0}, "max_tokens", "invalid_request"),
     ({"max_tokens": 5000}, None, "context_length_exceeded"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate", "invalid_request"),
-    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "invalid_request"),
     ({"logit_bias": {"42": 5}}, "logit_bias", "unsupported_parameter"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces", "parameters": {}}}]}, "tools",
+     "invalid_request"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"response_format": {"type": "xml"}}, "response_format", "invalid_request"),
     ({"messages": []}, "messages", "invalid_request"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "invalid_request"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages.0.role", "invalid_request"),
     ({"messages": [{"role": "user"}]}, "messages.0.content", "invalid_request"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.0.content", "invalid_request"),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls",
-     "unsupported_parameter"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+     "messages.0.tool_calls.0.function", "invalid_request"),
 ]
 
 
@@ -251,12 +253,11 @@ def test_bad_chat_request_is_a_bad_request_error(client, model_id, kw, param, co
 
 
 BAD_COMPLETION = [
-    ({"prompt": ["one", "two"]}, "prompt", "invalid_request"),
     ({"prompt": [49152]}, "prompt", "invalid_request"),
     ({"prompt": []}, "prompt", "invalid_request"),
-    ({"echo": True}, "echo", "unsupported_parameter"),
+    ({"echo": 1}, "echo", "invalid_request"),
     ({"best_of": 2}, "best_of", "unsupported_parameter"),
-    ({"logprobs": 1}, "logprobs", "unsupported_parameter"),
+    ({"logprobs": 21}, "logprobs", "invalid_request"),
     ({"suffix": "end"}, "suffix", "unsupported_parameter"),
     ({"prompt": "word " * 1100}, None, "context_length_exceeded"),
 ]

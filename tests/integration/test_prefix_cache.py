@@ -135,10 +135,10 @@ def test_copied_prefix_cells_give_the_logits_of_cells_computed_in_place():
         assert n > 256
 
         def last_logits(seq: int, pos: int) -> np.ndarray:
-            assert ctx.decode([(seq, tokens[-1:], pos, True)]) == 0
+            assert ctx.decode([(seq, tokens[-1:], pos, True, False, 0)]) == 0
             return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx.ptr, 0), shape=(model.n_vocab,)).copy()
 
-        assert ctx.decode([(0, tokens[:-1], 0, False)]) == 0
+        assert ctx.decode([(0, tokens[:-1], 0, False, False, 0)]) == 0
         computed = last_logits(0, n - 1)
         assert ctx.reusable(0, n - 1)
         ctx.copy_prefix(0, 1, n - 1)

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from worker.http.chat import TemplateCompileError, TemplateRenderError, render
+from worker.chat.template import TemplateCompileError, TemplateRenderError, render
 
 # SmolLM2-135M-Instruct's template, as its GGUF (the embedded default model) carries it.
 SMOLLM2_TEMPLATE = (

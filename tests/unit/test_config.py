@@ -87,3 +87,29 @@ def test_cgroup_cpu_quota(tmp_path: Path, proc, files, quota):
     expected = len(os.sched_getaffinity(0)) if quota is None else max(1, min(len(os.sched_getaffinity(0)),
                                                                            int(quota)))
     assert available_cpus(root, proc_file) == expected
+
+
+def test_cors_origins_and_served_model_name():
+    s = load_settings(["--cors-allow-origins", "http://localhost:3000/, https://app.example.com",
+                       "--served-model-name", "acme/chat-1"])
+    assert s.cors_origins == ["http://localhost:3000", "https://app.example.com"]
+    assert s.served_model_name == "acme/chat-1"
+    assert load_settings([]).cors_origins == [] and load_settings(["--cors-allow-origins", "*"]).cors_origins == ["*"]
+
+
+@pytest.mark.parametrize("argv", [["--cors-allow-origins", "app.example.com"], ["--cors-allow-origins", " , "],
+                                  ["--cors-allow-origins", "http://a.example/path"],
+                                  ["--served-model-name", "/abs/path"], ["--served-model-name", "has space"]])
+def test_bad_cors_origins_and_served_names_are_config_errors(argv):
+    with pytest.raises(ConfigError) as err:
+        load_settings(argv)
+    assert err.value.args[0].startswith("invalid setting --")
+
+
+def test_public_model_ids_never_show_a_path():
+    from worker.models.resolve import public_id
+
+    assert public_id("hf:Qwen/Qwen3-0.6B-GGUF:*Q8_0.gguf") == "Qwen/Qwen3-0.6B-GGUF"
+    assert public_id("embedded:SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert public_id("/srv/models/llama-3.1-8b.Q4_K_M.gguf") == "llama-3.1-8b.Q4_K_M"
+    assert public_id("/data/checkpoints/Qwen3-0.6B/") == "Qwen3-0.6B"

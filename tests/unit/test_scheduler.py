@@ -7,10 +7,12 @@ fake decode fail, as a token outside the vocabulary makes llama_decode fail.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from worker.engine.core import EngineCore
 from worker.engine.outputs import (
+    Constraint,
     Draining,
     DuplicateJob,
     Failed,
@@ -25,13 +27,16 @@ from worker.engine.outputs import (
 )
 from worker.engine.sampling import SamplingParams
 from worker.engine.scheduler import Part, Scheduler
+from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig
 
 EOG = 0
 BAD = 1000
+PROMPT_OUTPUTS = 64  # output rows the fake context keeps beyond one per sequence
+VOCAB = 26
 
 
 class FakeVocab:
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
         return bytes([ord("a") + token % 26])
 
     def is_eog(self, token: int) -> bool:
@@ -41,14 +46,17 @@ class FakeVocab:
 class FakeContext:
     """llama.cpp's unified KV cache as cells tagged with sequence ids, and a decode that checks every position."""
 
-    def __init__(self, pool: int = 256) -> None:
+    def __init__(self, pool: int = 256, n_outputs: int = 2 + PROMPT_OUTPUTS) -> None:
         self.pool = pool  # cells per sequence (llama.cpp: n_ctx / n_seq)
+        self.n_outputs = n_outputs
         self.batches: list[list[Part]] = []
         self.chains: dict[int, SamplingParams] = {}
         self.chain_ops: list[tuple[str, int]] = []
         self.cells: list[tuple[int, int, set[int]]] = []  # (position, token, sequences)
         self.copies: list[tuple[int, int, int]] = []
         self._last: dict[int, int] = {}  # batch index → token there
+        self._logits: dict[int, np.ndarray] = {}
+        self.cpu_sampled: list[int] = []
 
     @property
     def kv(self) -> dict[int, set[int]]:
@@ -62,7 +70,7 @@ class FakeContext:
     def tokens(self, seq: int) -> list[int]:
         return [tok for _, tok, seqs in sorted(self.cells, key=lambda c: c[0]) if seq in seqs]
 
-    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None:
+    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False) -> None:
         assert not reuse or self.chains.get(seq_id) == params
         self.chain_ops.append(("reuse" if reuse else "build", seq_id))
         self.chains[seq_id] = params
@@ -96,6 +104,7 @@ class FakeContext:
             return 1  # llama_decode leaves the KV cache as it was
         self.batches.append(list(parts))
         self._last.clear()
+        self._logits.clear()
         held = self.kv
         index = -1
         for part in parts:
@@ -104,13 +113,29 @@ class FakeContext:
                 index += 1
                 self.cells.append((part.pos + offset, token, {part.seq_id}))
                 self._last[index] = token
+        outputs = sum(len(p.tokens) if p.all_logits else p.logits for p in parts)
+        assert outputs <= self.n_outputs, "llama.cpp aborts a batch with more outputs than its context keeps"
         for seq, held in self.kv.items():
             assert len(held) <= self.pool, f"sequence {seq} overflowed its {self.pool} cells"
         return 0
 
     def sample(self, seq_id: int, index: int) -> int:
         assert seq_id in self.chains, "sampled without a chain"
+        if index in self._logits:  # read (and maybe masked) on the CPU: the best token left
+            return int(np.argmax(self._logits[index]))
         return (self._last[index] + 1) % 26
+
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+        assert seq_id in self.chains, "sampled without a chain"
+        self.cpu_sampled.append(seq_id)
+        return int(np.argmax(logits))
+
+    def logits(self, index: int) -> np.ndarray:
+        """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
+        if index not in self._logits:
+            self._logits[index] = np.zeros(VOCAB, dtype=np.float32)
+            self._logits[index][(self._last[index] + 1) % 26] = 4.0
+        return self._logits[index]
 
     def quiet_log(self, quiet: bool) -> None:
         pass
@@ -322,7 +347,7 @@ def test_idle_in_graph_chains_are_detached_and_that_makes_the_next_step_unsteady
                       chain_idle_s=1.0, clock=lambda: 0.0)
     sched.add(Job("a", [1], SamplingParams(), 1, deliver=lambda outs: None))
     assert not sched.schedule(0.0).steady  # a new chain in the graph: llama.cpp re-reserves
-    sched.update([(sched.slots[0], 5)], 0.0)  # max_tokens 1: the job ends, its chain stays
+    sched.update([(sched.slots[0], 5, None)], 0.0)  # max_tokens 1: the job ends, its chain stays
     assert sched.schedule(0.5).parts == [] and ctx.chains
     sched.schedule(2.0)
     assert ctx.chains == {} and ctx.chain_ops[-1] == ("drop", 0)
@@ -459,3 +484,177 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact():
     sched = core.scheduler
     assert core.busy == 0 and not sched.waiting
     assert sched.cells_cached() == sched.kv_cells_used() == len(ctx.cells) > 0
+
+
+# ---- logits read on the CPU: logprobs, the prompt's logprobs, constraints ------------------------------------
+
+
+def test_logprobs_are_the_models_and_come_with_their_tokens_text():
+    core, _ = engine()
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, logprobs=2)
+    run(core)
+    pieces = [o for o in got if isinstance(o, TokenText)]
+    logprobs = [lp for o in pieces for lp in o.logprobs]
+    assert [lp.token for lp in logprobs] == [4, 5, 6] and text(got) == "efg"
+    expected = 4.0 - np.log(np.exp(4.0) + 25)  # the fake model: its next token 4 logits above 25 others
+    for lp in logprobs:
+        assert lp.logprob == pytest.approx(expected, rel=1e-6)
+        assert len(lp.top) == 2 and lp.top[0].token == lp.token and lp.top[0].logprob == pytest.approx(expected)
+        assert lp.top[1].logprob == pytest.approx(-np.log(np.exp(4.0) + 25), rel=1e-6)
+        assert lp.piece == FakeVocab().piece(lp.token)
+
+
+def test_jobs_without_logprobs_never_read_logits():
+    core, ctx = engine()
+    read = []
+    ctx.logits = lambda index: read.append(index)  # type: ignore[method-assign]
+    got = submit(core, "a", [1, 2, 3], max_tokens=3)
+    run(core)
+    assert text(got) == "efg" and not read
+    assert all(o.logprobs == () for o in got if isinstance(o, TokenText))
+
+
+def test_prompt_logprobs_come_first_and_say_how_likely_each_prompt_token_was():
+    core, ctx = engine(prefix_cache=True, batch_size=512)
+    prompt = [1, 2, 3, 9] + list(range(4, 25)) * 5  # 109 tokens: more than one step's worth of prompt logits
+    first = submit(core, "warm", prompt, max_tokens=1)
+    run(core)
+    got = submit(core, "a", prompt, max_tokens=2, prompt_logprobs=1)
+    run(core)
+    assert end(first).cached_tokens == 0 and end(got).cached_tokens == 0  # computed afresh, not taken from cache
+    kinds = [type(o).__name__ for o in got]
+    assert kinds[:2] == ["Started", "PromptLogprobs"] and kinds[-1] == "Finished"
+    lps = got[1].tokens  # type: ignore[union-attr]
+    assert len(lps) == len(prompt) and lps[0] is None
+    likely, unlikely = 4.0 - np.log(np.exp(4.0) + 25), -np.log(np.exp(4.0) + 25)
+    assert lps[1].token == 2 and lps[1].logprob == pytest.approx(likely, rel=1e-6)  # the model predicts t+1
+    assert lps[3].token == 9 and lps[3].logprob == pytest.approx(unlikely, rel=1e-6)  # 9 after 3: not predicted
+    assert lps[3].top[0].token == 4
+    prompt_parts = [p for batch in ctx.batches[-3:] for p in batch if p.all_logits]
+    assert prompt_parts and max(len(p.tokens) for p in prompt_parts) <= PROMPT_OUTPUTS
+
+
+class EvenTokens:
+    """A constraint that allows even tokens only and is complete after three tokens."""
+
+    def __init__(self, allow_none: bool = False) -> None:
+        self.consumed: list[int] = []
+        self.allow_none = allow_none
+        self.error = "nothing allowed" if allow_none else None
+
+    @property
+    def stopped(self) -> bool:
+        return len(self.consumed) == 3
+
+    def mask(self, logits: np.ndarray) -> bool:
+        logits[1::2] = -np.inf
+        logits[EOG] = -np.inf  # no end before the grammar is complete
+        if self.allow_none:
+            logits[:] = -np.inf
+        return not self.allow_none
+
+    def consume(self, token: int) -> None:
+        self.consumed.append(token)
+
+
+class FakeGrammars:
+    def __init__(self, **kw) -> None:
+        self.kw = kw
+        self.guides: list[EvenTokens] = []
+
+    def guide(self, constraint: Constraint) -> EvenTokens:
+        self.guides.append(EvenTokens(**self.kw))
+        return self.guides[-1]
+
+
+def test_a_constrained_job_samples_only_what_its_grammar_allows_and_ends_when_it_is_complete():
+    grammars = FakeGrammars()
+    core, _ = engine(grammars=grammars)
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"))
+    free = submit(core, "b", [1, 2, 3], max_tokens=3)
+    run(core)
+    assert all(t % 2 == 0 for t in grammars.guides[0].consumed) and len(grammars.guides[0].consumed) == 3
+    assert end(got).stop_reason is StopReason.EOS and end(got).tokens_out == 3
+    assert text(free) == "efg"  # its neighbour in the batch is not constrained
+
+
+def test_a_constraint_that_allows_nothing_fails_its_job_alone():
+    core, _ = engine(grammars=FakeGrammars(allow_none=True))
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"))
+    free = submit(core, "b", [1, 2, 3], max_tokens=3)
+    run(core)
+    assert isinstance(got[-1], Failed) and got[-1].code == "constraint_failed"
+    assert text(free) == "efg" and end(free).stop_reason is StopReason.MAX_TOKENS
+
+
+def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_neighbours():
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=FakeGrammars())
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), logprobs=0)
+    free = submit(core, "b", [1, 2, 3], max_tokens=3)
+    run(core)
+    assert end(got).tokens_out == 3 and text(free) == "efg"
+    assert [len(batch) for batch in ctx.batches] == [2, 2, 2]
+    assert ctx.cpu_sampled == [0, 0, 0]  # masked logits: sampled from what the mask left, on the CPU
+
+
+# ---- speculative decoding ------------------------------------------------------------------------------------
+
+REPEATING = [5, 6, 7, 8, 9, 10, 5, 6, 7]  # the fake continues t -> t+1; what followed "6 7 8" is proposed
+
+
+def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_cells():
+    plain_core, plain_ctx = engine()
+    plain = submit(plain_core, "a", REPEATING, max_tokens=12)
+    run(plain_core)
+    core, ctx = engine(speculation=SpecConfig(n_max=4))
+    got = submit(core, "a", REPEATING, max_tokens=12)
+    run(core)  # check_accounting after every step: the scheduler's cells are llama.cpp's, rejected ones freed
+    assert text(got) == text(plain) and end(got).tokens_out == end(plain).tokens_out == 12
+    assert len(ctx.batches) < len(plain_ctx.batches)
+    drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
+    assert drafted[0].all_logits and drafted[0].tokens == [8, 9, 10, 5, 6]  # after "6 7 8": "9 10 5 6"
+    e = end(got)
+    assert e.draft_tokens > 0 and 0 < e.accepted_tokens < e.draft_tokens and e.acceptance_rate is not None
+
+
+def test_speculation_ends_exactly_where_plain_decoding_would():
+    for kw in ({"max_tokens": 5}, {"max_tokens": 30, "stop": ("ij",)}, {"max_tokens": 40}):
+        plain_core, _ = engine()
+        plain = submit(plain_core, "a", REPEATING, **kw)
+        run(plain_core)
+        core, _ = engine(speculation=SpecConfig(n_max=8))
+        got = submit(core, "a", REPEATING, **kw)
+        run(core)
+        assert text(got) == text(plain), kw
+        assert (end(got).stop_reason, end(got).tokens_out) == (end(plain).stop_reason, end(plain).tokens_out), kw
+
+
+def test_nobody_speculates_under_load_or_when_a_job_opts_out():
+    core, ctx = engine(parallel=4, speculation=SpecConfig(n_max=4, max_load=2))
+    outs = [submit(core, f"j{i}", REPEATING, max_tokens=8) for i in range(3)]
+    run(core)
+    assert all(text(o) == "ijklmnop" for o in outs)
+    assert not any(p.n_draft for batch in ctx.batches for p in batch)
+    core, ctx = engine(speculation=SpecConfig(n_max=4))
+    got = submit(core, "a", REPEATING, max_tokens=8, speculate=False)
+    run(core)
+    assert text(got) == "ijklmnop" and not any(p.n_draft for batch in ctx.batches for p in batch)
+
+
+def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
+    spec = SlotSpeculation(n=8)
+    spec.record(8, 0, 8)
+    assert spec.n == 4
+    spec.record(4, 0, 8)
+    spec.record(2, 0, 8)
+    spec.record(1, 0, 8)
+    assert spec.n == 1 and spec.pause == 16
+    spec.record(1, 1, 8)
+    assert spec.n == 2 and spec.rate == 1 / 16
+
+
+def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():
+    proposer = NgramProposer(SpecConfig(ngram_max=3, ngram_min=2))
+    history = np.array([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3], dtype=np.int32)
+    assert proposer.propose(history, 3) == [4, 9, 2]  # "1 2 3" seen at 0, not the later "2 3"
+    assert proposer.propose(np.array([7, 8, 9], dtype=np.int32), 3) == []

@@ -18,10 +18,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from loguru import logger
 
-from worker.engine.outputs import Draining, DuplicateJob, Job, Output, Overloaded, StopReason
-from worker.engine.scheduler import Part, Scheduler, SchedulerMetrics, SlotResources, StepPlan, Vocab
+from worker.engine.constraints import Grammars
+from worker.engine.logprobs import Ranked
+from worker.engine.outputs import (
+    Constraint,
+    ConstraintError,
+    Draining,
+    DuplicateJob,
+    Job,
+    Output,
+    Overloaded,
+    StopReason,
+    SubmitError,
+)
+from worker.engine.scheduler import (
+    Part,
+    Sampled,
+    Scheduler,
+    SchedulerMetrics,
+    Slot,
+    SlotResources,
+    StepPlan,
+    Vocab,
+)
+from worker.engine.speculative import SpecConfig
 
 
 class EngineContext(SlotResources, Protocol):
@@ -29,6 +52,11 @@ class EngineContext(SlotResources, Protocol):
 
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
+    def logits(self, index: int) -> np.ndarray: ...
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int: ...
+
+    @property
+    def n_outputs(self) -> int: ...  # logits rows one batch may ask for
     def quiet_log(self, quiet: bool) -> None: ...
     def close(self) -> None: ...
 
@@ -60,8 +88,12 @@ class EngineCore:
         prefix_cache: bool = True,
         metrics: SchedulerMetrics | None = None,
         profile_path: str | None = None,
+        grammars: Grammars | None = None,
+        speculation: SpecConfig | None = None,
     ) -> None:
         self.ctx = ctx
+        self.vocab = vocab
+        self.grammars = grammars
         self.ctx_size = ctx_size
         self.n_slots = parallel
         self.max_queue = max_queue
@@ -72,7 +104,9 @@ class EngineCore:
         self.kv_cells_total = ctx_size * parallel  # every slot's own ctx_size cells
         self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
-                                   prefix_cache=prefix_cache, metrics=metrics)
+                                   prefix_cache=prefix_cache, metrics=metrics,
+                                   guides=grammars.guide if grammars is not None else None,
+                                   prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []
@@ -98,6 +132,10 @@ class EngineCore:
                 raise Draining("the worker is shutting down")
             if job.job_id in self._jobs:
                 raise DuplicateJob(f"job {job.job_id!r} is already running or waiting")
+            if job.prompt_logprobs is not None and self.scheduler.prompt_logits_per_step < 1:
+                raise SubmitError("this engine's context keeps no logits rows for a prompt's logprobs")
+            if job.constraint is not None and self.grammars is None:
+                raise ConstraintError("this engine does not constrain output")
             waiting = self.queued()
             if waiting >= self.max_queue:
                 raise Overloaded(f"{waiting} requests are waiting; the queue holds {self.max_queue}")
@@ -122,6 +160,13 @@ class EngineCore:
             for job in self._jobs.values():
                 job.cancel_reason = job.cancel_reason or reason
             self._cond.notify()
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Raises ConstraintError unless the constraint can be enforced (compiling it may take a while: call it off
+        the event loop, before submitting the job)."""
+        if self.grammars is None:
+            raise ConstraintError("this engine does not constrain output")
+        self.grammars.check(constraint)
 
     def drain(self) -> None:
         """New jobs are refused from now on; running and waiting ones go on."""
@@ -234,11 +279,25 @@ class EngineCore:
         self.scheduler.decoded(zip(plan.slots, plan.parts, strict=True))  # its cells are taken now
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
-        sampled = [(slot, self.ctx.sample(slot.seq_id, index)) for slot, index in plan.sample_at()]
+        self._read_prompt_logprobs(plan)
+        # A job sampled on the CPU holds the step up by its logprobs, mask and chain (0.3-2 ms on a 128k
+        # vocabulary, measured on an H200). Letting it sit out every other step and sampling it while the next one
+        # computes was tried and measured worse for it and no better for its neighbours: the engine thread's own
+        # work already fills the time a step computes (docs/BENCHMARKS.md).
+        sampled: list[Sampled] = []
+        for slot, part, index in plan.sample_at():
+            if slot.job is None:  # failed by its constraint earlier in this loop
+                continue
+            if part.n_draft:
+                sampled += self._verify(slot, part, index)
+            else:
+                sampled.append(self._sample(slot, index))
         now = time.perf_counter()  # the first read of a sampled token waited for the step
         self.stats.queue_s += t1 - t0
         self.stats.wait_s += now - t2
         self.scheduler.update(sampled, now)
+        if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
+            self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
         """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those
@@ -252,9 +311,69 @@ class EngineCore:
                 self.scheduler.fail(slot, "decode_failed", f"llama_decode failed with status {status}")
                 continue
             self.scheduler.decoded([(slot, part)])
-            if part.logits:
-                token = self.ctx.sample(slot.seq_id, len(part.tokens) - 1)
-                self.scheduler.update([(slot, token)], time.perf_counter())
+            self._read_prompt_logprobs(StepPlan([part], [slot]))
+            if part.logits and slot.job is not None:
+                index = len(part.tokens) - 1
+                got = self._verify(slot, part, index) if part.n_draft else [self._sample(slot, index)]
+                self.scheduler.update(got, time.perf_counter())
+
+    def _verify(self, slot: Slot, part: Part, index: int) -> list[Sampled]:
+        """The target's own token at each proposed position, up to the first that differs from the proposal (or
+        ends the text); the proposals before it are accepted, the cells of the rest freed."""
+        first = index - part.n_draft  # the batch index of the part's first token
+        draft = part.tokens[1:]
+        tokens: list[int] = []
+        for i in range(part.n_draft + 1):
+            token = self._pick(slot, first + i)
+            tokens.append(token)
+            if i == part.n_draft or token != draft[i] or self.vocab.is_eog(token):
+                break
+        self.scheduler.accept_draft(slot, part, len(tokens) - 1)
+        return [(slot, token, None) for token in tokens]
+
+    def _pick(self, slot: Slot, index: int) -> int:
+        """A speculating job's token: greedy without penalties is the logits' argmax (llama.cpp's greedy sampler
+        takes the first of equal maxima, as numpy does), read at a fraction of a full chain's cost."""
+        params = slot.job.params if slot.job is not None else None
+        if params is not None and params.greedy and not params.penalized:
+            return int(self.ctx.logits(index).argmax())
+        return self.ctx.sample(slot.seq_id, index)
+
+    def _sample(self, slot: Slot, index: int) -> Sampled:
+        job = slot.job
+        assert job is not None
+        if not job.reads_logits:
+            return slot, self._pick(slot, index) if slot.spec is not None else self.ctx.sample(slot.seq_id, index), None
+        # A job that reads its logits: logprobs taken from the model's own values, then the constraint's mask
+        # applied (in place, in llama.cpp's buffer), then the job's chain samples what is left: from the allowed
+        # tokens alone where there is a mask (a narrow one makes the chain's sort short).
+        logits = self.ctx.logits(index)
+        ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
+        if slot.guide is None:
+            token = self.ctx.sample(slot.seq_id, index)
+        elif slot.guide.mask(logits):
+            token = self.ctx.sample_logits(slot.seq_id, logits, finite_only=True)
+            slot.guide.consume(token)
+        else:
+            self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
+            return slot, -1, None
+        return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
+
+    def _read_prompt_logprobs(self, plan: StepPlan) -> None:
+        """For parts that read every position's logits: the logprob of each prompt token that position predicts."""
+        index = 0
+        for slot, part in zip(plan.slots, plan.parts, strict=True):
+            job = slot.job
+            if part.all_logits and job is not None and job.prompt_logprobs is not None:
+                out = []
+                for offset in range(len(part.tokens)):
+                    at = part.pos + offset + 1  # the prompt token this position's logits predict
+                    if at >= len(job.prompt_tokens):
+                        break  # the last position's logits give the first generated token
+                    logits = self.ctx.logits(index + offset)
+                    out.append(Ranked(logits, job.prompt_logprobs).of(logits, job.prompt_tokens[at], self.vocab.piece))
+                self.scheduler.prompt_logprobs(slot, out)
+            index += len(part.tokens)
 
     def _flush_text(self) -> None:
         self.scheduler.flush_text()

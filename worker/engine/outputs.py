@@ -7,9 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from worker.engine.sampling import SamplingParams
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound; each one costs a partial sort of the vocabulary per token
 
 
 class StopReason(str, Enum):
@@ -31,11 +33,38 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the raw logits: before penalties, temperature and
+    any constraint), and the `top` most likely tokens at its position."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenText:
     """New text of a job (valid UTF-8; several tokens' worth when bytes of a character were held back)."""
 
     text: str
     index: int  # the index of the last generated token it comes from
+    logprobs: tuple[TokenLogprob, ...] = ()  # the job asked for them: one per token this text completes
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's own tokens' log-probabilities (echo), one per prompt token; the first has none. Comes after
+    Started and before any TokenText."""
+
+    tokens: tuple[TokenLogprob | None, ...]
 
 
 @dataclass(frozen=True)
@@ -50,6 +79,12 @@ class Finished:
     decode_s: float
     stop_sequence: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculation: tokens proposed, and how many of them the model accepted
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def tokens_per_sec(self) -> float:
@@ -71,12 +106,24 @@ class Narrated:
     event: dict[str, Any]
 
 
-Output = Started | TokenText | Finished | Failed | Narrated
+Output = Started | PromptLogprobs | TokenText | Finished | Failed | Narrated
 Deliver = Callable[[Sequence[Output]], None]
 
 
 def is_last(output: Output) -> bool:
     return isinstance(output, (Finished, Failed))
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The output is constrained token by token to a grammar (llguidance; the mask is applied on the CPU to this
+    sequence alone). `source` is the JSON schema (JSON text), the Lark grammar (llguidance's syntax), the GBNF
+    grammar or the regex. With a `trigger`, the text is free until the trigger appears in it; what follows the
+    trigger must then match the grammar (the trigger itself is not part of it)."""
+
+    kind: Literal["json_schema", "json_object", "lark", "gbnf", "regex"]
+    source: str = ""
+    trigger: str | None = None
 
 
 @dataclass(eq=False)
@@ -93,6 +140,11 @@ class Job:
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     correlation_id: str | None = None
     timeout: float | None = None
+    constraint: Constraint | None = None
+    logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and the top k at its position
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); the prompt is computed afresh
+    special_text: bool = False  # control tokens' text is part of the text (tool-call markup the caller parses)
+    speculate: bool = True  # where the worker speculates, this job may (a request can opt out)
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel_reason: StopReason | None = None  # set from the loop; read by the scheduler between steps
     done: bool = False
@@ -100,6 +152,11 @@ class Job:
     @property
     def deadline(self) -> float | None:
         return None if self.timeout is None else self.submitted_at + self.timeout
+
+    @property
+    def reads_logits(self) -> bool:
+        """Sampled from logits read on the CPU (a mask applied, logprobs taken), never by a chain in the graph."""
+        return self.constraint is not None or self.logprobs is not None or self.prompt_logprobs is not None
 
 
 class SubmitError(Exception):
@@ -118,3 +175,10 @@ class Draining(SubmitError):
 
 class DuplicateJob(SubmitError):
     code = "duplicate_job_id"
+
+
+class ConstraintError(SubmitError):
+    """The constraint cannot be enforced as given (a grammar error, a schema keyword llguidance does not
+    implement); the message says which."""
+
+    code = "invalid_constraint"

@@ -20,8 +20,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
-from worker.engine.outputs import Failed, Finished, Job, Narrated, Output, Started, StopReason, TokenText
+import numpy as np
+
+from worker.engine.constraints import Guide
+from worker.engine.outputs import (
+    Constraint,
+    Failed,
+    Finished,
+    Job,
+    Narrated,
+    Output,
+    PromptLogprobs,
+    Started,
+    StopReason,
+    TokenLogprob,
+    TokenText,
+)
 from worker.engine.sampling import SamplingParams
+from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig, StepCosts
 from worker.engine.text import TextStream
 from worker.narration import narrate
 
@@ -29,7 +45,7 @@ from worker.narration import narrate
 class SlotResources(Protocol):
     """What the scheduler asks of the llama.cpp context, per sequence."""
 
-    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool) -> None: ...
+    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
     def forget(self, seq_id: int) -> None: ...
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
@@ -38,7 +54,7 @@ class SlotResources(Protocol):
 
 
 class Vocab(Protocol):
-    def piece(self, token: int) -> bytes: ...
+    def piece(self, token: int, special: bool = False) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
 
 
@@ -48,6 +64,7 @@ class SchedulerMetrics(Protocol):
     def job_finished(self, stop_reason: str) -> None: ...
     def job_failed(self, code: str) -> None: ...
     def prefix_evicted(self, cells: int) -> None: ...
+    def draft_verified(self, proposed: int, accepted: int) -> None: ...
 
 
 class NoMetrics:
@@ -56,6 +73,7 @@ class NoMetrics:
     def job_finished(self, stop_reason: str) -> None: ...
     def job_failed(self, code: str) -> None: ...
     def prefix_evicted(self, cells: int) -> None: ...
+    def draft_verified(self, proposed: int, accepted: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -63,6 +81,9 @@ class Slot:
     seq_id: int
     job: Job | None = None
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
+    chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
+    guide: Guide | None = None  # the job's constraint
+    spec: SlotSpeculation | None = None  # the job speculates
     text: TextStream | None = None
     prompt_pos: int = 0  # prompt tokens already decoded
     n_past: int = 0  # KV cells this sequence holds
@@ -70,8 +91,9 @@ class Slot:
     cached: int = 0  # prompt tokens whose cells came from the prefix cache
     kv_tokens: list[int] = field(default_factory=list)  # what the sequence's KV cells hold, position by position
     prompt_cells: int = 0  # how many of them were computed in prompt steps (the ones the cache reuses)
-    pending: int | None = None  # sampled, its text not yet done (see flush_text)
-    pending_at: float = 0.0
+    pending: list[tuple[int, float]] = field(default_factory=list)  # sampled, their text not yet done (flush_text)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not out yet
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     tokens_out: int = 0
     admitted_at: float = 0.0
     idle_since: float = 0.0
@@ -91,6 +113,8 @@ class Part(NamedTuple):
     tokens: list[int]
     pos: int
     logits: bool  # a token is sampled after its last position
+    all_logits: bool = False  # every position's logits are read (the prompt's own logprobs, proposals to verify)
+    n_draft: int = 0  # its last n_draft tokens are proposals: the target's choice at each position verifies them
 
 
 @dataclass
@@ -100,14 +124,15 @@ class StepPlan:
     # A steady step (a token a sequence, no chain attached or detached since the last) is quick to queue; any other
     # makes llama_decode itself long (a prompt, or llama.cpp re-reserving its graph after a chain change).
     steady: bool = True
+    prefill: bool = False  # some part is a prompt chunk
 
-    def sample_at(self) -> list[tuple[Slot, int]]:
-        """(slot, batch index) of each part that wants a token and whose job still runs."""
+    def sample_at(self) -> list[tuple[Slot, Part, int]]:
+        """(slot, part, batch index of its last token) of each part that wants a token and whose job still runs."""
         out, index = [], -1
         for slot, part in zip(self.slots, self.parts, strict=True):
             index += len(part.tokens)
             if part.logits and slot.job is not None:
-                out.append((slot, index))
+                out.append((slot, part, index))
         return out
 
 
@@ -124,6 +149,9 @@ class Scheduler:
         prefix_cache: bool = True,
         metrics: SchedulerMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        guides: Callable[[Constraint], Guide] | None = None,
+        prompt_logits_per_step: int = 0,
+        speculation: SpecConfig | None = None,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
@@ -138,6 +166,13 @@ class Scheduler:
         self.chain_idle_s = chain_idle_s
         self.metrics = metrics or NoMetrics()
         self.clock = clock
+        self.guides = guides
+        # prompt positions a step may read logits at (the prompt's own logprobs): the context's output rows beyond
+        # one per sequence
+        self.prompt_logits_per_step = prompt_logits_per_step
+        self.speculation = speculation
+        self.proposer = NgramProposer(speculation) if speculation is not None else None
+        self.step_costs = StepCosts()
         self.waiting: collections.deque[Job] = collections.deque()
         self.n_running = 0
         self._chains_changed = False  # since the last plan: llama.cpp re-reserves at the next decode
@@ -165,25 +200,65 @@ class Scheduler:
         if not (overlap and plan.steady):
             self.flush_text()
         budget = self.batch_size
+        logits_budget = self.prompt_logits_per_step
         for slot in self.slots:  # one token per decoding sequence first, then prompt chunks as far as the batch allows
             if slot.decoding:
-                plan.parts.append(Part(slot.seq_id, [slot.last_token], slot.n_past, True))
+                draft = self._draft(slot, min(budget - 1, logits_budget)) if slot.spec is not None else []
+                logits_budget -= len(draft)
+                tokens = [slot.last_token, *draft]
+                plan.parts.append(Part(slot.seq_id, tokens, slot.n_past, True, bool(draft), len(draft)))
                 plan.slots.append(slot)
-                slot.n_past += 1
-                budget -= 1
+                slot.n_past += len(tokens)
+                budget -= len(tokens)
         for slot in self.slots:
             job = slot.job
             if job is None or slot.decoding or budget <= 0:
                 continue
-            chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + budget]
+            n = budget
+            if job.prompt_logprobs is not None:  # every position's logits: as many as the context keeps outputs for
+                n = min(n, logits_budget)
+                if n <= 0:
+                    continue
+                logits_budget -= n
+            chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + n]
             slot.prompt_pos += len(chunk)
-            plan.parts.append(Part(slot.seq_id, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens)))
+            plan.parts.append(Part(slot.seq_id, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens),
+                                   job.prompt_logprobs is not None))
+            plan.prefill = True
             plan.slots.append(slot)
             slot.n_past += len(chunk)
             budget -= len(chunk)
         if plan.parts:
             self._chains_changed = False
         return plan
+
+    def _draft(self, slot: Slot, room: int) -> list[int]:
+        """The proposal a speculating sequence verifies this step: none under load, when the last ones missed,
+        or when the job could not use them (max_tokens)."""
+        spec, job, config = slot.spec, slot.job, self.speculation
+        assert spec is not None and job is not None and config is not None and self.proposer is not None
+        if spec.pause > 0:
+            spec.pause -= 1
+            return []
+        n = min(spec.n, room, job.max_tokens - slot.tokens_out - 1)
+        if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
+            return []
+        if not self.step_costs.worth(spec.recent_rate, self.n_running):
+            spec.pause = 8  # then try again: the costs and the rate change with the text and the load
+            return []
+        draft = self.proposer.propose(np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n)
+        return draft if len(draft) >= config.n_min else []
+
+    def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
+        """Of the part's proposals, the first `accepted` matched the target: the cells of the rest are freed."""
+        assert slot.spec is not None and self.speculation is not None
+        keep = part.pos + 1 + accepted
+        if accepted < part.n_draft:
+            self.resources.keep_prefix(slot.seq_id, keep)
+            del slot.kv_tokens[keep:]
+        slot.n_past = keep
+        slot.spec.record(part.n_draft, accepted, self.speculation.n_max)
+        self.metrics.draft_verified(part.n_draft, accepted)
 
     def _expire_waiting(self, now: float) -> None:
         for job in [j for j in self.waiting if j.cancel_reason or (j.deadline and now >= j.deadline)]:
@@ -228,7 +303,7 @@ class Scheduler:
         the last one's logits give the first token, and llama.cpp's attention for a lone query rounds otherwise
         than for a batch (see _reusable_cells), so a suffix of one token would change greedy text."""
         free = [slot for slot in self.slots if slot.job is None]
-        if not self.prefix_cache:
+        if not self.prefix_cache or job.prompt_logprobs is not None:  # the prompt's logprobs need its logits
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
             self._keep(slot, 0)
             return slot, 0
@@ -276,7 +351,7 @@ class Scheduler:
     def _prefix_in_flight(self, job: Job, held: dict[int, int]) -> bool:
         """Whether a running job is still prefilling a longer prefix of this job's prompt than any slot holds."""
         prefilling = [slot for slot in self.slots if slot.job is not None and not slot.decoding]
-        if not (self.prefix_cache and prefilling):
+        if not (self.prefix_cache and prefilling) or job.prompt_logprobs is not None:
             return False
         prompt = job.prompt_tokens[:-MIN_SUFFIX]
         shared = max(_common_prefix(slot.job.prompt_tokens, prompt) for slot in prefilling if slot.job)
@@ -307,12 +382,24 @@ class Scheduler:
         slot.job = job
         slot.text = TextStream(job.stop)
         slot.cached = cached
-        reuse = slot.chain_params == job.params
+        slot.logprobs, slot.prompt_logprobs = [], []
+        config = self.speculation
+        slot.spec = SlotSpeculation(n=config.n_max) if (
+            config is not None and job.speculate and not job.reads_logits
+            and self.n_running + len(self.waiting) <= config.max_load) else None
+        # A job that reads its logits on the CPU (a mask, logprobs, proposals to verify) samples there: decided
+        # here, once a job
+        on_cpu = self.in_graph_sampling and (job.reads_logits or slot.spec is not None)
+        reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu
         slot.chain_params = None  # until the context has the chain
         if not reuse and self.in_graph_sampling:
             self._chains_changed = True
-        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse)
-        slot.chain_params = job.params
+        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu)
+        slot.chain_params, slot.chain_on_cpu = job.params, on_cpu
+        if job.constraint is not None:
+            if self.guides is None:
+                raise RuntimeError("this engine has no grammars for a constrained job")
+            slot.guide = self.guides(job.constraint)
         slot.prompt_pos = slot.n_past = cached
         slot.tokens_out = 0
         slot.admitted_at = self.clock()
@@ -326,10 +413,10 @@ class Scheduler:
 
     # ---- results ---------------------------------------------------------------------------------------------
 
-    def update(self, sampled: Iterable[tuple[Slot, int]], now: float) -> None:
+    def update(self, sampled: Iterable[Sampled], now: float) -> None:
         """Sampled tokens: what the next step depends on (whether each sequence goes on, and with which token).
         Their text is done by the next flush_text."""
-        for slot, token in sampled:
+        for slot, token, logprob in sampled:
             job = slot.job
             if job is None:  # ended meanwhile (a stop sequence in the text just done)
                 continue
@@ -340,55 +427,81 @@ class Scheduler:
                 continue
             slot.tokens_out += 1
             slot.last_token = token
-            slot.pending, slot.pending_at = token, now
+            slot.pending.append((token, now))
+            if logprob is not None:
+                slot.logprobs.append(logprob)
             if slot.tokens_out >= job.max_tokens:
                 self.finish(slot, StopReason.MAX_TOKENS)
+            elif slot.guide is not None and slot.guide.stopped:  # the grammar is complete: nothing may follow
+                self.finish(slot, StopReason.EOS)
+
+    def prompt_logprobs(self, slot: Slot, logprobs: list[TokenLogprob]) -> None:
+        """Logprobs of the prompt tokens a step's part predicted; all of them go out once the prompt is in."""
+        job = slot.job
+        if job is None:
+            return
+        if not slot.prompt_logprobs:
+            slot.prompt_logprobs.append(None)  # nothing predicts the first token
+        slot.prompt_logprobs.extend(logprobs)
+        if slot.prompt_pos == len(job.prompt_tokens):
+            self._emit(job, PromptLogprobs(tuple(slot.prompt_logprobs)))
+            slot.prompt_logprobs = []
 
     def flush_text(self) -> None:
         for slot in self.slots:
-            if slot.pending is not None:
+            if slot.pending:
                 self._text_of_pending(slot)
 
     def _text_of_pending(self, slot: Slot) -> None:
-        """The sampled token's text, metrics and output; a completed stop sequence ends the job."""
-        job, token, at = slot.job, slot.pending, slot.pending_at
-        assert job is not None and token is not None and slot.text is not None
-        slot.pending = None
-        if slot.tokens_out == 1:
-            self.metrics.token_generated(at - job.submitted_at, None)
-        else:
-            self.metrics.token_generated(None, at - slot.last_token_at)
-        slot.last_token_at = at
-        text = slot.text.feed(self.vocab.piece(token))
-        if text:
-            self._emit(job, TokenText(text, slot.tokens_out - 1))
-        if slot.text.matched is not None:
-            self.finish(slot, StopReason.STOP_SEQUENCE)
+        """The sampled tokens' text, metrics and outputs; a completed stop sequence ends the job (and what was
+        sampled after it is dropped)."""
+        pending, slot.pending = slot.pending, []
+        first = slot.tokens_out - len(pending)  # the index of the first of them
+        for i, (token, at) in enumerate(pending):
+            job = slot.job
+            assert job is not None and slot.text is not None
+            if first + i == 0:
+                self.metrics.token_generated(at - job.submitted_at, None)
+            else:
+                self.metrics.token_generated(None, at - slot.last_token_at)
+            slot.last_token_at = at
+            text = slot.text.feed(self.vocab.piece(token, job.special_text))
+            if text:
+                self._emit(job, TokenText(text, first + i, tuple(slot.logprobs)))
+                slot.logprobs = []
+            if slot.text.matched is not None:
+                slot.tokens_out = first + i + 1
+                self.finish(slot, StopReason.STOP_SEQUENCE)
+                return
 
     def finish(self, slot: Slot, reason: StopReason) -> None:
-        if slot.pending is not None:
+        if slot.pending:
             self._text_of_pending(slot)  # its text comes before the end, and it may complete a stop sequence
             if slot.job is None:
                 return
         job, text = slot.job, slot.text
         assert job is not None and text is not None
         tail = text.finish()
-        if tail:
-            self._emit(job, TokenText(tail, max(slot.tokens_out - 1, 0)))
+        if tail or slot.logprobs:
+            self._emit(job, TokenText(tail, max(slot.tokens_out - 1, 0), tuple(slot.logprobs)))
         end_at = self.clock()
         first = slot.first_token_at or end_at
         end = Finished(
             job_id=job.job_id, stop_reason=reason, tokens_out=slot.tokens_out, prompt_tokens=len(job.prompt_tokens),
             ttft_s=first - job.submitted_at if slot.first_token_at else None, decode_s=end_at - first,
             stop_sequence=text.matched, cached_tokens=slot.cached,
+            draft_tokens=slot.spec.proposed if slot.spec else 0, accepted_tokens=slot.spec.accepted if slot.spec else 0,
         )
+        spec = {"draft_tokens": end.draft_tokens, "accepted_tokens": end.accepted_tokens,
+                "acceptance_rate": round(end.acceptance_rate, 3)} if end.acceptance_rate is not None else {}
         if reason is StopReason.CANCELLED:
             self._narrate(job, "inference_cancelled", f"Cancelled job {job.job_id} after {slot.tokens_out} tokens.",
                           tokens_out=slot.tokens_out, level="warning")
         else:
             self._narrate(job, "inference_complete",
-                          f"Finished job {job.job_id}: {slot.tokens_out} tokens, stopped by {reason.value}.",
-                          tokens_out=slot.tokens_out, stop_reason=reason.value,
+                          f"Finished job {job.job_id}: {slot.tokens_out} tokens, stopped by {reason.value}"
+                          + (f"; {end.accepted_tokens} of {end.draft_tokens} proposed tokens accepted."
+                             if spec else "."), tokens_out=slot.tokens_out, stop_reason=reason.value, **spec,
                           duration_ms=round((end_at - job.submitted_at) * 1000, 2),
                           tokens_per_sec=round(end.tokens_per_sec, 2))
         self._emit(job, end)
@@ -396,7 +509,7 @@ class Scheduler:
         self._release(slot, keep=True)
 
     def fail(self, slot: Slot, code: str, message: str) -> None:
-        if slot.pending is not None:
+        if slot.pending:
             self._text_of_pending(slot)
             if slot.job is None:
                 return
@@ -420,7 +533,9 @@ class Scheduler:
             slot.prompt_cells = min(len(slot.kv_tokens), len(slot.job.prompt_tokens))
         else:
             self._drop_sequence(slot)  # a failed job's cells may not be what they should
-        slot.job = slot.text = slot.pending = None
+        slot.job = slot.text = slot.guide = slot.spec = None
+        slot.pending = []
+        slot.logprobs, slot.prompt_logprobs = [], []
         slot.cached = 0
         slot.idle_since = self.clock()
         self.n_running -= 1
@@ -459,6 +574,8 @@ class Scheduler:
         """Cells that idle slots keep for the next prompts."""
         return sum(len(slot.kv_tokens) for slot in self.slots if slot.job is None)
 
+
+Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, that token's logprob if asked for
 
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick

@@ -17,7 +17,8 @@ from worker.engine.outputs import StopReason
 from worker.exit_codes import ExitCode
 from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth, check_auth
-from worker.http.errors import ApiError, error_response, is_openai_path, json_errors, openai_error_response
+from worker.http.cors import Cors
+from worker.http.errors import ApiError, error_response, json_errors, request_style
 from worker.http.server import read_body_in_time
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
 from worker.http.tokenizing import TOKENIZERS, TokenizerPool
@@ -166,7 +167,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     if request.version != HttpVersion11:
         return None
     expect = request.headers.get("Expect", "")
-    respond = openai_error_response if is_openai_path(request.path) else error_response
+    style = request_style(request)
     settings = request.app[SETTINGS]
     try:
         if expect.lower() != "100-continue":
@@ -175,7 +176,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         if request.content_length is not None and request.content_length > settings.max_body_bytes:
             raise ApiError(413, "body_too_large", f"request body is larger than {settings.max_body_bytes} bytes")
     except ApiError as exc:
-        response = respond(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+        response = error_response(style, exc.status, exc.code, exc.message, exc.headers, **exc.extra)
         response.force_close()  # the body may follow or not: the connection cannot be reused safely
         return response
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -185,12 +186,17 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Any] = [count_requests, correlation_id, json_errors]
+    cors = Cors(settings.cors_origins) if settings.cors_origins else None
+    if cors is not None:
+        middlewares.append(cors.preflight)  # before auth: a preflight carries no credentials
     middlewares.append(bearer_auth(settings.api_token or None))
     middlewares.append(read_body_in_time)  # after auth: a body is read only for a request that may send one
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_prepare)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[STATE] = WorkerState()
+    app[STATE] = WorkerState(served_name=settings.served_model_name)
     app[TOKENIZERS] = TokenizerPool(settings.tokenizer_threads)
     app.on_cleanup.append(_close_tokenizers)
     app.cleanup_ctx.append(_runtime_lifecycle)

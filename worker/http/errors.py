@@ -1,17 +1,21 @@
-"""Every error is JSON: {"error": {"code", "message", ...}} (OpenAI's shape on the OpenAI routes) with the right
-status; never an HTML page."""
+"""Every error is JSON with the right status, never an HTML page: {"error": {"code", "message", ...}} on the native
+routes, OpenAI's {"error": {"message", "type", "param", "code"}} on the OpenAI ones. Which shape is the route's:
+each route table is added with its ErrorStyle (add_routes), and requests that match no route of a method take the
+style of the route their path belongs to."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from enum import Enum
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.engine.outputs import SubmitError
 
@@ -31,25 +35,82 @@ def submit_error(exc: SubmitError) -> ApiError:
     return ApiError(status, exc.code, str(exc), headers={"Retry-After": "1"} if status == 503 else None)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
-    return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status, headers=headers)
+class ErrorStyle(str, Enum):
+    NATIVE = "native"
+    OPENAI = "openai"
 
 
-# The OpenAI-compatible routes answer in OpenAI's error shape, so OpenAI clients raise their typed errors.
-OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tokenize", "/v1/detokenize"})
+class ErrorBody(BaseModel):
+    """A native error: a snake_case code, a sentence, and fields that fit the code (field, prompt_tokens, n_ctx,
+    job_id, progress)."""
+
+    model_config = ConfigDict(extra="allow")
+    code: str
+    message: str
+    field: str | None = Field(None, description="the request field at fault, where there is one")
 
 
-def is_openai_path(path: str) -> bool:
-    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+class Error(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorBody
 
 
-def openai_error(status: int, code: str, message: str, field: str | None = None, **_extra: Any) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"message": message, "type": kind, "param": field, "code": code}
+class OpenAIErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None
+    code: str
 
 
-def openai_error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
-    return web.json_response({"error": openai_error(status, code, message, **extra)}, status=status, headers=headers)
+class OpenAIError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    error: OpenAIErrorBody
+
+
+def error_body(style: ErrorStyle, status: int, code: str, message: str, **extra: Any) -> BaseModel:
+    """The error object in a route's style (also an OpenAI stream's error chunk)."""
+    if style is ErrorStyle.OPENAI:
+        kind: Literal["invalid_request_error", "server_error"] = (
+            "invalid_request_error" if status < 500 else "server_error")
+        return OpenAIError(error=OpenAIErrorBody(message=message, type=kind, param=extra.get("field"), code=code))
+    return Error(error=ErrorBody(code=code, message=message, **extra))
+
+
+def error_response(style: ErrorStyle, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> web.Response:
+    body = error_body(style, status, code, message, **extra).model_dump(mode="json", exclude_unset=True)
+    return web.json_response(body, status=status, headers=headers)
+
+
+# ---- which style a request gets: its route's -----------------------------------------------------------------
+
+_STYLES = web.AppKey("error_styles", dict)  # resource (as registered) -> ErrorStyle
+
+
+def add_routes(app: web.Application, routes: web.RouteTableDef, style: ErrorStyle) -> None:
+    """Register a route table; every route in it answers errors in `style`."""
+    styles = app.setdefault(_STYLES, {})
+    for route in app.add_routes(routes):
+        if route.resource is not None:
+            styles[route.resource] = style
+
+
+def style_for(app: web.Application, path: str, resource: Any = None) -> ErrorStyle:
+    """The style of the matched route's resource; with none (a wrong method, a refused request line), of the
+    registered resource whose path this is; else native."""
+    styles: dict[Any, ErrorStyle] = app.get(_STYLES, {})
+    if resource is not None and resource in styles:
+        return styles[resource]
+    for known, style in styles.items():
+        info = known.get_info()
+        if info.get("path") == path or ("pattern" in info and info["pattern"].fullmatch(path)):
+            return style
+    return ErrorStyle.NATIVE
+
+
+def request_style(request: web.Request) -> ErrorStyle:
+    return style_for(request.app, request.path, request.match_info.route.resource)
 
 
 _HTTP_CODES = {
@@ -66,7 +127,12 @@ _HTTP_CODES = {
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
-    respond = openai_error_response if is_openai_path(request.path) else error_response
+    style = request_style(request)
+
+    def respond(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                **extra: Any) -> web.Response:
+        return error_response(style, status, code, message, headers, **extra)
+
     try:
         return await handler(request)
     except ApiError as exc:
@@ -113,8 +179,9 @@ class JsonErrorProtocol(RequestHandler):
                     else HTTPStatus(status).phrase)
         else:
             text = "malformed HTTP request: " + " ".join(str(message).split())[:200]
-        respond = openai_error_response if is_openai_path(request.path) else error_response
-        response = respond(status, code, text)
+        app = getattr(self._manager.request_handler, "__self__", None) if self._manager else None
+        style = style_for(app, request.path) if isinstance(app, web.Application) else ErrorStyle.NATIVE
+        response = error_response(style, status, code, text)
         response.force_close()
         return response
 

@@ -1,258 +1,80 @@
 """The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize.
 
-Generation goes through jobs.submit_job like the native route. Errors take OpenAI's shape
-({"error": {"message", "type", "param", "code"}}) in errors.json_errors, so the openai SDK raises its typed exceptions.
-Unknown request fields are refused as OpenAI refuses them; OpenAI fields this worker does not implement are accepted
-only at their neutral value (null, false, 1, "none", ...), so a client that sends them explicitly unset still works.
+Generation goes through jobs.submit_job like the native route. The wire format is protocol_openai's models; errors
+take OpenAI's shape ({"error": {"message", "type", "param", "code"}}: the routes are added with ErrorStyle.OPENAI), so
+the openai SDK raises its typed exceptions.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import MISSING, BaseModel, ValidationError
 
-from worker.engine.outputs import Failed, Finished, StopReason, TokenText
-from worker.engine.sampling import (
-    MinP,
-    OpenAISeed,
-    OpenAITopP,
-    Penalty,
-    RepetitionPenalty,
-    SamplingParams,
-    Temperature,
-    TopK,
+from worker import chat
+from worker.chat import ChatDelta, ChatParser, ChatPlan
+from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, StopReason, TokenLogprob, TokenText
+from worker.http import tokenizing
+from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
+from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
+from worker.http.protocol_native import ModelCard
+from worker.http.protocol_openai import (
+    FINISH_REASONS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionLogprobsWriter,
+    CompletionRequest,
+    Delta,
+    DetokenizeRequest,
+    FinishReason,
+    FunctionCallOut,
+    FunctionDelta,
+    Message,
+    ModelList,
+    ModelObject,
+    PromptTokensDetails,
+    Strict,
+    Text,
+    TokenizeRequest,
+    TokenizerInfo,
+    Tokens,
+    ToolCallDeltaOut,
+    ToolCallOut,
+    Usage,
+    VllmDetokenizeRequest,
+    VllmDetokenizeResponse,
+    VllmTokenizeRequest,
+    VllmTokenizeResponse,
+    chat_logprobs,
 )
-from worker.http import chat, tokenizing
-from worker.http.errors import ApiError, openai_error
-from worker.http.jobs import JobStream, submit_job
+from worker.http.routedoc import RouteDoc, StreamDoc, documented
 from worker.http.schemas import read_json
-from worker.http.state import STATE
+from worker.http.sse import EventStream
+from worker.http.state import SETTINGS, STATE, WorkerState
 from worker.llamacpp import ModelInfo
+from worker.llamacpp.specials import model_special_tokens
 
 routes = web.RouteTableDef()
 
-M = TypeVar("M", bound="_Strict")
+M = TypeVar("M", bound=Strict)
 
-# The engine's stop reasons in OpenAI's terms: anything that cut the text short before the model ended it is "length".
-FINISH_REASONS = {StopReason.EOS: "stop", StopReason.STOP_SEQUENCE: "stop", StopReason.MAX_TOKENS: "length",
-                  StopReason.TIMEOUT: "length", StopReason.CANCELLED: "length"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the context
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "seed"}
-
-# OpenAI parameters this worker does not implement, with the values that ask for nothing.
-NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
-    "web_search_options": (None,),
-    "reasoning_effort": (None,),
-    "verbosity": (None,),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "tool_calls": (None, []),
-}
-
-
-def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    return any(type(value) is type(n) and value == n for n in neutral)  # type-exact: 0 is not False
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    unsupported: ClassVar[tuple[str, ...]] = ()
-
-    def check_supported(self) -> None:
-        for name in self.unsupported:
-            if not _is_neutral(getattr(self, name), NEUTRAL[name]):
-                raise ApiError(400, "unsupported_parameter",
-                               f"'{name}' is not supported by this worker; leave it out or null", field=name)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None  # padding against length side channels: accepted, nothing to pad
-
-
-class _Generate(_Strict):
-    """What both completion routes accept."""
-
-    unsupported: ClassVar[tuple[str, ...]] = ("logit_bias",)
-
-    model: str | None = None  # one worker serves one model: any name is served by it (as llama-server does)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: Temperature | None = None
-    top_p: OpenAITopP | None = None
-    top_k: TopK | None = None  # native extras, as llama.cpp's server takes them
-    min_p: MinP | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    ignore_eos: bool | None = None  # vLLM's extra, for benchmarks: generate exactly max_tokens
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    stop: Any = Field(None, validate_default=True)
-    seed: OpenAISeed | None = None
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    logit_bias: Any = None
-    # Accepted and ignored: they change nothing about the text.
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: Any) -> list[str]:
-        stops = [] if v is None else [v] if isinstance(v, str) else v
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("must be a string or a list of strings")
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s or len(s.encode("utf-8")) > 100 for s in stops):
-            raise ValueError("each stop sequence is 1 to 100 bytes")
-        return stops
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.stream_options is not None and not self.stream:
-            raise ApiError(400, "invalid_request", "'stream_options' is only allowed when 'stream' is true",
-                           field="stream_options")
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams.given(**self.model_dump(include=SAMPLING_FIELDS))
-
-
-class Message(_Strict):
-    unsupported: ClassVar[tuple[str, ...]] = ("tool_calls", "function_call", "audio")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
-    name: str | None = None
-    # What a client echoes back from an earlier response: fine while empty.
-    refusal: str | None = None
-    annotations: list[Any] | None = None
-    tool_calls: Any = None
-    function_call: Any = None
-    audio: Any = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return v
-        if not isinstance(v, list):
-            raise ValueError("must be a string or a list of text parts")
-        for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {i} is {kind!r}; only text parts {{'type': 'text', 'text': ...}} are supported")
-        return v
-
-    def for_template(self) -> dict[str, Any]:
-        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-class ChatRequest(_Generate):
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-        "response_format", "modalities", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity",
-    )
-
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    modalities: Any = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    # Accepted and ignored.
-    parallel_tool_calls: bool | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        for i, message in enumerate(self.messages):
-            try:
-                message.check_supported()
-            except ApiError as exc:
-                exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
-                raise
-
-
-class CompletionRequest(_Generate):
-    unsupported: ClassVar[tuple[str, ...]] = ("logit_bias", "logprobs", "best_of", "echo", "suffix")
-
-    prompt: Any
-    logprobs: Any = None
-    best_of: Any = None
-    echo: Any = None
-    suffix: Any = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]  # a batch of one
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list) and v and all(type(t) is int for t in v):
-            return v
-        if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
-            raise ValueError("several prompts in one request are not supported; send one request per prompt")
-        raise ValueError("must be a string or a non-empty list of token ids")
-
-
-class TokenizeRequest(_Strict):
-    model: str | None = None
-    text: str
-    add_special: bool = True  # BOS where the model wants one (never twice), as a completion prompt gets it
-    parse_special: bool = True  # "<|im_start|>" in the text is that special token, as in prompts
-
-
-class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int]
+BODY_ERRORS = (400, 401, 413, 503)
 
 
 def _parse(model: type[M], body: Any) -> M:
@@ -269,7 +91,8 @@ def _parse(model: type[M], body: Any) -> M:
                            field=path) from None
         if err.get("type") == "missing":
             raise ApiError(400, "invalid_request", f"missing required parameter: {path}", field=path) from None
-        raise ApiError(400, "invalid_request", f"{path}: {err['msg'].removeprefix('Value error, ')}",
+        message = err["msg"].removeprefix("Value error, ")
+        raise ApiError(400, "invalid_request", f"{path}: {message}" if path else message,
                        field=path or None) from None
     req.check_supported()
     return req
@@ -282,180 +105,419 @@ def _check_token_ids(tokens: list[int], n_vocab: int, param: str) -> None:
                        field=param)
 
 
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _usage(end: Finished) -> dict[str, Any]:
-    prompt, completion = end.prompt_tokens, end.tokens_out
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": end.cached_tokens}}
-
-
 @dataclass
 class Reply:
-    """The response objects of one request; chat and text completions differ only in names and where text goes."""
+    """The response objects of one request; chat and text completions differ only in names and where text goes.
+    A request runs `choices` jobs: `n` per prompt, prompt-major (choice index = prompt index * n + j), so usage
+    counts each prompt once."""
 
     chat: bool
     model: str
+    choices: int = 1
+    n: int = 1
     include_usage: bool = False
+    continuous_usage: bool = False
+    logprobs: bool = False  # render the tokens' logprobs (the jobs asked the engine for them)
+    echo: list[str] | None = None  # completions: each prompt's text, sent before its completion
+    piece: Callable[[int], bytes] | None = None  # a token's bytes (the echoed prompt's first token has no entry)
+    plan: ChatPlan | None = None  # chat: how each answer's text splits into content, reasoning and tool calls
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    parsers: list[ChatParser] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if self.plan is not None:
+            self.parsers = [self.plan.parser() for _ in range(self.choices)]
 
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+    def finish_reason(self, index: int, end: Finished) -> FinishReason:
+        if self.parsers and self.parsers[index].called and end.stop_reason is StopReason.EOS:
+            return "tool_calls"
+        return FINISH_REASONS[end.stop_reason]
 
-    def whole(self, text: str, end: Finished) -> dict[str, Any]:
-        finish = FINISH_REASONS[end.stop_reason]
-        choice: dict[str, Any]
+    def job_id(self, index: int) -> str:
+        """One job: the response id (DELETE /v1/inference/{id} cancels it); several: `<id>-<index>`."""
+        return self.id if self.choices == 1 else f"{self.id}-{index}"
+
+    def prompt_text(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo is not None else ""
+
+    def usage(self, prompt_tokens: list[int], generated: list[int], cached: list[int] | None = None) -> Usage:
+        """Per-choice counts summed: prompts once per prompt, generated tokens of every choice."""
+        prompt = sum(prompt_tokens[::self.n])
+        completion = sum(generated)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum((cached or [])[::self.n])))
+
+    def end_usage(self, ends: list[Finished]) -> Usage:
+        return self.usage([e.prompt_tokens for e in ends], [e.tokens_out for e in ends],
+                          [e.cached_tokens for e in ends])
+
+    def writer(self) -> CompletionLogprobsWriter:
+        assert self.piece is not None
+        return CompletionLogprobsWriter(self.piece)
+
+    def whole(self, results: list[JobResult], jobs: list[Job]) -> ChatCompletion | Completion:
+        usage = self.end_usage([r.end for r in results])
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": _usage(end)}
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+                ChatChoice(index=i, message=self.message(i, r.text),
+                           logprobs=chat_logprobs(_generated(r.outputs)) if self.logprobs else None,
+                           finish_reason=self.finish_reason(i, r.end))
+                for i, r in enumerate(results)])
+        choices = []
+        for i, (r, job) in enumerate(zip(results, jobs, strict=True)):
+            logprobs = None
+            if self.logprobs:
+                prompt = [e for out in r.outputs if isinstance(out, PromptLogprobs) for e in out.tokens]
+                logprobs = self.writer().write([*prompt, *_generated(r.outputs)], job.prompt_tokens[0])
+            choices.append(CompletionChoice(index=i, text=self.prompt_text(i) + r.text, logprobs=logprobs,
+                                            finish_reason=FINISH_REASONS[r.end.stop_reason]))
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=choices)
 
-    def chunk(self, text: str | None = None, *, finish: str | None = None, role: str | None = None) -> bytes:
-        choice: dict[str, Any]
+    def message(self, index: int, text: str) -> AssistantMessage:
+        """A whole answer: its content, reasoning and calls as the parser splits them."""
+        if not self.parsers:
+            return AssistantMessage(content=text, reasoning_content=MISSING, tool_calls=MISSING)
+        parser = self.parsers[index]
+        deltas = [parser.feed(text), parser.finish()]
+        content = "".join(d.content for d in deltas)
+        reasoning = "".join(d.reasoning for d in deltas)
+        calls = [ToolCallOut(id=c["id"], function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
+                 for c in chat.call_arguments(deltas)]
+        return AssistantMessage(content=content if content or not calls else None,
+                                reasoning_content=reasoning if reasoning else MISSING,
+                                tool_calls=calls if calls else MISSING)
+
+    def chunk(self, index: int, text: str | None = None, *, finish: Any = None, role: bool = False,
+              usage: Usage | None = None, logprobs: Any = None,
+              delta_of: ChatDelta | None = None) -> ChatCompletionChunk | CompletionChunk:
+        """A chunk of choice `index` with text (a chat's as parsed, `delta_of`) or a finish reason (the role on a
+        chat stream's first). With include_usage every chunk has `"usage": null` (as OpenAI's) unless `usage` is
+        given (continuous usage)."""
+        extra: dict[str, Any] = {"usage": usage} if usage is not None or self.include_usage else {}
         if self.chat:
-            delta = {**({"role": role} if role else {}), **({"content": text} if text is not None else {})}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        body = {**self._head(self._chunk_object), "choices": [choice]}
-        if self.include_usage:
-            body["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
-        return _sse(body)
+            delta = Delta(role="assistant" if role else MISSING, content=text if text is not None else MISSING)
+            if delta_of is not None:
+                delta = _delta(delta_of)
+            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, **extra, choices=[
+                ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, **extra, choices=[
+            CompletionChunkChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)])
 
-    def usage_chunk(self, end: Finished) -> bytes:
-        return _sse({**self._head(self._chunk_object), "choices": [], "usage": _usage(end)})
-
-    @property
-    def _chunk_object(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk | CompletionChunk:
+        """The last chunk with include_usage: no choices, the request's usage."""
+        kind = ChatCompletionChunk if self.chat else CompletionChunk
+        return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
-async def _respond(request: web.Request, job: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
+def _delta(d: ChatDelta) -> Delta:
+    calls = [ToolCallDeltaOut(index=c.index, id=c.id if c.id is not None else MISSING,
+                              type="function" if c.id is not None else MISSING,
+                              function=FunctionDelta(name=c.name if c.name is not None else MISSING,
+                                                     arguments=c.arguments))
+             for c in d.tool_calls]
+    return Delta(content=d.content if d.content else MISSING, reasoning_content=d.reasoning or MISSING,
+                 tool_calls=calls if calls else MISSING)
+
+
+def _generated(outputs: list[Output]) -> list[TokenLogprob]:
+    return [e for out in outputs if isinstance(out, TokenText) for e in out.logprobs]
+
+
+async def _respond(request: web.Request, jobs: JobStream, reply: Reply, stream: bool) -> web.StreamResponse:
     if not stream:
-        text, end = await job.collect()
-        return web.json_response(reply.whole(text, end))
+        return _json(reply.whole(await jobs.collect(), jobs.jobs))
 
-    resp = job.sse_response(request)
-    async with job:
-        await resp.prepare(request)
+    events = EventStream(request, jobs.stream_headers(request))
+    prompt_tokens = [len(job.prompt_tokens) for job in jobs.jobs]
+    generated = [0] * len(jobs.jobs)
+    ends: dict[int, Finished] = {}
+    writers = [reply.writer() for _ in jobs.jobs] if reply.logprobs and not reply.chat else []
+
+    def running() -> Usage | None:
+        return reply.usage(prompt_tokens, generated) if reply.continuous_usage else None
+
+    def token_logprobs(index: int, entries: Sequence[TokenLogprob | None], first: int | None = None) -> Any:
+        if not reply.logprobs:
+            return None
         if reply.chat:
-            await resp.write(reply.chunk("", role="assistant"))
-        finished = None
-        async for batch in job.batches():
-            chunks = []
-            for out in batch:
+            return chat_logprobs([e for e in entries if e is not None])
+        return writers[index].write(entries, first)
+
+    async with jobs:
+        await events.open()
+        # At once, before the prompt is decoded: a chat's role; an echoed prompt (unless its logprobs must come)
+        for index in range(len(jobs.jobs)):
+            if reply.chat:
+                events.add(reply.chunk(index, "", role=True, usage=running()))
+            elif reply.echo is not None and not reply.logprobs:
+                events.add(reply.chunk(index, reply.prompt_text(index), usage=running()))
+        await events.flush()
+        async for batch in jobs.batches():
+            for index, out in batch:
                 if isinstance(out, TokenText):
-                    chunks.append(reply.chunk(out.text))
+                    generated[index] = out.index + 1
+                    if reply.parsers:
+                        delta = reply.parsers[index].feed(out.text)
+                        if delta or out.logprobs:  # markup held back until it is known to be a call or text
+                            events.add(reply.chunk(index, usage=running(), delta_of=delta,
+                                                   logprobs=token_logprobs(index, out.logprobs)))
+                    else:
+                        events.add(reply.chunk(index, out.text, usage=running(),
+                                               logprobs=token_logprobs(index, out.logprobs)))
+                elif isinstance(out, PromptLogprobs) and reply.echo is not None:
+                    first = jobs.jobs[index].prompt_tokens[0]
+                    events.add(reply.chunk(index, reply.prompt_text(index), usage=running(),
+                                           logprobs=token_logprobs(index, out.tokens, first)))
                 elif isinstance(out, Finished):
-                    finished = out
-                    chunks.append(reply.chunk(finish=FINISH_REASONS[out.stop_reason]))
+                    ends[index] = out
+                    generated[index] = out.tokens_out
+                    if reply.parsers and (tail := reply.parsers[index].finish()):
+                        events.add(reply.chunk(index, usage=running(), delta_of=tail))
+                    events.add(reply.chunk(index, finish=reply.finish_reason(index, out), usage=running()))
                 elif isinstance(out, Failed):
-                    chunks.append(_sse({"error": openai_error(500, out.code, out.message)}))
-            await resp.write(b"".join(chunks))
-        if finished is not None and reply.include_usage:
-            await resp.write(reply.usage_chunk(finished))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-    return resp
+                    events.add(error_body(ErrorStyle.OPENAI, 500, out.code, out.message))
+            await events.flush()
+        if reply.include_usage and len(ends) == len(jobs.jobs):
+            events.add(reply.usage_chunk(reply.end_usage([ends[i] for i in range(len(ends))])))
+        await events.close(done=True)
+    return events.response
 
 
-@routes.post("/v1/chat/completions")
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[STATE].require_ready()
-    req = _parse(ChatRequest, await read_json(request))
-    model = runtime.model
-    info = model.info
+def _json(body: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=body.model_dump_json(), status=status, content_type="application/json")
+
+
+_CHAT_STREAM = StreamDoc("OpenAI chat completion chunks, then [DONE]", "openai", (ChatCompletionChunk,))
+_COMPLETION_STREAM = StreamDoc("OpenAI text completion chunks, then [DONE]", "openai", (CompletionChunk,))
+
+
+def _chat_prompt(info: ModelInfo, model_id: str, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """A conversation in the model's own chat template, without tools (the tokenizer routes)."""
     if not info.chat_template:
         raise ApiError(400, "no_chat_template",
-                       f"the model {info.ref} has no chat template (tokenizer.chat_template in its GGUF); "
-                       "use /v1/completions with a prompt in the model's own format", field="messages")
+                       f"the model {model_id} has no chat template (tokenizer.chat_template in its GGUF)",
+                       field="messages")
     try:
-        prompt = chat.render(info.chat_template, [m.for_template() for m in req.messages], bos_token=info.bos,
-                             eos_token=info.eos)
+        return chat.template.render(info.chat_template,
+                                    chat.template.template_messages([m.for_template() for m in messages]),
+                                    bos_token=info.bos, eos_token=info.eos,
+                                    add_generation_prompt=add_generation_prompt)
     except chat.TemplateCompileError as exc:
         raise ApiError(500, "chat_template_error", str(exc)) from None
     except chat.TemplateRenderError as exc:
         raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
                        field="messages") from None
-    tokens = await tokenizing.prompt_tokens(request, prompt, limit=runtime.engine.ctx_size)
+
+
+async def _chat_plan(request: web.Request, req: ChatRequest) -> ChatPlan:
+    """The conversation in the model's own chat template, with its tools, and how the answer is constrained and
+    parsed (worker.chat)."""
+    state = request.app[STATE]
+    runtime = state.require_ready()
+    info = runtime.model.info
+    if not info.chat_template:
+        raise ApiError(400, "no_chat_template",
+                       f"the model {state.model_id} has no chat template (tokenizer.chat_template in its GGUF); "
+                       "use /v1/completions with a prompt in the model's own format", field="messages")
+    inline = req.reasoning_format == "none" or (req.reasoning_format is None
+                                                and request.app[SETTINGS].reasoning_format == "inline")
+    specials = await asyncio.to_thread(model_special_tokens, runtime.model) if req.tools else {}
+    tool_choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice
+    try:
+        return chat.prepare(info.chat_template, [m.for_template() for m in req.messages],
+                            tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+                            tool_choice=tool_choice, parallel_tool_calls=req.parallel_tool_calls is not False,
+                            reasoning="inline" if inline else "split", bos_token=info.bos, eos_token=info.eos,
+                            special_tokens=specials, template_kwargs=req.chat_template_kwargs)
+    except chat.ChatRequestError as exc:
+        raise ApiError(400, "invalid_request", str(exc), field=exc.param) from None
+    except chat.TemplateCompileError as exc:
+        raise ApiError(500, "chat_template_error", str(exc)) from None
+    except chat.TemplateRenderError as exc:
+        raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
+                       field="messages") from None
+
+
+def _check_room(request: web.Request, choices: int, field_name: str) -> None:
+    """One request may not ask for more sequences than the worker can hold at once (slots + queue)."""
+    engine = request.app[STATE].require_ready().engine
+    room = engine.n_slots + engine.max_queue
+    if choices > room:
+        raise ApiError(400, "invalid_request", f"the request asks for {choices} sequences (prompts x n); this "
+                       f"worker holds at most {room} at once ({engine.n_slots} slots + a queue of "
+                       f"{engine.max_queue})", field=field_name)
+
+
+@routes.post("/v1/chat/completions")
+@documented(RouteDoc("OpenAI chat completion, with the model's own chat template", "openai", body=ChatRequest,
+                     ok=ChatCompletion, stream=_CHAT_STREAM, errors=(*BODY_ERRORS, 409, 500),
+                     ok_description="the whole answer (stream false) or its event stream (stream true)"))
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    runtime = state.require_ready()
+    req = _parse(ChatRequest, await read_json(request))
+    plan = await _chat_plan(request, req)
+    _check_room(request, req.choices, "n")
+    requested = req.constraint()
+    if plan.constraint is not None and requested is not None:
+        raise ApiError(400, "invalid_request", f"'{requested[1]}' and tool calls cannot both constrain one answer; "
+                       "use tool_choice 'none', or leave the format out", field=requested[1])
+    constraint = await checked_constraint(request, (plan.constraint, "tools") if plan.constraint else requested)
+    tokens = await tokenizing.prompt_tokens(request, plan.prompt, limit=runtime.engine.ctx_size)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
-    reply = Reply(chat=True, model=info.ref, include_usage=req.include_usage)
-    job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
-                           ignore_eos=bool(req.ignore_eos), job_id=reply.id)
-    return await _respond(request, job, reply, bool(req.stream))
+    reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices,
+                  include_usage=req.include_usage, continuous_usage=req.continuous_usage,
+                  logprobs=req.logprobs_k is not None, plan=plan)
+    specs = [JobSpec(tokens, req.sampling(j), reply.job_id(j)) for j in range(req.choices)]
+    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
+                             constraint=constraint, logprobs=req.logprobs_k, special_text=plan.special_text,
+                             speculate=req.speculative is not False)
+    return await _respond(request, jobs, reply, bool(req.stream))
 
 
 @routes.post("/v1/completions")
+@documented(RouteDoc("OpenAI text completion", "openai", body=CompletionRequest, ok=Completion,
+                     stream=_COMPLETION_STREAM, errors=(*BODY_ERRORS, 409, 500),
+                     ok_description="the whole answer (stream false) or its event stream (stream true)"))
 async def completions(request: web.Request) -> web.StreamResponse:
-    model = request.app[STATE].require_ready().model
+    state = request.app[STATE]
+    model = state.require_ready().model
     req = _parse(CompletionRequest, await read_json(request))
-    if isinstance(req.prompt, str):
-        tokens = await tokenizing.prompt_tokens(request, req.prompt,
-                                                limit=request.app[STATE].require_ready().engine.ctx_size)
-    else:
-        _check_token_ids(req.prompt, model.n_vocab, "prompt")
-        tokens = req.prompt
-    reply = Reply(chat=False, model=model.info.ref, include_usage=req.include_usage)
+    n = req.choices
+    _check_room(request, len(req.prompt) * n, "prompt" if n == 1 else "n")
+    constraint = await checked_constraint(request, req.constraint())
+    prompts: list[list[int]] = []
+    for i, prompt in enumerate(req.prompt):
+        if isinstance(prompt, str):
+            limit = state.require_ready().engine.ctx_size
+            prompts.append(await tokenizing.prompt_tokens(request, prompt, limit=limit))
+        else:
+            _check_token_ids(prompt, model.n_vocab, "prompt" if len(req.prompt) == 1 else f"prompt.{i}")
+            prompts.append(prompt)
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else await tokenizing.detokenize(request, p) for p in req.prompt]
+    reply = Reply(chat=False, model=state.model_id, choices=len(prompts) * n, n=n, include_usage=req.include_usage,
+                  continuous_usage=req.continuous_usage, logprobs=req.logprobs is not None, echo=echo,
+                  piece=model.piece)
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    job = await submit_job(request, tokens, req.sampling(), max_tokens=max_tokens, stop=req.stop,
-                           ignore_eos=bool(req.ignore_eos), job_id=reply.id)
-    return await _respond(request, job, reply, bool(req.stream))
+    specs = [JobSpec(tokens, req.sampling(j), reply.job_id(i * n + j))
+             for i, tokens in enumerate(prompts) for j in range(n)]
+    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
+                             constraint=constraint, logprobs=req.logprobs,
+                             prompt_logprobs=req.logprobs if req.echo else None, speculate=req.speculative is not False)
+    return await _respond(request, jobs, reply, bool(req.stream))
 
 
-def _model_object(info: ModelInfo) -> dict[str, Any]:
+def _model_object(state: WorkerState) -> ModelObject:
+    info = state.require_ready().model.info
     try:
         created = int(os.path.getmtime(info.path))
     except OSError:
         created = 0
-    return {"id": info.ref, "object": "model", "created": created, "owned_by": "llm-worker-rbee",
-            "meta": info.public()}
+    return ModelObject(id=state.model_id, created=created, owned_by="llm-worker-rbee",
+                       meta=ModelCard(**(state.model_card() or {})))
 
 
 @routes.get("/v1/models")
+@documented(RouteDoc("The served model, as OpenAI's model list", "openai", ok=ModelList, ok_description="one model",
+                     errors=(401, 503)))
 async def list_models(request: web.Request) -> web.Response:
-    model = request.app[STATE].require_ready().model
-    return web.json_response({"object": "list", "data": [_model_object(model.info)]})
+    return _json(ModelList(data=[_model_object(request.app[STATE])]))
 
 
 @routes.get("/v1/models/{model_id:.+}")
+@documented(RouteDoc("The served model by its id", "openai", ok=ModelObject, ok_description="the model",
+                     errors=(401, 404, 503), path_parameters=("model_id",)))
 async def get_model(request: web.Request) -> web.Response:
-    info = request.app[STATE].require_ready().model.info
+    state = request.app[STATE]
+    state.require_ready()
     model_id = request.match_info["model_id"]
-    if model_id != info.ref:
+    if model_id != state.model_id:
         raise ApiError(404, "model_not_found",
-                       f"the model {model_id!r} does not exist; this worker serves {info.ref!r}", field="model")
-    return web.json_response(_model_object(info))
+                       f"the model {model_id!r} does not exist; this worker serves {state.model_id!r}", field="model")
+    return _json(_model_object(state))
 
 
 @routes.post("/v1/tokenize")
+@documented(RouteDoc("Text to token ids", "openai", body=TokenizeRequest, ok=Tokens, ok_description="the tokens",
+                     errors=BODY_ERRORS))
 async def tokenize(request: web.Request) -> web.StreamResponse:
     request.app[STATE].require_ready()
     req = _parse(TokenizeRequest, await read_json(request))
-
     if req.add_special and req.parse_special:  # exactly what a completion prompt of this text gets
         tokens = await tokenizing.prompt_tokens(request, req.text)
     else:
         tokens = await tokenizing.tokenize(request, req.text, add_special=req.add_special,
                                            parse_special=req.parse_special)
+    # {"tokens": [...]} (Tokens), written a piece at a time when long
     return await tokenizing.tokens_response(request, tokens)
 
 
 @routes.post("/v1/detokenize")
+@documented(RouteDoc("Token ids to text", "openai", body=DetokenizeRequest, ok=Text, ok_description="the text",
+                     errors=BODY_ERRORS))
 async def detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(DetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
-    return web.json_response({"text": await tokenizing.detokenize(request, req.tokens)})
+    return _json(Text(text=await tokenizing.detokenize(request, req.tokens)))
+
+
+# ---- vLLM's tokenizer routes, at the root: a client (lm-eval's remote tokenizer) tokenizes with the served model's
+# own vocabulary and applies its chat template without downloading anything --------------------------------------
+
+
+@routes.post("/tokenize")
+@documented(RouteDoc("vLLM's tokenize: a prompt, or messages through the chat template, to token ids", "vllm",
+                     body=VllmTokenizeRequest, ok=VllmTokenizeResponse, ok_description="the tokens",
+                     errors=BODY_ERRORS))
+async def vllm_tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    runtime = state.require_ready()
+    model = runtime.model
+    req = _parse(VllmTokenizeRequest, await read_json(request))
+    if req.messages is not None:
+        text = _chat_prompt(model.info, state.model_id, req.messages, req.add_generation_prompt)
+        add_special = bool(req.add_special_tokens)
+    else:
+        text, add_special = req.prompt or "", req.add_special_tokens is not False
+
+    def run() -> tuple[list[int], list[str] | None]:
+        # Special tokens written in the text are those tokens, as a Hugging Face tokenizer reads them.
+        tokens = (model.prompt_tokens(text) if add_special
+                  else model.tokenize(text, add_special=False, parse_special=True))
+        strs = [model.piece(t).decode("utf-8", errors="replace") for t in tokens] if req.return_token_strs else None
+        return tokens, strs
+
+    tokens, strs = await request.app[tokenizing.TOKENIZERS].run(len(text), lambda _gone: run())
+    return _json(VllmTokenizeResponse(count=len(tokens), max_model_len=runtime.engine.ctx_size, tokens=tokens,
+                                      token_strs=strs))
+
+
+@routes.post("/detokenize")
+@documented(RouteDoc("vLLM's detokenize: token ids to text", "vllm", body=VllmDetokenizeRequest,
+                     ok=VllmDetokenizeResponse, ok_description="the text", errors=BODY_ERRORS))
+async def vllm_detokenize(request: web.Request) -> web.Response:
+    model = request.app[STATE].require_ready().model
+    req = _parse(VllmDetokenizeRequest, await read_json(request))
+    _check_token_ids(req.tokens, model.n_vocab, "tokens")
+    return _json(VllmDetokenizeResponse(prompt=await tokenizing.detokenize(request, req.tokens)))
+
+
+@routes.get("/tokenizer_info")
+@documented(RouteDoc("vLLM's tokenizer_info: the special tokens, the chat template and the context length",
+                     "vllm", ok=TokenizerInfo, ok_description="the tokenizer's configuration", errors=(401, 503)))
+async def tokenizer_info(request: web.Request) -> web.Response:
+    runtime = request.app[STATE].require_ready()
+    model, info = runtime.model, runtime.model.info
+    return _json(TokenizerInfo(tokenizer_class="LlamaCppTokenizer", bos_token=info.bos, eos_token=info.eos,
+                               unk_token=info.unk, pad_token=None, add_bos_token=model.add_bos,
+                               chat_template=info.chat_template, model_max_length=runtime.engine.ctx_size,
+                               vocab_size=model.n_vocab))
 
 
 def setup(app: web.Application) -> None:
-    app.add_routes(routes)
+    add_routes(app, routes, ErrorStyle.OPENAI)

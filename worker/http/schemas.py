@@ -1,56 +1,19 @@
-"""Request bodies, validated once; any problem is a 400 that names the field."""
+"""Reading request bodies: JSON decoded once (deep nesting and lone surrogates refused), then validated by a
+route's model; any problem is a 400 that names the field."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
-from worker.engine.sampling import MinP, Penalty, RepetitionPenalty, SamplingParams, Seed, Temperature, TopK, TopP
 from worker.http.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
-
-DEFAULTS = SamplingParams()
-JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
-
-
-class InferenceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(min_length=1)
-    job_id: JobId | None = None
-    max_tokens: int = Field(256, ge=1)
-    temperature: Temperature = DEFAULTS.temperature
-    top_p: TopP = DEFAULTS.top_p
-    top_k: TopK = DEFAULTS.top_k
-    min_p: MinP = DEFAULTS.min_p
-    repetition_penalty: RepetitionPenalty = DEFAULTS.repetition_penalty
-    presence_penalty: Penalty = DEFAULTS.presence_penalty
-    frequency_penalty: Penalty = DEFAULTS.frequency_penalty
-    stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: Seed | None = None
-    stream: bool = True
-    narration: bool = False
-    ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not s:
-                raise ValueError("stop strings must not be empty")
-            if len(s.encode("utf-8")) > 100:
-                raise ValueError("each stop string is at most 100 bytes")
-        return v
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams.given(**self.model_dump())
-
 
 # No request of this API nests deeper than a handful of levels; a body that does is refused before it is parsed.
 MAX_JSON_DEPTH = 32

@@ -14,6 +14,7 @@ from worker.engine.core import EngineCore
 from worker.http.errors import ApiError
 from worker.llamacpp import Model
 from worker.metrics import Metrics
+from worker.models.resolve import public_id
 from worker.runtime import Runtime
 
 
@@ -33,6 +34,18 @@ class WorkerState:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Resolved with the process exit code when the worker should stop (a signal, or a failed load).
     stopped: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    served_name: str | None = None  # --served-model-name: the model's id for clients, instead of its own
+
+    @property
+    def model_id(self) -> str:
+        """The model's id wherever clients see it (/v1/models, answers, the model object's ref): never a path."""
+        if self.served_name:
+            return self.served_name
+        return public_id(self.model.info.ref) if self.model else ""
+
+    def model_card(self) -> dict[str, Any] | None:
+        """The contract's model object as clients see it (ref: the model's id)."""
+        return {**self.model.info.public(), "ref": self.model_id} if self.model else None
 
     def stop(self, code: int) -> None:
         if not self.stopped.done():
@@ -81,7 +94,7 @@ class WorkerState:
     def final_event(self) -> dict[str, Any]:
         if self.status == "failed":
             return {"type": "error", "code": "model_load_failed", "message": self.error or "unknown"}
-        return {"type": "ready", "model": self.model.info.public() if self.model else None}
+        return {"type": "ready", "model": self.model_card()}
 
 
 # One key per resource on the app.

@@ -16,10 +16,18 @@ import numpy as np
 from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
 
-PENALTY_LAST_N = 64  # llama.cpp's default window for repetition/presence/frequency penalties
+PENALTY_LAST_N = 64
+# KV cache types by their llama-server names (--cache-type-k/-v); ggml_type numbers (BF16, 30, has no constant in
+# the Python binding)
+_GGML_TYPES = {"f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16, "bf16": 30, "q8_0": lc.GGML_TYPE_Q8_0,
+               "q4_0": lc.GGML_TYPE_Q4_0, "q4_1": lc.GGML_TYPE_Q4_1, "iq4_nl": lc.GGML_TYPE_IQ4_NL,
+               "q5_0": lc.GGML_TYPE_Q5_0, "q5_1": lc.GGML_TYPE_Q5_1}
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+PROMPT_OUTPUTS = 64  # llama.cpp's default window for repetition/presence/frequency penalties
 
-# (seq_id, tokens, first position, wants logits for the last token)
-BatchPart = tuple[int, list[int], int, bool]
+# (seq_id, tokens, first position, wants logits for the last token, wants logits for every token, how many of
+# the tokens are proposals (the engine's business: logits for every token is what it needs of the context))
+BatchPart = tuple[int, list[int], int, bool, bool, int]
 
 
 class ChainParams(Protocol):
@@ -103,13 +111,13 @@ class Batch:
 
     def fill(self, parts: Iterable[BatchPart]) -> None:
         n = 0
-        for seq_id, tokens, start_pos, last_logits in parts:
+        for seq_id, tokens, start_pos, last_logits, all_logits, _ in parts:
             k = len(tokens)
             self.tokens[n : n + k] = tokens
             self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
             self.seq[n : n + k] = seq_id
-            self.logits[n : n + k] = 0
-            self.logits[n + k - 1] = 1 if last_logits else 0
+            self.logits[n : n + k] = 1 if all_logits else 0
+            self.logits[n + k - 1] = 1 if last_logits or all_logits else 0
             n += k
         self.n = self.struct.n_tokens = n
 
@@ -118,6 +126,7 @@ class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
         flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
+        cache_type_k: str = "f16", cache_type_v: str = "f16",
     ) -> None:
         """n_ctx cells, n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
         params = lc.llama_context_default_params()
@@ -126,8 +135,11 @@ class Context:
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         # Outputs (logits rows) one batch may ask for; 0 = n_batch. The engine needs one per sequence and step, and
-        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output).
-        params.n_outputs_max = n_seq if n_outputs is None else n_outputs
+        # sizing the output buffers and sampling graph for that keeps them small (2 x n_vocab floats per output);
+        # the default leaves room for a prompt's own logprobs, PROMPT_OUTPUTS positions a step. A batch asking for
+        # more aborts the process (a GGML_ASSERT), so the engine reads this bound from `n_outputs`.
+        self.n_outputs = n_seq + PROMPT_OUTPUTS if n_outputs is None else n_outputs
+        params.n_outputs_max = self.n_outputs
         params.n_threads = threads
         params.n_threads_batch = threads_batch or threads
         # A stream of cells per sequence, not one unified pool. In the pool every token attends, masked, over the
@@ -141,6 +153,8 @@ class Context:
             "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
         params.no_perf = True
+        params.type_k = _GGML_TYPES[cache_type_k]
+        params.type_v = _GGML_TYPES[cache_type_v]
         # llama.cpp reads a GGUF's YaRN corrections for a few architectures only; the context takes them for any
         for key in ("yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
             if (value := model.meta(f"{model.info.architecture}.rope.scaling.{key}")) is not None:
@@ -154,27 +168,32 @@ class Context:
         self._mem = lc.llama_get_memory(self.ptr)
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
+        self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
+        self._all_ids = np.arange(model.n_vocab, dtype=np.int32)
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
 
-    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool) -> None:
+    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool, on_cpu: bool = False) -> None:
         """Give a sequence its chain: the one it has, reset (reuse), or a new one built from params. In the decode
-        graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not."""
+        graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not. An
+        `on_cpu` chain stays out of the graph: it samples logits read (and masked) on the CPU."""
         chain = self._chains.get(seq_id)
         if reuse and chain is not None:
             chain.reset()
             return
         self.drop_chain(seq_id)
         chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab)
-        if self.in_graph_sampling:
+        if self.in_graph_sampling and not on_cpu:
             lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
+            self._attached.add(seq_id)
 
     def drop_chain(self, seq_id: int) -> None:
         chain = self._chains.pop(seq_id, None)
         if chain is not None:
-            if self.in_graph_sampling:
+            if seq_id in self._attached:
                 lc.llama_set_sampler(self.ptr, seq_id, None)
+                self._attached.discard(seq_id)
             chain.close()
 
     # ---- steps -----------------------------------------------------------------------------------------------
@@ -185,8 +204,34 @@ class Context:
         return int(lc.llama_decode(self.ptr, self._batch.struct))
 
     def sample(self, seq_id: int, index: int) -> int:
-        """The token sampled for the output at batch position `index` (in the graph, or here on the CPU)."""
+        """The token sampled for the output at batch position `index` (in the graph, or here on the CPU from the
+        logits logits() gives, as changed there)."""
         return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
+
+    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+        """The token the sequence's chain picks from these logits (read, perhaps masked, on the CPU; they need not
+        be the context's any more). With `finite_only`, tokens at -inf are left out of the candidates: a narrow
+        mask then makes the chain's sort short."""
+        chain = self._chains[seq_id]
+        ids = np.flatnonzero(np.isfinite(logits)).astype(np.int32) if finite_only else self._all_ids
+        candidates = np.empty(len(ids), dtype=_TOKEN_DATA)
+        candidates["id"] = ids
+        candidates["logit"] = logits[ids] if finite_only else logits
+        candidates["p"] = 0.0
+        array = lc.llama_token_data_array(data=candidates.ctypes.data_as(lc.llama_token_data_p), size=len(ids),
+                                          selected=-1, sorted=False)
+        lc.llama_sampler_apply(chain.ptr, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        lc.llama_sampler_accept(chain.ptr, token)  # as llama_sampler_sample does: penalties see the history
+        return token
+
+    def logits(self, index: int) -> np.ndarray:
+        """The logits of the output at batch position `index`, as a writable view of llama.cpp's own buffer (on a
+        GPU, reading them waits for the step). Valid until the next decode."""
+        ptr = lc.llama_get_logits_ith(self.ptr, index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def quiet_log(self, quiet: bool) -> None:
         """ggml's own log kept out of Python (see route_ggml_log), for steps that allocate nothing."""
@@ -196,7 +241,7 @@ class Context:
 
     def warm_up(self) -> int:
         """One decode at load pays the one-time costs (graph allocation, kernels, weights paging in)."""
-        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True)])
+        status = self.decode([(0, [max(self.model.bos_token, 0)], 0, True, False, 0)])
         self.clear()
         return status
 

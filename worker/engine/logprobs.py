@@ -1,0 +1,31 @@
+"""Log-probabilities from a position's raw logits (the model's own distribution, as OpenAI reports it)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from worker.engine.outputs import TokenLogprob, TopLogprob
+
+
+class Ranked:
+    """One position's log-softmax normaliser and its k most likely tokens; read before any mask changes the
+    logits (a mask only sets disallowed tokens to -inf, so an allowed token's logit is still the model's after)."""
+
+    def __init__(self, logits: np.ndarray, k: int) -> None:
+        top = logits.max()
+        shifted = np.subtract(logits, top)  # float32 and in place after this copy: ~0.3 ms on a 128k vocabulary
+        np.exp(shifted, out=shifted)
+        self.log_z = float(top) + math.log(float(shifted.sum(dtype=np.float64)))
+        self.top: list[tuple[int, float]] = []
+        if k > 0:
+            n = len(logits)
+            best = np.argpartition(logits, n - k)[n - k :] if k < n else np.arange(n)
+            best = best[np.argsort(-logits[best], kind="stable")]
+            self.top = [(int(t), float(logits[t]) - self.log_z) for t in best]
+
+    def of(self, logits: np.ndarray, token: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+        return TokenLogprob(token, piece(token), float(logits[token]) - self.log_z,
+                            tuple(TopLogprob(t, piece(t), lp) for t, lp in self.top))
