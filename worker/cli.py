@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -16,7 +17,7 @@ from loguru import logger
 from worker.config import ConfigError, Settings, load_settings
 from worker.exit_codes import ExitCode
 from worker.http.app import create_app, drain
-from worker.http.errors import JsonErrorRunner
+from worker.http.server import raise_open_files_limit, runner_for
 from worker.http.state import STATE
 from worker.narration import configure, narrate
 
@@ -25,6 +26,12 @@ from worker.narration import configure, narrate
 MAX_LINE_SIZE = 8190  # bytes of the request line (method, path and query) and of one header line
 MAX_FIELD_SIZE = 8190  # bytes of one header value
 MAX_HEADERS = 128  # header lines per request
+
+
+# After the drain: cancelled streams write their end, handlers still running are cancelled (the runner's
+# shutdown_timeout, 1 s), the engine thread ends its step. Past drain-timeout + this, something is stuck (a native
+# call that does not return): the process exits anyway, from a thread the event loop cannot hold up.
+SHUTDOWN_GRACE_S = 10.0
 
 
 class _AiohttpLogs(logging.Handler):
@@ -53,10 +60,11 @@ def _route_aiohttp_logs() -> None:
 async def serve(settings: Settings) -> int:
     _route_aiohttp_logs()
     app = create_app(settings)
-    # handler_cancellation: a client that disconnects cancels its handler, which cancels its job.
-    # JsonErrorRunner: even what aiohttp's HTTP parser refuses is answered in the contract's JSON error shape.
-    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_SIZE,
-                           max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its job. The runner's
+    # connections answer what aiohttp's HTTP parser refuses in the contract's JSON error shape, and guard against
+    # slow heads, slow bodies, readers that stop reading and too many connections (worker/http/server.py).
+    raise_open_files_limit(settings.max_connections)
+    runner = runner_for(app, max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
     await runner.setup()
     state = app[STATE]
     try:
@@ -78,7 +86,9 @@ async def serve(settings: Settings) -> int:
         nonlocal signals
         signals += 1
         name = signal.Signals(signum).name
-        if signals == 1:
+        if signals == 1 and state.status == "loading":
+            _abandon_load(settings, name)
+        elif signals == 1:
             narrate("shutdown", f"Received {name}: draining (up to {settings.drain_timeout:g} s), then exiting; "
                     "a second signal exits at once.", signal=name)
             state.stop(0)
@@ -95,10 +105,46 @@ async def serve(settings: Settings) -> int:
         signal="SIGUSR1"))
 
     code = int(await state.stopped)
+    _exit_if_stuck(settings.drain_timeout + SHUTDOWN_GRACE_S, code)
     await drain(app, settings.drain_timeout)
     await runner.cleanup()
     narrate("shutdown", f"Stopped with exit code {code}.", exit_code=code)
     return code
+
+
+def _exit_if_stuck(after_s: float, code: int) -> None:
+    def overran() -> None:
+        narrate("shutdown", f"Shutdown still not done {after_s:g} s after the stop signal: exiting with code "
+                f"{code} anyway.", level="error", exit_code=code)
+        _flush_and_exit(code)
+
+    timer = threading.Timer(after_s, overran)
+    timer.daemon = True
+    timer.start()
+
+
+def _abandon_load(settings: Settings, signal_name: str) -> None:
+    """A stop signal while the model loads (or converts): nothing is served yet, so nothing is drained. The load
+    runs in llama.cpp or the converter and cannot be interrupted where it is; exit now, with 0 like any asked-for
+    stop, after removing this process's conversion temp files (a finished conversion was renamed into place with
+    its record; an unfinished one leaves nothing)."""
+    from worker.models.convert.cache import remove_own_temps
+
+    cache_dir = settings.cache_dir.expanduser()
+    removed = remove_own_temps(cache_dir) if cache_dir.is_dir() else []
+    narrate("shutdown", f"Received {signal_name} while the model was loading: load abandoned"
+            f"{f', {len(removed)} temp file(s) removed' if removed else ''}; exiting with code 0.",
+            signal=signal_name, exit_code=0, removed=[str(p) for p in removed] or None)
+    _flush_and_exit(0)
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stderr, sys.stdout):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _exit_now(signum: int) -> None:
@@ -109,12 +155,7 @@ def _exit_now(signum: int) -> None:
     code = ExitCode.SIGNAL_BASE + signum
     narrate("shutdown", f"Received {name} again: exiting at once with code {code}, not waiting for running "
             "requests.", level="warning", signal=name, exit_code=code)
-    for stream in (sys.stderr, sys.stdout):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    _flush_and_exit(code)
 
 
 def _reachable_host(configured: str, bound: str) -> str:

@@ -6,6 +6,7 @@ import contextvars
 import ipaddress
 import os
 import re
+import resource
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -89,12 +90,18 @@ class Settings(BaseSettings):
     threads: int = Field(
         default_factory=lambda: default_threads(),
         ge=1,
-        description="CPU threads for generation; default: all cores but one, which the HTTP loop and clients need",
+        description="CPU threads for one-token steps; default: the CPUs this process may use (affinity, cgroup "
+        "quota) but one, which the HTTP loop and the tokenizers need",
     )
     threads_batch: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)),
+        default_factory=lambda: default_threads(),
         ge=1,
-        description="CPU threads for prompt processing (no tokens stream meanwhile); default: all cores",
+        description="CPU threads for prompt chunks and steps of several sequences; default: as --threads (with "
+        "every CPU in use, one busy neighbour stalls llama.cpp's spinning threads at every barrier)",
+    )
+    tokenizer_threads: int = Field(
+        2, ge=1, le=64, description="threads that tokenize prompts, off the event loop; one of them takes short "
+        "texts only, so a short prompt never waits behind long ones"
     )
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
@@ -152,6 +159,22 @@ class Settings(BaseSettings):
     )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests may finish after SIGTERM before they are cancelled"
+    )
+    header_timeout: float = Field(
+        15.0, gt=0, description="seconds a connection may take to send a whole request head, from its opening or "
+        "its last answer (idle keep-alive connections close after it too)"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a request body may take to arrive whole after its head; slower: 408"
+    )
+    write_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may leave its answer unread (the send buffer full) before the "
+        "connection is dropped and its request cancelled"
+    )
+    max_connections: int = Field(
+        default_factory=lambda: default_max_connections(), ge=1,
+        description="open connections at most; a new one closes the oldest idle one, or is refused with 503 when "
+        "all are busy; default: 1024, or half the open-files limit when that is lower",
     )
 
     @field_validator("tensor_split")
@@ -259,9 +282,51 @@ class Settings(BaseSettings):
 
 
 def default_threads() -> int:
-    # llama.cpp's threads spin at every graph barrier: one descheduled by the event loop stalls them all
-    # (measured on 2 cores: 1 thread streams faster than 2). So leave one core to the rest of the process.
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    # llama.cpp's threads spin at every graph barrier: one descheduled (by the event loop, the tokenizers, or
+    # another process) stalls them all (measured on 2 cores: 1 thread streams faster than 2, and a busy neighbour
+    # made 4-sequence steps 3.9x slower with 2 threads). So leave one CPU to the rest of the machine.
+    return max(1, available_cpus() - 1)
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """CPUs this process may use: its affinity, lowered to a cgroup CPU quota (a container's --cpus) in whole CPUs,
+    since a thread that outruns the quota is stopped until the next period while the others spin."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    return cpus if quota is None else max(1, min(cpus, int(quota)))
+
+
+def cgroup_cpu_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
+    """The CPU quota (CPUs' worth of time per period) of this process's cgroup, v2 or v1; None if there is none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = {ctrl: path for _, ctrls, path in (ln.split(":", 2) for ln in lines if ln.count(":") >= 2)
+           for ctrl in ctrls.split(",")}
+    candidates: list[tuple[Path, str]] = []  # (folder, "v2" | "v1")
+    if "" in own:  # cgroup v2: "0::/path"
+        candidates += [(cgroup_root / own[""].lstrip("/"), "v2"), (cgroup_root, "v2")]
+    for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        candidates += [(cgroup_root / name / own.get("cpu", "/").lstrip("/"), "v1"), (cgroup_root / name, "v1")]
+    for folder, version in candidates:
+        try:
+            if version == "v2":
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+                if quota == "max":
+                    return None
+                return int(quota) / int(period)
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 2))
 
 
 def _is_loopback(host: str) -> bool:

@@ -61,6 +61,10 @@ class Metrics:
         self.device_memory = Gauge(p + "device_memory_used_bytes", "memory in use on the GPU, as the backend "
                                    "reports it", ["device"], registry=r)
         self.model_info = Info(p + "model", "the model being served", registry=r)
+        self.connections = Gauge(p + "http_connections", "HTTP connections open", registry=r)
+        self.connections_closed = Counter(p + "http_connections_closed", "connections the worker closed or refused "
+                                          "to guard itself, by reason (header_timeout, body_timeout, write_timeout, "
+                                          "evicted, over_capacity)", ["reason"], registry=r)
 
     def bind_engine(self, *, slots: int, running: Callable[[], float], waiting: Callable[[], float],
                     kv_usage: Callable[[], float], kv_cells: Callable[[], tuple[int, int]],
@@ -73,6 +77,9 @@ class Metrics:
         self.kv_pool_cells.set(kv_cells_total)
         self.kv_pool_used.set_function(lambda: kv_cells()[0])
         self.kv_pool_cached.set_function(lambda: kv_cells()[1])
+
+    def bind_connections(self, count: Callable[[], int]) -> None:
+        self.connections.set_function(count)
 
     def bind_device_memory(self, used: Callable[[], dict[str, int]]) -> None:
         """device_memory_used_bytes{device} read at scrape time from `used` (bytes per device)."""

@@ -121,6 +121,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             vocab_size=info.n_vocab, bos=info.bos, eos=info.eos, unk=info.unk)
     try:
         progress("warmup", 0.9)
+        model.prepare_tokenizer()
         ctx_size = s.ctx_size or min(info.n_ctx_train or 4096, 4096)
         in_graph = s.backend_sampling == "on" or (s.backend_sampling == "auto" and where.offloaded)
         prefix_cache = s.prefix_cache == "on"
@@ -155,7 +156,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
             slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
-            backend_sampling=in_graph, vram_bytes=vram,
+            backend_sampling=in_graph, vram_bytes=vram, threads=s.threads, threads_batch=s.threads_batch,
             cute="Ready to tell stories!")
     return Runtime(model, engine, where, vram, load_s)
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load_settings
+from worker.config import ConfigError, available_cpus, cgroup_cpu_quota, load_settings
 
 
 def test_defaults_match_the_contract():
@@ -53,6 +54,39 @@ def test_bad_toml_is_a_config_error(tmp_path: Path):
     cfg.write_text("no_such_setting = 1\n")
     with pytest.raises(ConfigError):
         load_settings(["--config", str(cfg)])
+
+
+def test_llama_threads_leave_a_cpu_and_batches_use_as_many():
+    s = load_settings([])
+    cpus = len(os.sched_getaffinity(0))
+    assert s.threads == s.threads_batch == max(1, cpus - 1)
+
+
+def _cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc_file = tmp_path / "proc_cgroup"
+    proc_file.write_text(proc)
+    return root, proc_file
+
+
+@pytest.mark.parametrize(("proc", "files", "quota"), [
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),
+    ("0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "200000 100000\n"}, 2.0),
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000",
+                                      "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 3.0),
+    ("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("", {}, None),
+], ids=["v2-none", "v2-1.5", "v2-nested", "v1-3", "v1-none", "no-cgroup"])
+def test_cgroup_cpu_quota(tmp_path: Path, proc, files, quota):
+    root, proc_file = _cgroup(tmp_path, proc, files)
+    assert cgroup_cpu_quota(root, proc_file) == quota
+    expected = len(os.sched_getaffinity(0)) if quota is None else max(1, min(len(os.sched_getaffinity(0)),
+                                                                           int(quota)))
+    assert available_cpus(root, proc_file) == expected
 
 
 def test_cors_origins_and_served_model_name():

@@ -19,7 +19,9 @@ from worker.http import openapi, routes_native, routes_openai, routes_ops
 from worker.http.auth import bearer_auth, check_auth
 from worker.http.cors import Cors
 from worker.http.errors import ApiError, error_response, json_errors, request_style
+from worker.http.server import read_body_in_time
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
+from worker.http.tokenizing import TOKENIZERS, TokenizerPool
 from worker.llamacpp import ModelLoadError
 from worker.metrics import Metrics
 from worker.models.errors import ModelResolveError
@@ -122,6 +124,10 @@ async def drain(app: web.Application, timeout: float) -> None:
     await asyncio.sleep(0.05)  # let the handlers flush their last events
 
 
+async def _close_tokenizers(app: web.Application) -> None:
+    app[TOKENIZERS].close()
+
+
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """requests_total{route,code}, request_duration_seconds{route}, errors_total{code} for answered errors."""
@@ -184,12 +190,15 @@ def create_app(settings: Settings) -> web.Application:
     if cors is not None:
         middlewares.append(cors.preflight)  # before auth: a preflight carries no credentials
     middlewares.append(bearer_auth(settings.api_token or None))
+    middlewares.append(read_body_in_time)  # after auth: a body is read only for a request that may send one
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[STATE] = WorkerState(served_name=settings.served_model_name)
+    app[TOKENIZERS] = TokenizerPool(settings.tokenizer_threads)
+    app.on_cleanup.append(_close_tokenizers)
     app.cleanup_ctx.append(_runtime_lifecycle)
     app.cleanup_ctx.append(_pool_lifecycle)
     routes_native.setup(app)

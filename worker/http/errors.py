@@ -5,7 +5,6 @@ style of the route their path belongs to."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from enum import Enum
 from http import HTTPStatus
@@ -185,19 +184,3 @@ class JsonErrorProtocol(RequestHandler):
         response.force_close()
         return response
 
-
-class JsonErrorServer(web.Server):
-    """The protocol factory aiohttp's site listens with, making JsonErrorProtocol connections."""
-
-    def __call__(self) -> RequestHandler:
-        return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
-
-
-class JsonErrorRunner(web.AppRunner):
-    """web.AppRunner whose connections answer the HTTP parser's own refusals in JSON (JsonErrorProtocol)."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
-                               handler_cancellation=server.handler_cancellation, loop=asyncio.get_running_loop(),
-                               **server._kwargs)

@@ -29,6 +29,7 @@ from worker.engine.outputs import (
     is_last,
 )
 from worker.engine.sampling import SamplingParams
+from worker.http import tokenizing
 from worker.http.errors import ApiError, submit_error
 from worker.http.state import SETTINGS, STATE
 
@@ -140,17 +141,20 @@ async def submit_jobs(
     if waiting >= engine.max_queue:
         raise submit_error(Overloaded(f"{waiting} requests are waiting; the queue holds {engine.max_queue}"))
     prompts: list[list[int]] = []
+    limit = engine.ctx_size
     for spec in specs:
         if isinstance(spec.prompt, str):
-            tokens = await asyncio.to_thread(runtime.model.tokenize, spec.prompt, parse_special=parse_special)
+            # Tokenized only until it is known to be longer than the context: refused for what is known of it.
+            tokens = await tokenizing.tokenize(request, spec.prompt, parse_special=parse_special, limit=limit)
         else:
             tokens = list(spec.prompt)
         if not tokens:
             raise ApiError(400, "invalid_request", "the prompt has no tokens", field="prompt")
-        limit = engine.ctx_size
         if len(tokens) + max_tokens > limit:
+            known = f"at least {len(tokens)}" if isinstance(spec.prompt, str) and len(tokens) > limit \
+                else len(tokens)
             raise ApiError(400, "context_length_exceeded",
-                           f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                           f"prompt ({known} tokens) + max_tokens ({max_tokens}) exceeds the context "
                            f"of {limit} tokens", prompt_tokens=len(tokens), n_ctx=limit)
         prompts.append(tokens)
     outputs: asyncio.Queue[tuple[int, Sequence[Output]]] = asyncio.Queue()
@@ -182,6 +186,8 @@ async def submit_jobs(
     except SubmitError as exc:
         stream.cancel()
         raise submit_error(exc) from None
+    # For what the connection narrates about this request (a dropped reader names its job).
+    request["job_id"] = ",".join(job.job_id for job in stream.jobs)
     return stream
 
 

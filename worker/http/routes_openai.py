@@ -22,6 +22,7 @@ from pydantic import MISSING, BaseModel, ValidationError
 from worker import chat
 from worker.chat import ChatDelta, ChatParser, ChatPlan
 from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, StopReason, TokenLogprob, TokenText
+from worker.http import tokenizing
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
 from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
 from worker.http.protocol_native import ModelCard
@@ -358,7 +359,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     runtime = state.require_ready()
     req = _parse(ChatRequest, await read_json(request))
-    model = runtime.model
     plan = await _chat_plan(request, req)
     _check_room(request, req.choices, "n")
     requested = req.constraint()
@@ -366,7 +366,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid_request", f"'{requested[1]}' and tool calls cannot both constrain one answer; "
                        "use tool_choice 'none', or leave the format out", field=requested[1])
     constraint = await checked_constraint(request, (plan.constraint, "tools") if plan.constraint else requested)
-    tokens = await asyncio.to_thread(model.prompt_tokens, plan.prompt)
+    tokens = await tokenizing.prompt_tokens(request, plan.prompt, limit=runtime.engine.ctx_size)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
     reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices,
                   include_usage=req.include_usage, continuous_usage=req.continuous_usage,
@@ -392,13 +392,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts: list[list[int]] = []
     for i, prompt in enumerate(req.prompt):
         if isinstance(prompt, str):
-            prompts.append(await asyncio.to_thread(model.prompt_tokens, prompt))
+            limit = state.require_ready().engine.ctx_size
+            prompts.append(await tokenizing.prompt_tokens(request, prompt, limit=limit))
         else:
             _check_token_ids(prompt, model.n_vocab, "prompt" if len(req.prompt) == 1 else f"prompt.{i}")
             prompts.append(prompt)
     echo = None
     if req.echo:
-        echo = [p if isinstance(p, str) else await asyncio.to_thread(model.detokenize, p) for p in req.prompt]
+        echo = [p if isinstance(p, str) else await tokenizing.detokenize(request, p) for p in req.prompt]
     reply = Reply(chat=False, model=state.model_id, choices=len(prompts) * n, n=n, include_usage=req.include_usage,
                   continuous_usage=req.continuous_usage, logprobs=req.logprobs is not None, echo=echo,
                   piece=model.piece)
@@ -444,16 +445,16 @@ async def get_model(request: web.Request) -> web.Response:
 @routes.post("/v1/tokenize")
 @documented(RouteDoc("Text to token ids", "openai", body=TokenizeRequest, ok=Tokens, ok_description="the tokens",
                      errors=BODY_ERRORS))
-async def tokenize(request: web.Request) -> web.Response:
-    model = request.app[STATE].require_ready().model
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    request.app[STATE].require_ready()
     req = _parse(TokenizeRequest, await read_json(request))
-
-    def run() -> list[int]:
-        if req.add_special and req.parse_special:
-            return model.prompt_tokens(req.text)  # exactly what a completion prompt of this text gets
-        return model.tokenize(req.text, add_special=req.add_special, parse_special=req.parse_special)
-
-    return _json(Tokens(tokens=await asyncio.to_thread(run)))
+    if req.add_special and req.parse_special:  # exactly what a completion prompt of this text gets
+        tokens = await tokenizing.prompt_tokens(request, req.text)
+    else:
+        tokens = await tokenizing.tokenize(request, req.text, add_special=req.add_special,
+                                           parse_special=req.parse_special)
+    # {"tokens": [...]} (Tokens), written a piece at a time when long
+    return await tokenizing.tokens_response(request, tokens)
 
 
 @routes.post("/v1/detokenize")
@@ -463,7 +464,7 @@ async def detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(DetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
-    return _json(Text(text=await asyncio.to_thread(model.detokenize, req.tokens)))
+    return _json(Text(text=await tokenizing.detokenize(request, req.tokens)))
 
 
 # ---- vLLM's tokenizer routes, at the root: a client (lm-eval's remote tokenizer) tokenizes with the served model's
@@ -493,7 +494,7 @@ async def vllm_tokenize(request: web.Request) -> web.Response:
                 if req.return_token_strs else None)
         return tokens, strs
 
-    tokens, strs = await asyncio.to_thread(run)
+    tokens, strs = await request.app[tokenizing.TOKENIZERS].run(len(text), lambda _gone: run())
     return _json(VllmTokenizeResponse(count=len(tokens), max_model_len=runtime.engine.ctx_size, tokens=tokens,
                                       token_strs=strs))
 
@@ -506,10 +507,10 @@ async def vllm_detokenize(request: web.Request) -> web.Response:
     req = _parse(VllmDetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
 
-    def run() -> str:  # special tokens as their text, as a Hugging Face tokenizer decodes them by default
+    def run(_gone: object) -> str:  # special tokens as their text, as a Hugging Face tokenizer decodes them
         return b"".join(model.piece(t, special=True) for t in req.tokens).decode("utf-8", errors="replace")
 
-    return _json(VllmDetokenizeResponse(prompt=await asyncio.to_thread(run)))
+    return _json(VllmDetokenizeResponse(prompt=await request.app[tokenizing.TOKENIZERS].run(len(req.tokens), run)))
 
 
 @routes.get("/tokenizer_info")

@@ -14,6 +14,15 @@ import llama_cpp as lc
 
 from worker.llamacpp.backend import clear_errors, init_backend, last_errors
 from worker.llamacpp.hparams import HParamError, check_hparams
+from worker.llamacpp.special_split import SpecialSplitter
+
+# Texts longer than two pieces are tokenized a piece at a time, cut after special tokens (special_split.py). Short
+# pieces keep llama.cpp's quadratic special-token pass cheap; each call costs a few microseconds more.
+_PIECE_CHARS = 512
+# llama.cpp's token attributes (llama_token_attr) and the vocabularies whose tokenizing the cuts leave unchanged:
+# SentencePiece and byte-level BPE add BOS / EOS only at the ends and tokenize each plain fragment alone.
+_UNKNOWN, _CONTROL, _USER_DEFINED, _RSTRIP = 1 << 0, 1 << 3, 1 << 4, 1 << 8
+_SPLITTABLE_VOCABS = (lc.LLAMA_VOCAB_TYPE_SPM, lc.LLAMA_VOCAB_TYPE_BPE)
 
 
 class ModelLoadError(Exception):
@@ -67,6 +76,10 @@ class Model:
         self.recurrent = bool(lc.llama_model_is_recurrent(ptr) or lc.llama_model_is_hybrid(ptr))
         self.n_swa = int(lc.llama_model_n_swa(ptr))
         self._piece_cache: dict[int, bytes] = {}
+        self.add_eos = bool(lc.llama_vocab_get_add_eos(self.vocab))
+        self._vocab_type = int(lc.llama_vocab_type(self.vocab))
+        self._splitters: dict[bool, SpecialSplitter] = {}
+        self._splitter_lock = threading.Lock()
         self._special_piece_cache: dict[int, bytes] = {}
         self._guidance_tokenizer: Any = None
         self._guidance_lock = threading.Lock()
@@ -121,7 +134,61 @@ class Model:
             lc.llama_model_free(self.ptr)
             self.ptr = None
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False,
+                 limit: int | None = None, gone: Callable[[], bool] | None = None) -> list[int]:
+        """The text's tokens, in time linear in its length (special_split.py says how). With `limit`, tokenizing
+        stops as soon as more than `limit` tokens are known: a list longer than `limit` is then not all of them.
+        `gone()`, asked between pieces of a long text: true when nobody wants the result any more (it is then
+        cut short)."""
+        if len(text) <= 2 * _PIECE_CHARS or self._vocab_type not in _SPLITTABLE_VOCABS:
+            return self._tokenize(text, add_special=add_special, parse_special=parse_special)
+        cuts = self._splitter(parse_special).cut_points(text, _PIECE_CHARS)
+        if not cuts:
+            return self._tokenize(text, add_special=add_special, parse_special=parse_special)
+        tokens: list[int] = [self.bos_token] if add_special and self.add_bos else []
+        start = 0
+        for end in [*cuts, len(text)]:
+            tokens += self._tokenize(text[start:end], add_special=False, parse_special=parse_special)
+            start = end
+            if (limit is not None and len(tokens) > limit) or (gone is not None and gone()):
+                return tokens
+        if add_special and self.add_eos:
+            tokens.append(int(lc.llama_vocab_eos(self.vocab)))
+        return tokens
+
+    def _splitter(self, parse_special: bool) -> SpecialSplitter:
+        with self._splitter_lock:
+            if not self._splitters:
+                self._splitters.update(self._special_splitters())
+            return self._splitters[parse_special]
+
+    def prepare_tokenizer(self) -> None:
+        """Read what long texts are cut by now (a pass over the vocabulary: 0.5 s for 262k tokens), not in the
+        first long request."""
+        self._splitter(True)
+
+    def _special_splitters(self) -> dict[bool, SpecialSplitter]:
+        """llama.cpp cuts out tokens that are CONTROL, USER_DEFINED or UNKNOWN, the USER_DEFINED ones even without
+        parse_special: a splitter for each setting of parse_special."""
+        cut_always: list[str] = []
+        cut_if_special: list[str] = []
+        strips_right: list[str] = []
+        for token in range(self.n_vocab):
+            attr = int(lc.llama_vocab_get_attr(self.vocab, token))
+            if not attr & (_USER_DEFINED | _CONTROL | _UNKNOWN):
+                continue
+            raw = lc.llama_vocab_get_text(self.vocab, token) or b""
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # it could match inside a character: no cut can be known safe
+                return {True: SpecialSplitter([], []), False: SpecialSplitter([], [])}
+            (cut_always if attr & _USER_DEFINED else cut_if_special).append(text)
+            if attr & _RSTRIP:
+                strips_right.append(text)
+        return {True: SpecialSplitter(cut_always + cut_if_special, strips_right),
+                False: SpecialSplitter(cut_always, strips_right)}
+
+    def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (lc.llama_token * cap)()
@@ -175,12 +242,13 @@ class Model:
     def bos_token(self) -> int:
         return int(lc.llama_vocab_bos(self.vocab))
 
-    def prompt_tokens(self, text: str) -> list[int]:
+    def prompt_tokens(self, text: str, limit: int | None = None,
+                      gone: Callable[[], bool] | None = None) -> list[int]:
         """Special tokens in the text are special; BOS is added only where the model wants one and the text has
-        none (so a chat template that writes it never leads to two)."""
+        none (so a chat template that writes it never leads to two). `limit`, `gone`: as for tokenize()."""
         bos = self.info.bos
         add_bos = self.add_bos and not (bos and text.startswith(bos))
-        return self.tokenize(text, add_special=add_bos, parse_special=True)
+        return self.tokenize(text, add_special=add_bos, parse_special=True, limit=limit, gone=gone)
 
 
 def _meta(ptr: Any, key: str) -> str | None:

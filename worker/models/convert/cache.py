@@ -138,6 +138,16 @@ def clean_stale_temps(cache_dir: Path) -> list[Path]:
     return removed
 
 
+def remove_own_temps(cache_dir: Path) -> list[Path]:
+    """Remove this process's temp files (a conversion it abandons: the process is about to exit)."""
+    removed = []
+    for tmp in cache_dir.glob(f".*.{os.getpid()}-*.tmp"):
+        if _GGUF_TEMP.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def temp_path(final: Path, tag: str = "") -> Iterator[Path]:
     """A unique temp file next to `final` (same filesystem, so os.replace is atomic); removed if left over."""
