@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,16 +139,18 @@ def client(worker: WorkerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def worker_loglikelihood(client: openai.OpenAI, context: str, continuation: str) -> float:
-    """The continuation's log-probability as the worker gives it: the whole text echoed with its logprobs, summed
+def worker_loglikelihoods(client: openai.OpenAI, context: str, continuations: list[str]) -> list[float]:
+    """Each continuation's log-probability as the worker gives it: the whole text echoed with its logprobs, summed
     over the continuation's tokens (which lm-eval finds by tokenizing the context alone)."""
-    context_ids = client.post("/tokenize", body={"text": context, "add_special": False}, cast_to=object)["tokens"]
-    whole_ids = client.post("/tokenize", body={"text": context + continuation, "add_special": False},
-                            cast_to=object)["tokens"]
-    assert whole_ids[:len(context_ids)] == context_ids
-    scored = client.completions.create(model="m", prompt=[whole_ids], max_tokens=1, logprobs=1, echo=True,
-                                       temperature=0)
-    return sum(scored.choices[0].logprobs.token_logprobs[len(context_ids):len(whole_ids)])
+    def tokenize(text: str) -> list[int]:
+        return client.post("/tokenize", body={"text": text, "add_special": False}, cast_to=object)["tokens"]
+
+    context_ids = tokenize(context)
+    wholes = [tokenize(context + continuation) for continuation in continuations]
+    assert all(whole[:len(context_ids)] == context_ids for whole in wholes)
+    scored = client.completions.create(model="m", prompt=wholes, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    return [sum(choice.logprobs.token_logprobs[len(context_ids):len(whole)])
+            for choice, whole in zip(scored.choices, wholes, strict=True)]
 
 
 def test_loglikelihood_task_scores_are_the_workers_logprobs(evaluated, client):
@@ -162,7 +165,7 @@ def test_loglikelihood_task_scores_are_the_workers_logprobs(evaluated, client):
         assert len(set(lls)) == len(lls)  # real scores tell the choices apart
         assert sample["acc"] == float(lls.index(max(lls)) == doc["answer"])
         context = MC_TEXT.replace("{{country}}", doc["country"])
-        expected = [worker_loglikelihood(client, context, " " + choice) for choice in doc["choices"]]
+        expected = worker_loglikelihoods(client, context, [" " + choice for choice in doc["choices"]])
         # batched (lm-eval) and alone (here) may differ in the last float bits of llama.cpp's matmuls
         assert lls == pytest.approx(expected, abs=2e-2), doc
     assert acc == pytest.approx(sum(s["acc"] for s in samples) / len(samples))
@@ -172,9 +175,8 @@ def test_batches_arrive_as_lists_of_prompts(evaluated, worker):
     """batch_size > 1 is one request with a list of prompts: its jobs share the completion's id, one per prompt."""
     per_request: dict[str, int] = {}
     for event in worker.events:
-        if event.get("action") == "inference_start" and event["job_id"].startswith("cmpl-"):
-            request_id = event["job_id"].rsplit("-", 1)[0]
-            per_request[request_id] = per_request.get(request_id, 0) + 1
+        if event.get("action") == "inference_start" and (listed := re.fullmatch(r"(cmpl-\w+)-\d+", event["job_id"])):
+            per_request[listed[1]] = per_request.get(listed[1], 0) + 1
     assert max(per_request.values()) == BATCH_SIZE
 
 
@@ -183,10 +185,10 @@ def test_generate_until_task_answers_are_the_workers_greedy_text(evaluated, clie
     assert isinstance(em, float) and 0 <= em <= 1
     samples = evaluated["samples"]["worker_sequences"]
     assert len(samples) == len(SEQUENCES)
-    for sample in samples:
+    prompts = [sample["doc"]["prompt"] for sample in samples]
+    greedy = client.completions.create(model="m", prompt=prompts, max_tokens=GEN_MAX_TOKENS, temperature=0,
+                                       stop=["\n", "<|im_end|>"])
+    for sample, choice in zip(samples, greedy.choices, strict=True):
         [answer] = sample["filtered_resps"]
-        prompt = sample["doc"]["prompt"]
-        alone = client.completions.create(model="m", prompt=prompt, max_tokens=GEN_MAX_TOKENS, temperature=0,
-                                          stop=["\n", "<|im_end|>"]).choices[0].text
-        assert answer == alone and answer.strip(), prompt
+        assert answer == choice.text and answer.strip(), sample["doc"]
         assert sample["exact_match"] == float(answer == sample["doc"]["target"])
