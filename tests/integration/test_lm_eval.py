@@ -1,6 +1,8 @@
 """lm-eval's `local-completions` model against the real worker, offline: a loglikelihood (multiple-choice) task and a
 generate-until task, written into tmp_path as task YAML and JSONL data, run through `lm_eval.simple_evaluate` with
-batch_size > 1 (lists of prompts) and the remote tokenizer (vLLM's /tokenizer_info, /tokenize, /detokenize).
+batch_size > 1 (lists of prompts) and lm-eval's default tokenizer choice, which finds vLLM's /tokenizer_info,
+/tokenize and /detokenize on the worker and uses them (the fallback, a Hugging Face tokenizer, would need a download
+and transformers, neither of which is here).
 
 lm-eval runs in a child process so that the hub and datasets are offline from their import on (both read
 HF_*_OFFLINE once), with empty caches and every proxy-honouring client pointed at a closed port: a download
@@ -91,14 +93,18 @@ metric_list:
 
 def evaluate(config_path: str, out_path: str) -> None:
     """The child process: lm-eval's Python API, as a user calls it."""
+    import logging
+
     import lm_eval
+
+    logging.basicConfig(level=logging.INFO)  # the tokenizer lm-eval picked is in its log
     from lm_eval.tasks import TaskManager
 
     config = json.loads(Path(config_path).read_text())
     results = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args={"base_url": config["base_url"], "model": config["model"], "tokenizer_backend": "remote",
-                    "max_length": 1024, "max_retries": 1},
+        # tokenizer_backend left to its default, "auto": lm-eval probes the worker for vLLM's tokenizer routes
+        model_args={"base_url": config["base_url"], "model": config["model"], "max_length": 1024, "max_retries": 1},
         tasks=["worker_capitals", "worker_sequences"],
         task_manager=TaskManager(include_path=config["include_path"]),
         batch_size=BATCH_SIZE,
@@ -130,6 +136,7 @@ def evaluated(worker: WorkerProcess, tmp_path_factory) -> dict[str, Any]:
     run = subprocess.run([sys.executable, "-c", child], env=env, cwd=Path(__file__).parents[2], capture_output=True,
                          text=True, timeout=200)
     assert run.returncode == 0, run.stderr[-6000:]
+    assert "Auto-detected remote tokenizer support" in run.stderr, run.stderr[-6000:]
     assert not (root / "hf" / "hub").exists() or not any((root / "hf" / "hub").iterdir())  # nothing fetched
     return json.loads(out.read_text())
 
