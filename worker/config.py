@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     spec_max_load: int = Field(
         4, ge=1, description="running + waiting requests above which nobody speculates: with many sequences a step "
         "is no longer memory-bound and verifying proposals costs what it saves")
+    reasoning_format: Literal["split", "inline"] = Field(
+        "split", description="a reasoning model's <think>…</think>: split out as reasoning_content (as llama-server, "
+        "vLLM and SGLang do), or inline, left in the content; a request can ask otherwise (reasoning_format)")
     cache_type_k: KvCacheType = Field(
         "f16", description="the KV cache's K type (llama-server's --cache-type-k); quantized types hold more "
         "tokens in the same memory")

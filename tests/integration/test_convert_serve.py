@@ -84,7 +84,7 @@ def test_serves_an_hf_ref_from_the_local_hub_cache(tmp_path: Path):
     try:
         body, health = _ask(w.url)
         assert body["tokens_out"] >= 1
-        assert health["model"]["ref"] == "hf:tiny-org/tiny-gemma2" and health["model"]["architecture"] == "gemma2"
+        assert health["model"]["ref"] == "tiny-org/tiny-gemma2" and health["model"]["architecture"] == "gemma2"
     finally:
         w.stop()
 

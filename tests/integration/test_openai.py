@@ -226,15 +226,17 @@ BAD_CHAT = [
     ({"extra_body": {"frobnicate": 1}}, "frobnicate", "invalid_request"),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "invalid_request"),
     ({"logit_bias": {"42": 5}}, "logit_bias", "unsupported_parameter"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces", "parameters": {}}}]}, "tools",
+     "invalid_request"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     ({"response_format": {"type": "xml"}}, "response_format", "invalid_request"),
     ({"messages": []}, "messages", "invalid_request"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "invalid_request"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages.0.role", "invalid_request"),
     ({"messages": [{"role": "user"}]}, "messages.0.content", "invalid_request"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.0.content", "invalid_request"),
-    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls",
-     "unsupported_parameter"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+     "messages.0.tool_calls.0.function", "invalid_request"),
 ]
 
 

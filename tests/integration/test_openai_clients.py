@@ -123,8 +123,11 @@ async def test_vllm_tokenizer_routes_serve_the_models_vocabulary_and_template(wo
         assert tokenized["tokens"][-1] == 2  # the special token in the text is that token, as a HF tokenizer reads it
         async with http.post("/tokenize", json={"prompt": "Hi", "return_token_strs": True}) as resp:
             assert (await resp.json())["token_strs"] == ["Hi"]
-        async with http.post("/detokenize", json={"tokens": own}) as resp:  # special tokens render as nothing
-            assert await resp.json() == {"prompt": "Hello, world! "}
+        async with http.post("/detokenize", json={"tokens": own}) as resp:  # special tokens as their text
+            assert await resp.json() == {"prompt": text}
+        async with http.post("/tokenize", json={"prompt": "Hi<|im_end|>", "add_special_tokens": False,
+                                                "return_token_strs": True}) as resp:
+            assert (await resp.json())["token_strs"] == ["Hi", "<|im_end|>"]
 
         # messages through the chat template: the very tokens the chat route prompts with
         messages = [{"role": "user", "content": "Name a colour."}]
@@ -139,7 +142,8 @@ async def test_vllm_tokenizer_routes_serve_the_models_vocabulary_and_template(wo
             assert (await resp.json())["tokens"] == chat_tokens
 
         for body, param in (({"prompt": "x", "messages": messages}, None), ({}, None),
-                            ({"prompt": "x", "frobnicate": 1}, "frobnicate")):
+                            ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+                            ({"messages": [{**messages[0], "audio": {}}]}, "messages.0.audio")):
             async with http.post("/tokenize", json=body) as resp:
                 err = (await resp.json())["error"]
             assert resp.status == 400 and set(err) == {"message", "type", "param", "code"} and err["param"] == param

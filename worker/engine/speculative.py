@@ -8,6 +8,8 @@ accept while it equals the proposal). Output is therefore the target's; only its
 
 from __future__ import annotations
 
+import collections
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,24 +78,33 @@ class SlotSpeculation:
 
 
 class StepCosts:
-    """What a decode step costs, and what each proposed token adds to it, as measured (recent steps weighing most).
-    On a GPU an extra token is nearly free for a big model and not for a small one (CUDA graphs cover one-token
-    steps only); on a CPU it costs nearly as much as the step (measured on SmolLM2, 2 cores: 32 ms a step, ~17 ms a
-    proposed token). A proposal pays where the tokens it is expected to add outweigh what it adds to everyone's
-    step: `rate x step > per_token x running sequences`, whatever its length."""
+    """What a decode step costs, and what each proposed token adds to it, as measured over the recent steps (medians:
+    a step that reserved a new graph or waited on a busy neighbour is an outlier, not the rate). On a GPU an extra
+    token is nearly free for a big model and not for a small one (CUDA graphs cover one-token steps only); on a CPU
+    it costs nearly as much as the step (SmolLM2, 2 cores: 32 ms a step, ~8 ms a proposed token). A proposal pays
+    where the tokens it is expected to add outweigh what it adds to everyone's step:
+    `rate x step > per_token x running sequences`, whatever its length."""
 
-    def __init__(self) -> None:
-        self.step: float | None = None  # a decode step without proposals
-        self.per_token: float | None = None  # what each proposed token adds
+    def __init__(self, window: int = 32) -> None:
+        self._steps: collections.deque[float] = collections.deque(maxlen=window)
+        self._per_token: collections.deque[float] = collections.deque(maxlen=window)
+
+    @property
+    def step(self) -> float | None:
+        return statistics.median(self._steps) if self._steps else None
+
+    @property
+    def per_token(self) -> float | None:
+        return statistics.median(self._per_token) if self._per_token else None
 
     def record(self, seconds: float, drafted: int) -> None:
         if not drafted:
-            self.step = seconds if self.step is None else 0.8 * self.step + 0.2 * seconds
-        elif self.step is not None:
-            extra = max(0.0, seconds - self.step) / drafted
-            self.per_token = extra if self.per_token is None else 0.8 * self.per_token + 0.2 * extra
+            self._steps.append(seconds)
+        elif (step := self.step) is not None:
+            self._per_token.append(max(0.0, seconds - step) / drafted)
 
     def worth(self, rate: float, running: int) -> bool:
-        if self.step is None or self.per_token is None:
+        step, per_token = self.step, self.per_token
+        if step is None or per_token is None:
             return True  # not measured yet: try
-        return rate * self.step > 1.1 * self.per_token * running
+        return rate * step > 1.1 * per_token * running

@@ -70,6 +70,8 @@ class InferenceRequest(BaseModel):
     grammar: str | None = Field(None, min_length=1, description="a GBNF grammar the output must match (llama.cpp's "
                                 "grammar syntax, as llama-server takes it)")
     json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the output must match")
+    speculative: bool = Field(True, description="false: never speculative decoding for this request (where the "
+                              "worker runs it, --spec-type)")
 
     @field_validator("stop")
     @classmethod
@@ -145,6 +147,9 @@ class EndFields(WireModel):
     stop_reason: StopReason
     cached_tokens: int
     stop_sequence_matched: str | MISSING = MISSING
+    draft_tokens: int | MISSING = Field(MISSING, description="speculative decoding: tokens proposed")
+    accepted_tokens: int | MISSING = Field(MISSING, description="of them, accepted by the model")
+    acceptance_rate: float | MISSING = MISSING
 
     @classmethod
     def of(cls, end: Finished) -> dict[str, Any]:
@@ -160,6 +165,9 @@ class EndFields(WireModel):
         }
         if end.stop_sequence is not None:
             fields["stop_sequence_matched"] = end.stop_sequence
+        if end.acceptance_rate is not None:
+            fields |= {"draft_tokens": end.draft_tokens, "accepted_tokens": end.accepted_tokens,
+                       "acceptance_rate": round(end.acceptance_rate, 4)}
         return fields
 
 

@@ -32,7 +32,7 @@ from worker.http.protocol_native import ModelCard, WireModel, grammar_constraint
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed"}
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 # The engine's stop reasons in OpenAI's terms: anything that cut the text short before the model ended it is "length".
 FINISH_REASONS: dict[StopReason, FinishReason] = {
     StopReason.EOS: "stop", StopReason.STOP_SEQUENCE: "stop", StopReason.MAX_TOKENS: "length",
@@ -116,6 +116,7 @@ class GenerateRequest(Strict):
                                 "match (llama.cpp's grammar syntax)")
     json_schema: dict[str, Any] | None = Field(None, description="llama-server's: a JSON schema the output must "
                                                "match")
+    speculative: bool | None = Field(None, description="false: never speculative decoding for this request")
     # Accepted and ignored: they change nothing about the text.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -164,21 +165,43 @@ class GenerateRequest(Strict):
         return grammar_constraint(self.grammar, self.json_schema)
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: ContentField
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: ContentField = None
     name: str | None = None
-    # What a client echoes back from an earlier response: fine while empty.
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    # What a client echoes back from an earlier response: fine while empty, or ignored (reasoning is not resent
+    # to the model, as templates drop it).
     refusal: str | None = None
     annotations: list[Any] | None = None
-    tool_calls: Any = neutral_only([])
+    reasoning_content: str | None = None
     function_call: Any = neutral_only()
     audio: Any = neutral_only()
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ApiError(400, "invalid_request", "content is required (it may be null only in an assistant "
+                           "message with tool_calls)", field="content")
+        if self.tool_calls and self.role != "assistant":
+            raise ApiError(400, "invalid_request", "only an assistant message has tool_calls", field="tool_calls")
 
     @field_validator("content")
     @classmethod
     def _text_only(cls, v: Any) -> Any:
-        if isinstance(v, str):
+        if v is None or isinstance(v, str):
             return v
         if not isinstance(v, list):
             raise ValueError("must be a string or a list of text parts")
@@ -189,11 +212,49 @@ class Message(Strict):
         return v
 
     def for_template(self) -> dict[str, Any]:
-        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """OpenAI's shape, as the chat layer takes it (it turns arguments into objects for the template)."""
+        text = self.content if self.content is None or isinstance(self.content, str) else "\n".join(
+            p["text"] for p in self.content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def check_messages(messages: list[Message]) -> None:
+    """Each message's fields that ask for what this worker does not do; the 400 names the message."""
+    for i, message in enumerate(messages):
+        try:
+            message.check_supported()
+        except ApiError as exc:
+            exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
+            raise
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(description="1 to 64 letters, digits, '_', '-' or '.'")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema; the call's arguments are "
+                                              "constrained to it")
+    strict: bool | None = None  # enforced either way
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormatText(Strict):
@@ -226,8 +287,18 @@ class ChatRequest(GenerateRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: Any = neutral_only([])
-    tool_choice: Any = neutral_only("none")
+    tools: list[Tool] | None = Field(None, description="functions the model may call, rendered by its own chat "
+                                     "template (or described in a system message where the template has no tools)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none: no calls; auto (the default with tools); required: at least one call; a named "
+        "function: that one. required and named are enforced by the constraint engine")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
+    reasoning_format: Literal["none", "auto", "deepseek"] | None = Field(
+        None, description="llama-server's: none keeps <think>…</think> inline in content; otherwise it is split "
+        "out as reasoning_content (the worker's --reasoning-format decides by default)")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM's and llama-server's: extra variables for the chat template (Qwen 3's "
+        "enable_thinking: false)")
     functions: Any = neutral_only([])
     function_call: Any = neutral_only("none")
     modalities: Any = neutral_only(["text"])
@@ -237,24 +308,18 @@ class ChatRequest(GenerateRequest):
     reasoning_effort: Any = neutral_only()
     verbosity: Any = neutral_only()
     # Accepted and ignored.
-    parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
+        check_messages(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "invalid_request", "'top_logprobs' needs 'logprobs': true", field="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text" and (
                 self.grammar is not None or self.json_schema is not None):
             raise ApiError(400, "invalid_request", "give one constraint: 'response_format', 'grammar' or "
                            "'json_schema'", field="response_format")
-        for i, message in enumerate(self.messages):
-            try:
-                message.check_supported()
-            except ApiError as exc:
-                exc.extra["field"] = f"messages.{i}.{exc.extra['field']}"
-                raise
 
     @property
     def logprobs_k(self) -> int | None:
@@ -317,6 +382,11 @@ class VllmTokenizeRequest(Strict):
     add_generation_prompt: bool = True
     continue_final_message: Any = neutral_only(False)
     return_token_strs: bool = False
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.messages is not None:
+            check_messages(self.messages)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> VllmTokenizeRequest:
@@ -410,9 +480,22 @@ class CompletionChunk(WireModel):
                                           "chunk but the last, whose choices are empty")
 
 
+class FunctionCallOut(WireModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(WireModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(WireModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | MISSING = Field(MISSING, description="a reasoning model's <think> block, split out")
+    tool_calls: list[ToolCallOut] | MISSING = MISSING
 
 
 class ChatChoice(WireModel):
@@ -431,9 +514,25 @@ class ChatCompletion(WireModel):
     usage: Usage
 
 
+class FunctionDelta(WireModel):
+    name: str | MISSING = MISSING
+    arguments: str = ""
+
+
+class ToolCallDeltaOut(WireModel):
+    """OpenAI's streamed call: its first delta has the id, type and name, the next ones fragments of arguments."""
+
+    index: int
+    id: str | MISSING = MISSING
+    type: Literal["function"] | MISSING = MISSING
+    function: FunctionDelta
+
+
 class Delta(WireModel):
     role: Literal["assistant"] | MISSING = MISSING
     content: str | MISSING = MISSING
+    reasoning_content: str | MISSING = MISSING
+    tool_calls: list[ToolCallDeltaOut] | MISSING = MISSING
 
 
 class ChatChunkChoice(WireModel):

@@ -98,7 +98,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     constraint = await checked_constraint(request, req.constraint())
     job = await submit_job(request, req.prompt, req.sampling(), max_tokens=req.max_tokens, stop=req.stop,
                            job_id=req.job_id, narration=req.narration, ignore_eos=req.ignore_eos,
-                           constraint=constraint)
+                           constraint=constraint, speculate=req.speculative)
 
     if not req.stream:
         [result] = await job.collect()

@@ -1,8 +1,9 @@
-"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize.
+"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/tokenize, /v1/detokenize, and
+vLLM's tokenizer routes at the root (/tokenize, /detokenize, /tokenizer_info).
 
-Generation goes through jobs.submit_job like the native route. The wire format is protocol_openai's models; errors
-take OpenAI's shape ({"error": {"message", "type", "param", "code"}}: the routes are added with ErrorStyle.OPENAI), so
-the openai SDK raises its typed exceptions.
+Generation goes through jobs.submit_jobs like the native route (one job per prompt and per choice). The wire format
+is protocol_openai's models; errors take OpenAI's shape ({"error": {"message", "type", "param", "code"}}: the routes
+are added with ErrorStyle.OPENAI), so the openai SDK raises its typed exceptions.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import MISSING, BaseModel, ValidationError
 
-from worker.chat import template as chat
-from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, TokenLogprob, TokenText
+from worker import chat
+from worker.chat import ChatDelta, ChatParser, ChatPlan
+from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, StopReason, TokenLogprob, TokenText
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
 from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
 from worker.http.protocol_native import ModelCard
@@ -39,6 +41,9 @@ from worker.http.protocol_openai import (
     CompletionRequest,
     Delta,
     DetokenizeRequest,
+    FinishReason,
+    FunctionCallOut,
+    FunctionDelta,
     Message,
     ModelList,
     ModelObject,
@@ -48,6 +53,8 @@ from worker.http.protocol_openai import (
     TokenizeRequest,
     TokenizerInfo,
     Tokens,
+    ToolCallDeltaOut,
+    ToolCallOut,
     Usage,
     VllmDetokenizeRequest,
     VllmDetokenizeResponse,
@@ -58,8 +65,9 @@ from worker.http.protocol_openai import (
 from worker.http.routedoc import RouteDoc, StreamDoc, documented
 from worker.http.schemas import read_json
 from worker.http.sse import EventStream
-from worker.http.state import STATE, WorkerState
+from worker.http.state import SETTINGS, STATE, WorkerState
 from worker.llamacpp import ModelInfo
+from worker.llamacpp.specials import model_special_tokens
 
 routes = web.RouteTableDef()
 
@@ -112,11 +120,20 @@ class Reply:
     logprobs: bool = False  # render the tokens' logprobs (the jobs asked the engine for them)
     echo: list[str] | None = None  # completions: each prompt's text, sent before its completion
     piece: Callable[[int], bytes] | None = None  # a token's bytes (the echoed prompt's first token has no entry)
+    plan: ChatPlan | None = None  # chat: how each answer's text splits into content, reasoning and tool calls
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    parsers: list[ChatParser] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if self.plan is not None:
+            self.parsers = [self.plan.parser() for _ in range(self.choices)]
+
+    def finish_reason(self, index: int, end: Finished) -> FinishReason:
+        if self.parsers and self.parsers[index].called and end.stop_reason is StopReason.EOS:
+            return "tool_calls"
+        return FINISH_REASONS[end.stop_reason]
 
     def job_id(self, index: int) -> str:
         """One job: the response id (DELETE /v1/inference/{id} cancels it); several: `<id>-<index>`."""
@@ -144,9 +161,9 @@ class Reply:
         usage = self.end_usage([r.end for r in results])
         if self.chat:
             return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                ChatChoice(index=i, message=self.message(i, r.text),
                            logprobs=chat_logprobs(_generated(r.outputs)) if self.logprobs else None,
-                           finish_reason=FINISH_REASONS[r.end.stop_reason])
+                           finish_reason=self.finish_reason(i, r.end))
                 for i, r in enumerate(results)])
         choices = []
         for i, (r, job) in enumerate(zip(results, jobs, strict=True)):
@@ -158,13 +175,31 @@ class Reply:
                                             finish_reason=FINISH_REASONS[r.end.stop_reason]))
         return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=choices)
 
+    def message(self, index: int, text: str) -> AssistantMessage:
+        """A whole answer: its content, reasoning and calls as the parser splits them."""
+        if not self.parsers:
+            return AssistantMessage(content=text, reasoning_content=MISSING, tool_calls=MISSING)
+        parser = self.parsers[index]
+        deltas = [parser.feed(text), parser.finish()]
+        content = "".join(d.content for d in deltas)
+        reasoning = "".join(d.reasoning for d in deltas)
+        calls = [ToolCallOut(id=c["id"], function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
+                 for c in chat.call_arguments(deltas)]
+        return AssistantMessage(content=content if content or not calls else None,
+                                reasoning_content=reasoning if reasoning else MISSING,
+                                tool_calls=calls if calls else MISSING)
+
     def chunk(self, index: int, text: str | None = None, *, finish: Any = None, role: bool = False,
-              usage: Usage | None = None, logprobs: Any = None) -> ChatCompletionChunk | CompletionChunk:
-        """A chunk of choice `index` with text or a finish reason (the role on a chat stream's first). With
-        include_usage every chunk has `"usage": null` (as OpenAI's) unless `usage` is given (continuous usage)."""
+              usage: Usage | None = None, logprobs: Any = None,
+              delta_of: ChatDelta | None = None) -> ChatCompletionChunk | CompletionChunk:
+        """A chunk of choice `index` with text (a chat's as parsed, `delta_of`) or a finish reason (the role on a
+        chat stream's first). With include_usage every chunk has `"usage": null` (as OpenAI's) unless `usage` is
+        given (continuous usage)."""
         extra: dict[str, Any] = {"usage": usage} if usage is not None or self.include_usage else {}
         if self.chat:
             delta = Delta(role="assistant" if role else MISSING, content=text if text is not None else MISSING)
+            if delta_of is not None:
+                delta = _delta(delta_of)
             return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, **extra, choices=[
                 ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])
         return CompletionChunk(id=self.id, created=self.created, model=self.model, **extra, choices=[
@@ -174,6 +209,16 @@ class Reply:
         """The last chunk with include_usage: no choices, the request's usage."""
         kind = ChatCompletionChunk if self.chat else CompletionChunk
         return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+
+def _delta(d: ChatDelta) -> Delta:
+    calls = [ToolCallDeltaOut(index=c.index, id=c.id if c.id is not None else MISSING,
+                              type="function" if c.id is not None else MISSING,
+                              function=FunctionDelta(name=c.name if c.name is not None else MISSING,
+                                                     arguments=c.arguments))
+             for c in d.tool_calls]
+    return Delta(content=d.content if d.content else MISSING, reasoning_content=d.reasoning or MISSING,
+                 tool_calls=calls if calls else MISSING)
 
 
 def _generated(outputs: list[Output]) -> list[TokenLogprob]:
@@ -213,8 +258,14 @@ async def _respond(request: web.Request, jobs: JobStream, reply: Reply, stream: 
             for index, out in batch:
                 if isinstance(out, TokenText):
                     generated[index] = out.index + 1
-                    events.add(reply.chunk(index, out.text, usage=running(),
-                                           logprobs=token_logprobs(index, out.logprobs)))
+                    if reply.parsers:
+                        delta = reply.parsers[index].feed(out.text)
+                        if delta or out.logprobs:  # markup held back until it is known to be a call or text
+                            events.add(reply.chunk(index, usage=running(), delta_of=delta,
+                                                   logprobs=token_logprobs(index, out.logprobs)))
+                    else:
+                        events.add(reply.chunk(index, out.text, usage=running(),
+                                               logprobs=token_logprobs(index, out.logprobs)))
                 elif isinstance(out, PromptLogprobs) and reply.echo is not None:
                     first = jobs.jobs[index].prompt_tokens[0]
                     events.add(reply.chunk(index, reply.prompt_text(index), usage=running(),
@@ -222,7 +273,9 @@ async def _respond(request: web.Request, jobs: JobStream, reply: Reply, stream: 
                 elif isinstance(out, Finished):
                     ends[index] = out
                     generated[index] = out.tokens_out
-                    events.add(reply.chunk(index, finish=FINISH_REASONS[out.stop_reason], usage=running()))
+                    if reply.parsers and (tail := reply.parsers[index].finish()):
+                        events.add(reply.chunk(index, usage=running(), delta_of=tail))
+                    events.add(reply.chunk(index, finish=reply.finish_reason(index, out), usage=running()))
                 elif isinstance(out, Failed):
                     events.add(error_body(ErrorStyle.OPENAI, 500, out.code, out.message))
             await events.flush()
@@ -241,14 +294,45 @@ _COMPLETION_STREAM = StreamDoc("OpenAI text completion chunks, then [DONE]", "op
 
 
 def _chat_prompt(info: ModelInfo, model_id: str, messages: list[Message], add_generation_prompt: bool = True) -> str:
-    """The conversation in the model's own chat template."""
+    """A conversation in the model's own chat template, without tools (the tokenizer routes)."""
     if not info.chat_template:
         raise ApiError(400, "no_chat_template",
-                       f"the model {model_id} has no chat template (tokenizer.chat_template in its GGUF); "
-                       "use /v1/completions with a prompt in the model's own format", field="messages")
+                       f"the model {model_id} has no chat template (tokenizer.chat_template in its GGUF)",
+                       field="messages")
     try:
-        return chat.render(info.chat_template, [m.for_template() for m in messages], bos_token=info.bos,
-                           eos_token=info.eos, add_generation_prompt=add_generation_prompt)
+        return chat.template.render(info.chat_template,
+                                    chat.template.template_messages([m.for_template() for m in messages]),
+                                    bos_token=info.bos, eos_token=info.eos,
+                                    add_generation_prompt=add_generation_prompt)
+    except chat.TemplateCompileError as exc:
+        raise ApiError(500, "chat_template_error", str(exc)) from None
+    except chat.TemplateRenderError as exc:
+        raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
+                       field="messages") from None
+
+
+async def _chat_plan(request: web.Request, req: ChatRequest) -> ChatPlan:
+    """The conversation in the model's own chat template, with its tools, and how the answer is constrained and
+    parsed (worker.chat)."""
+    state = request.app[STATE]
+    runtime = state.require_ready()
+    info = runtime.model.info
+    if not info.chat_template:
+        raise ApiError(400, "no_chat_template",
+                       f"the model {state.model_id} has no chat template (tokenizer.chat_template in its GGUF); "
+                       "use /v1/completions with a prompt in the model's own format", field="messages")
+    inline = req.reasoning_format == "none" or (req.reasoning_format is None
+                                                and request.app[SETTINGS].reasoning_format == "inline")
+    specials = await asyncio.to_thread(model_special_tokens, runtime.model) if req.tools else {}
+    tool_choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice
+    try:
+        return chat.prepare(info.chat_template, [m.for_template() for m in req.messages],
+                            tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+                            tool_choice=tool_choice, parallel_tool_calls=req.parallel_tool_calls is not False,
+                            reasoning="inline" if inline else "split", bos_token=info.bos, eos_token=info.eos,
+                            special_tokens=specials, template_kwargs=req.chat_template_kwargs)
+    except chat.ChatRequestError as exc:
+        raise ApiError(400, "invalid_request", str(exc), field=exc.param) from None
     except chat.TemplateCompileError as exc:
         raise ApiError(500, "chat_template_error", str(exc)) from None
     except chat.TemplateRenderError as exc:
@@ -275,17 +359,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = state.require_ready()
     req = _parse(ChatRequest, await read_json(request))
     model = runtime.model
-    prompt = _chat_prompt(model.info, state.model_id, req.messages)
+    plan = await _chat_plan(request, req)
     _check_room(request, req.choices, "n")
-    constraint = await checked_constraint(request, req.constraint())
-    tokens = await asyncio.to_thread(model.prompt_tokens, prompt)
+    requested = req.constraint()
+    if plan.constraint is not None and requested is not None:
+        raise ApiError(400, "invalid_request", f"'{requested[1]}' and tool calls cannot both constrain one answer; "
+                       "use tool_choice 'none', or leave the format out", field=requested[1])
+    constraint = await checked_constraint(request, (plan.constraint, "tools") if plan.constraint else requested)
+    tokens = await asyncio.to_thread(model.prompt_tokens, plan.prompt)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
     reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices,
                   include_usage=req.include_usage, continuous_usage=req.continuous_usage,
-                  logprobs=req.logprobs_k is not None)
+                  logprobs=req.logprobs_k is not None, plan=plan)
     specs = [JobSpec(tokens, req.sampling(j), reply.job_id(j)) for j in range(req.choices)]
     jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
-                             constraint=constraint, logprobs=req.logprobs_k)
+                             constraint=constraint, logprobs=req.logprobs_k, special_text=plan.special_text,
+                             speculate=req.speculative is not False)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
@@ -318,7 +407,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
              for i, tokens in enumerate(prompts) for j in range(n)]
     jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
                              constraint=constraint, logprobs=req.logprobs,
-                             prompt_logprobs=req.logprobs if req.echo else None)
+                             prompt_logprobs=req.logprobs if req.echo else None, speculate=req.speculative is not False)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
@@ -400,7 +489,8 @@ async def vllm_tokenize(request: web.Request) -> web.Response:
         # Special tokens written in the text are those tokens, as a Hugging Face tokenizer reads them.
         tokens = (model.prompt_tokens(text) if add_special
                   else model.tokenize(text, add_special=False, parse_special=True))
-        strs = [model.piece(t).decode("utf-8", errors="replace") for t in tokens] if req.return_token_strs else None
+        strs = ([model.piece(t, special=True).decode("utf-8", errors="replace") for t in tokens]
+                if req.return_token_strs else None)
         return tokens, strs
 
     tokens, strs = await asyncio.to_thread(run)
@@ -415,7 +505,11 @@ async def vllm_detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
     req = _parse(VllmDetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
-    return _json(VllmDetokenizeResponse(prompt=await asyncio.to_thread(model.detokenize, req.tokens)))
+
+    def run() -> str:  # special tokens as their text, as a Hugging Face tokenizer decodes them by default
+        return b"".join(model.piece(t, special=True) for t in req.tokens).decode("utf-8", errors="replace")
+
+    return _json(VllmDetokenizeResponse(prompt=await asyncio.to_thread(run)))
 
 
 @routes.get("/tokenizer_info")
