@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.chat_models import llama31_tools_gguf, qwen3_tools_gguf  # noqa: F401 (session fixtures)
+from tests.integration.test_openai_outputs import sdk
 from tests.integration.worker_process import WorkerProcess
 
 WEATHER = {
@@ -39,10 +40,6 @@ TIME = {
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 HOT = 1.5
-
-
-def sdk(worker: WorkerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0, timeout=180)
 
 
 @pytest.fixture(scope="module")
