@@ -13,10 +13,10 @@ import aiohttp
 import openai
 import pytest
 
+from tests.integration.route_table import openai_style
 from tests.integration.worker_process import WorkerProcess
 from worker.config import Settings
 from worker.http.app import create_app
-from worker.http.errors import ErrorStyle, style_for
 
 TOKEN = "t0ken-with.special~chars"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,22 +25,6 @@ OPEN = {"/health", "/v1/ready", "/v1/loading/progress", "/metrics", "/openapi.js
 SAMPLE = {"{job_id}": "no-such-job", "{model_id}": "no-such-model"}
 
 
-def _app_for_routes():
-    """An app never started: only its route table (and each route's error style) is read."""
-    from worker.config import Settings
-    from worker.http.app import create_app
-
-    async def make():
-        return create_app(Settings(_cli_parse_args=[]))
-
-    return asyncio.run(make())
-
-
-ROUTE_TABLE = _app_for_routes()
-
-
-def _openai_style(path: str) -> bool:
-    return style_for(ROUTE_TABLE, path) is ErrorStyle.OPENAI
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +50,7 @@ async def app_routes() -> list[tuple[str, str]]:
 
 def _unauthorized_shape(path: str, body: dict) -> None:
     err = body["error"]
-    if _openai_style(path):  # OpenAI's shape, so the openai SDK raises AuthenticationError
+    if openai_style(path):  # OpenAI's shape, so the openai SDK raises AuthenticationError
         assert set(err) == {"message", "type", "param", "code"}, body
         assert err["type"] == "invalid_request_error"
     else:

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.integration.route_table import openai_style
 from tests.integration.worker_process import WorkerProcess
-from worker.http.errors import ErrorStyle, style_for
 
 ROUTES = ["/v1/inference", "/v1/completions", "/v1/chat/completions", "/v1/tokenize", "/v1/detokenize"]
 REQUEST_TIMEOUT = 30  # seconds: a request that has not ended by then is a hang
@@ -30,22 +30,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize
                                        HealthCheck.function_scoped_fixture])
 
 
-def _app_for_routes():
-    """An app never started: only its route table (and each route's error style) is read."""
-    from worker.config import Settings
-    from worker.http.app import create_app
-
-    async def make():
-        return create_app(Settings(_cli_parse_args=[]))
-
-    return asyncio.run(make())
-
-
-ROUTE_TABLE = _app_for_routes()
-
-
-def _openai_style(path: str) -> bool:
-    return style_for(ROUTE_TABLE, path) is ErrorStyle.OPENAI
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +79,7 @@ def check_answer(path: str, status: int, content_type: str, raw: bytes) -> None:
     if status >= 400:
         assert content_type == "application/json", (status, raw[:200])
         err = json.loads(raw)["error"]
-        if _openai_style(path):
+        if openai_style(path):
             assert set(err) == {"message", "type", "param", "code"}, err
         else:
             assert isinstance(err["code"], str) and isinstance(err["message"], str), err

@@ -56,6 +56,14 @@ def partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def _content_holding_space(text: str, out: _Out, final: bool) -> str:
+    """Content out, but its trailing space held back (dropped if a call follows); returns what was held."""
+    trailing = 0 if final else _trailing_space(text)
+    if text[:len(text) - trailing]:
+        out.content.append(text[:len(text) - trailing])
+    return text[len(text) - trailing:]
+
+
 def _trailing_space(text: str) -> int:
     return len(text) - len(text.rstrip(WHITESPACE))
 
@@ -429,12 +437,7 @@ class NamedArgsCalls(ToolParser):
             if not text:
                 return
             self.after_call = False
-        text = self.pending_space + text
-        trailing = 0 if final else _trailing_space(text)
-        self.pending_space = text[len(text) - trailing:]
-        text = text[:len(text) - trailing]
-        if text:
-            out.content.append(text)
+        self.pending_space = _content_holding_space(self.pending_space + text, out, final)
 
     def finish(self, out: _Out) -> None:
         if self.state == "text":
@@ -493,12 +496,7 @@ class LeadingJsonCalls(ToolParser):
 
     def _content(self, text: str, out: _Out, final: bool = False) -> None:
         """Content, its trailing space held back (dropped if a call follows)."""
-        text = self.pending_space + text
-        trailing = 0 if final else _trailing_space(text)
-        self.pending_space = text[len(text) - trailing:]
-        text = text[:len(text) - trailing]
-        if text:
-            out.content.append(text)
+        self.pending_space = _content_holding_space(self.pending_space + text, out, final)
 
     def _candidate(self, text: str) -> None:
         self.call = CallStream(self.calls, self.new_id, needs_arguments=True)
