@@ -106,10 +106,19 @@ class Settings(BaseSettings):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
     )
-    spec_type: Literal["none", "ngram"] = Field(
+    spec_type: Literal["none", "ngram", "draft"] = Field(
         "none", description="speculative decoding (llama-server's --spec-type): ngram proposes tokens from the "
-        "sequence's own prompt and output (prompt lookup), verified in the same decode step as everyone's tokens; "
-        "output is the model's either way")
+        "sequence's own prompt and output (prompt lookup), draft has a small model of the same vocabulary "
+        "(--spec-draft-model) propose them; either way they are verified in the same decode step as everyone's "
+        "tokens, and output is the model's")
+    spec_draft_model: str | None = Field(
+        None, description="the draft model of --spec-type draft: any reference --model takes (a .gguf file, a "
+        "SafeTensors folder, hf:<org>/<repo>[:<file>]); it goes on the model's device and must share its vocabulary")
+    spec_draft_ctx_size: int | None = Field(
+        None, ge=16, description="the draft model's context per sequence; default: as --ctx-size (a shorter one "
+        "stops proposing for sequences longer than it)")
+    spec_draft_gpu_layers: int | Literal["all"] | None = Field(
+        None, description="the draft model's layers on the GPU: a number or 'all'; default: as --gpu-layers")
     spec_draft_n_max: int = Field(8, ge=1, le=32, description="tokens proposed per step at most")
     spec_draft_n_min: int = Field(1, ge=1, le=32, description="a shorter proposal is not verified")
     spec_max_load: int = Field(
@@ -191,9 +200,11 @@ class Settings(BaseSettings):
             raise ValueError("proportions must be ≥ 0 and not all 0")
         return ",".join(parts)
 
-    @field_validator("gpu_layers", mode="before")
+    @field_validator("gpu_layers", "spec_draft_gpu_layers", mode="before")
     @classmethod
     def _check_gpu_layers(cls, v: object) -> object:
+        if v is None:
+            return v
         if isinstance(v, str) and v.strip().lower() == "all":
             return "all"
         try:
@@ -248,6 +259,19 @@ class Settings(BaseSettings):
         if self.cache_type_v not in UNQUANTIZED_KV and self.flash_attn == "off":
             raise ValueError(f"--cache-type-v {self.cache_type_v} needs flash attention: llama.cpp cannot run a "
                              "quantized V cache without it; use --flash-attn auto or on, or an f16/bf16/f32 V cache")
+        return self
+
+    @model_validator(mode="after")
+    def _draft_settings_go_together(self) -> Settings:
+        # a draft option without the draft type would be accepted and ignored: refused instead
+        if self.spec_type == "draft" and self.spec_draft_model is None:
+            raise ValueError("--spec-type draft needs a draft model: --spec-draft-model PATH|hf:REF")
+        if self.spec_type != "draft":
+            given = [name for name in ("spec_draft_model", "spec_draft_ctx_size", "spec_draft_gpu_layers")
+                     if getattr(self, name) is not None]
+            if given:
+                flags = ", ".join("--" + name.replace("_", "-") for name in given)
+                raise ValueError(f"{flags} given with --spec-type {self.spec_type}: only --spec-type draft uses it")
         return self
 
     @model_validator(mode="after")

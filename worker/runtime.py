@@ -16,8 +16,9 @@ from loguru import logger
 from worker.config import UNQUANTIZED_KV, Settings
 from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
-from worker.engine.speculative import SpecConfig
+from worker.engine.speculative import DraftProposer, SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
+from worker.llamacpp.draft import DraftModel, check_draft_compatible
 from worker.metrics import Metrics
 from worker.models.resolve import public_id, resolve
 from worker.narration import narrate
@@ -76,9 +77,12 @@ class Runtime:
     placement: Placement
     vram_bytes: int  # what this worker put on its GPU: weights, KV cache and compute buffers (0 on the CPU)
     load_s: float
+    draft: DraftModel | None = None  # speculative decoding's draft model (--spec-type draft)
 
     def close(self) -> None:
-        self.engine.close()
+        self.engine.close()  # its thread is done with the draft too
+        if self.draft is not None:
+            self.draft.close()
         self.model.close()
         st = self.engine.stats
         if st.steps:
@@ -132,17 +136,24 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                       cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
                       in_graph_sampling=in_graph)
         grammars = Grammars(model.guidance_tokenizer, lambda token: model.piece(token, special=True), info.n_vocab)
+        draft = None
         try:
             if (status := ctx.warm_up()) != 0:
                 logger.warning(f"warm-up decode returned {status}")
+            if s.spec_type == "draft":
+                progress("load_draft", 0.95)
+                draft = load_draft(s, where, model, ctx_size)
+            speculation = SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min, max_load=s.spec_max_load)
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
-                                speculation=SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min,
-                                                       max_load=s.spec_max_load) if s.spec_type == "ngram" else None,
+                                speculation=speculation if s.spec_type != "none" else None,
+                                proposer=DraftProposer(draft) if draft is not None else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()
+            if draft is not None:
+                draft.close()
             raise
         engine.start(loop)
     except BaseException:
@@ -158,7 +169,31 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
             backend_sampling=in_graph, vram_bytes=vram, threads=s.threads, threads_batch=s.threads_batch,
             cute="Ready to tell stories!")
-    return Runtime(model, engine, where, vram, load_s)
+    return Runtime(model, engine, where, vram, load_s, draft)
+
+
+def load_draft(s: Settings, where: Placement, target: Model, ctx_size: int) -> DraftModel:
+    """The draft model of --spec-type draft, on the target's device, its vocabulary checked against the target's
+    (DraftMismatch: exit 2), with a context of one sequence per slot."""
+    assert s.spec_draft_model is not None
+    resolved = resolve(s.spec_draft_model, cache_dir=s.cache_dir, quantize=s.quantize)
+    layers = where.gpu_layers if s.spec_draft_gpu_layers is None or not where.offloaded else (
+        -1 if s.spec_draft_gpu_layers == "all" else int(s.spec_draft_gpu_layers))
+    model = Model.load(resolved.path, ref=resolved.ref, fmt=resolved.format, gpu_layers=layers, main_gpu=s.device)
+    try:
+        check_draft_compatible(target, model)
+        n_ctx_seq = min(s.spec_draft_ctx_size or ctx_size, ctx_size)  # more than the target's would never be used
+        draft = DraftModel(model, n_ctx_seq=n_ctx_seq, n_seq=s.parallel, n_batch=s.batch_size, threads=s.threads,
+                           threads_batch=s.threads_batch,
+                           flash_attn=flash_attn_policy(s.flash_attn, offloaded=where.offloaded))
+    except BaseException:
+        model.close()
+        raise
+    narrate("draft_model_loaded", f"Draft model {resolved.ref} ({model.info.architecture}, "
+            f"{model.info.n_params / 1e6:.0f}M parameters) proposes tokens: {n_ctx_seq} tokens of context per slot.",
+            target=resolved.ref, path=str(resolved.path), architecture=model.info.architecture,
+            n_params=model.info.n_params, ctx_size=n_ctx_seq, gpu_layers=layers)
+    return draft
 
 
 def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement, load_s: float,

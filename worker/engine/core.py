@@ -44,7 +44,7 @@ from worker.engine.scheduler import (
     StepPlan,
     Vocab,
 )
-from worker.engine.speculative import SpecConfig
+from worker.engine.speculative import Proposer, SpecConfig
 
 
 class EngineContext(SlotResources, Protocol):
@@ -90,6 +90,7 @@ class EngineCore:
         profile_path: str | None = None,
         grammars: Grammars | None = None,
         speculation: SpecConfig | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         self.ctx = ctx
         self.vocab = vocab
@@ -106,7 +107,8 @@ class EngineCore:
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
                                    prefix_cache=prefix_cache, metrics=metrics,
                                    guides=grammars.guide if grammars is not None else None,
-                                   prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation)
+                                   prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation,
+                                   proposer=proposer)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []

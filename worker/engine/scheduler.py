@@ -37,7 +37,7 @@ from worker.engine.outputs import (
     TokenText,
 )
 from worker.engine.sampling import SamplingParams
-from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig, StepCosts
+from worker.engine.speculative import Ask, NgramProposer, Proposer, SlotSpeculation, SpecConfig, StepCosts
 from worker.engine.text import TextStream
 from worker.narration import narrate
 
@@ -152,6 +152,7 @@ class Scheduler:
         guides: Callable[[Constraint], Guide] | None = None,
         prompt_logits_per_step: int = 0,
         speculation: SpecConfig | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
@@ -171,7 +172,8 @@ class Scheduler:
         # one per sequence
         self.prompt_logits_per_step = prompt_logits_per_step
         self.speculation = speculation
-        self.proposer = NgramProposer(speculation) if speculation is not None else None
+        # who proposes: a draft model where one is given, else prompt lookup
+        self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
         self.step_costs = StepCosts()
         self.waiting: collections.deque[Job] = collections.deque()
         self.n_running = 0
@@ -201,15 +203,15 @@ class Scheduler:
             self.flush_text()
         budget = self.batch_size
         logits_budget = self.prompt_logits_per_step
-        for slot in self.slots:  # one token per decoding sequence first, then prompt chunks as far as the batch allows
-            if slot.decoding:
-                draft = self._draft(slot, min(budget - 1, logits_budget)) if slot.spec is not None else []
-                logits_budget -= len(draft)
-                tokens = [slot.last_token, *draft]
-                plan.parts.append(Part(slot.seq_id, tokens, slot.n_past, True, bool(draft), len(draft)))
-                plan.slots.append(slot)
-                slot.n_past += len(tokens)
-                budget -= len(tokens)
+        decoding = [slot for slot in self.slots if slot.decoding]
+        drafts = self._drafts(decoding, budget, logits_budget)
+        for slot in decoding:  # one token per decoding sequence first, then prompt chunks as far as the batch allows
+            draft = drafts.get(slot.seq_id, [])
+            tokens = [slot.last_token, *draft]
+            plan.parts.append(Part(slot.seq_id, tokens, slot.n_past, True, bool(draft), len(draft)))
+            plan.slots.append(slot)
+            slot.n_past += len(tokens)
+            budget -= len(tokens)
         for slot in self.slots:
             job = slot.job
             if job is None or slot.decoding or budget <= 0:
@@ -232,22 +234,43 @@ class Scheduler:
             self._chains_changed = False
         return plan
 
-    def _draft(self, slot: Slot, room: int) -> list[int]:
-        """The proposal a speculating sequence verifies this step: none under load, when the last ones missed,
-        or when the job could not use them (max_tokens)."""
+    def _drafts(self, decoding: list[Slot], budget: int, logits_budget: int) -> dict[int, list[int]]:
+        """The proposals the speculating sequences verify this step (seq_id → tokens), asked of the proposer all at
+        once; what proposing cost is recorded per proposed token (a draft model's decodes are not free)."""
+        if self.proposer is None:
+            return {}
+        room = min(budget - len(decoding), logits_budget)  # every decoding sequence's own token comes first
+        asks = []
+        for slot in decoding:
+            n = self._proposal_size(slot, room) if slot.spec is not None else 0
+            if n:
+                asks.append(Ask(slot.seq_id, np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n))
+                room -= n
+        if not asks:
+            return {}
+        proposals = self.proposer.propose_all(asks)
+        self.step_costs.record_proposing(self.proposer.spent, sum(len(p) for p in proposals.values()))
+        assert self.speculation is not None
+        return {seq_id: draft[:ask.n] for ask in asks
+                if len(draft := proposals.get(seq_id := ask.seq_id, [])) >= self.speculation.n_min}
+
+    def _proposal_size(self, slot: Slot, room: int) -> int:
+        """How many tokens a speculating sequence asks for this step: none under load, when the last ones missed,
+        when it does not pay, or when the job could not use them (max_tokens)."""
         spec, job, config = slot.spec, slot.job, self.speculation
-        assert spec is not None and job is not None and config is not None and self.proposer is not None
+        assert spec is not None and job is not None and config is not None
         if spec.pause > 0:
             spec.pause -= 1
-            return []
+            return 0
         n = min(spec.n, room, job.max_tokens - slot.tokens_out - 1)
         if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
-            return []
+            return 0
+        if self.step_costs.step is None:  # a plain step first: what a proposal adds is measured against it
+            return 0
         if not self.step_costs.worth(spec.recent_rate, self.n_running):
             spec.pause = 8  # then try again: the costs and the rate change with the text and the load
-            return []
-        draft = self.proposer.propose(np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n)
-        return draft if len(draft) >= config.n_min else []
+            return 0
+        return n
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
         """Of the part's proposals, the first `accepted` matched the target: the cells of the rest are freed."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import collections
 import statistics
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -25,12 +28,34 @@ class SpecConfig:
     ngram_min: int = 3
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One speculating sequence's request for a proposal: its tokens so far (its KV's and the one it decodes this
+    step), and how many to propose at most."""
+
+    seq_id: int
+    history: np.ndarray
+    n: int
+
+
+class Proposer(Protocol):
+    """What the scheduler asks for proposals: every speculating sequence of a step at once (a draft model decodes
+    them in one batch). The answer maps seq_id to its proposal, possibly empty or shorter than asked. `spent`: the
+    seconds the last call took that proposing costs at every step (a prompt's one-time catch-up left out); the
+    speculation gate weighs it."""
+
+    spent: float
+
+    def propose_all(self, asks: Sequence[Ask]) -> dict[int, list[int]]: ...
+
+
 class NgramProposer:
     """Prompt lookup: the sequence's last few tokens found earlier in its own prompt and output; what followed
     them there is the proposal. Pays where output quotes its input: code edits, summaries, RAG answers."""
 
     def __init__(self, config: SpecConfig) -> None:
         self.config = config
+        self.spent = 0.0
 
     def propose(self, history: np.ndarray, n: int) -> list[int]:
         """Up to n tokens that followed the latest earlier occurrence of history's longest suffix (of ngram_max
@@ -47,6 +72,143 @@ class NgramProposer:
                 start = int(hits[-1]) + g
                 return [int(t) for t in history[start : start + n]]
         return []
+
+    def propose_all(self, asks: Sequence[Ask]) -> dict[int, list[int]]:
+        started = time.perf_counter()
+        out = {ask.seq_id: self.propose(ask.history, ask.n) for ask in asks}
+        self.spent = time.perf_counter() - started
+        return out
+
+
+class DraftContext(Protocol):
+    """The draft model's llama.cpp context as the proposer uses it (worker.llamacpp.draft.DraftModel)."""
+
+    n_batch: int  # tokens one decode takes at most
+    n_ctx_seq: int  # cells each sequence has
+
+    def decode(self, parts: Sequence[tuple[int, list[int], int, bool, bool, int]]) -> int: ...
+    def greedy(self, index: int) -> int: ...
+    def keep_prefix(self, seq_id: int, n: int) -> None: ...
+    def forget(self, seq_id: int) -> None: ...
+    def can_cut(self, seq_id: int, n: int) -> bool: ...
+    def is_eog(self, token: int) -> bool: ...
+
+
+@dataclass
+class _DraftSeq:
+    held: list[int] = field(default_factory=list)  # what the draft's KV cells of this sequence hold, in order
+    proposed: int = 0  # the length of its last proposal: what a steady catch-up decodes at most, plus one
+
+
+class DraftProposer:
+    """A small model of the target's vocabulary proposes greedily. Per sequence it keeps what its own KV holds;
+    asked again, it cuts that back to the common prefix with the sequence's history (the proposals the target
+    rejected, or a new job's prompt), decodes what is missing (a prompt once, then only the tokens accepted since)
+    and proposes n tokens, one decode per token. All sequences asking in a step share each decode: the catch-up
+    parts in as few batches as they fit, then one token per still-proposing sequence per decode."""
+
+    def __init__(self, ctx: DraftContext) -> None:
+        self.ctx = ctx
+        self._seqs: dict[int, _DraftSeq] = {}
+        self.spent = 0.0
+
+    def propose_all(self, asks: Sequence[Ask]) -> dict[int, list[int]]:
+        self.spent = 0.0
+        # catch up: each sequence's missing tokens, the last with logits (its first proposal)
+        pending: list[tuple[Ask, list[int], int]] = []  # ask, tokens to decode, their first position
+        for ask in asks:
+            history = ask.history.tolist()
+            n = min(ask.n, self.ctx.n_ctx_seq - len(history))  # the draft's own context may be the smaller
+            if n < 1 or not history:
+                continue
+            keep = self._cut_to(ask.seq_id, history)
+            pending.append((Ask(ask.seq_id, ask.history, n), history[keep:], keep))
+        live = self._catch_up(pending)
+        # then one token a decode for every sequence still proposing
+        proposals = {seq_id: [token] for seq_id, token in live.items()}
+        wanted = {ask.seq_id: ask.n for ask, _, _ in pending}
+        while True:
+            going = [s for s, p in proposals.items() if len(p) < wanted[s] and not self.ctx.is_eog(p[-1])]
+            if not going:
+                break
+            parts = [(s, [proposals[s][-1]], len(self._seqs[s].held), True, False, 0) for s in going]
+            started = time.perf_counter()
+            if self.ctx.decode(parts) != 0:  # the draft's cells stay as they were: propose what there is
+                break
+            for index, s in enumerate(going):
+                self._seqs[s].held.append(proposals[s][-1])
+                proposals[s].append(self.ctx.greedy(index))
+            self.spent += time.perf_counter() - started
+        for seq_id, proposal in proposals.items():
+            self._seqs[seq_id].proposed = len(proposal)
+        return proposals
+
+    def _cut_to(self, seq_id: int, history: list[int]) -> int:
+        """Cut the sequence's draft cells to their common prefix with history (the last token always decoded
+        again: its logits give the first proposal); how many are kept."""
+        seq = self._seqs.setdefault(seq_id, _DraftSeq())
+        keep = _common_prefix(seq.held, history[:-1])
+        if keep < len(seq.held) - seq.proposed:  # more than its last proposal: another job's tokens
+            seq.proposed = 0
+        if keep < len(seq.held):
+            if not self.ctx.can_cut(seq_id, keep):
+                keep = 0
+            if keep:
+                self.ctx.keep_prefix(seq_id, keep)
+            else:
+                self.ctx.forget(seq_id)
+            del seq.held[keep:]
+        return keep
+
+    def _catch_up(self, pending: list[tuple[Ask, list[int], int]]) -> dict[int, int]:
+        """Decode every sequence's missing tokens, packed into batches of at most n_batch tokens (a long prompt
+        over several); seq_id → the first proposed token, for those whose decodes all went through."""
+        first: dict[int, int] = {}
+        queue = [(ask.seq_id, tokens, pos) for ask, tokens, pos in pending]
+        failed: set[int] = set()
+        while queue:
+            parts, room, rest = [], self.ctx.n_batch, []
+            for seq_id, tokens, pos in queue:
+                if room <= 0:
+                    rest.append((seq_id, tokens, pos))
+                    continue
+                chunk = tokens[:room]
+                parts.append((seq_id, chunk, pos, len(chunk) == len(tokens), False, 0))
+                if len(chunk) < len(tokens):
+                    rest.append((seq_id, tokens[len(chunk):], pos + len(chunk)))
+                room -= len(chunk)
+            started = time.perf_counter()
+            status = self.ctx.decode(parts)
+            if status != 0:  # nothing of this batch went in: these sequences propose nothing
+                for seq_id, *_ in parts:
+                    failed.add(seq_id)
+                    self._forget(seq_id)
+                queue = [q for q in rest if q[0] not in failed]
+                continue
+            index, steady = -1, True
+            for seq_id, chunk, pos, last, _, _ in parts:
+                index += len(chunk)
+                seq = self._seqs[seq_id]
+                # the tokens accepted since its last proposal, and the target's own: every step's catch-up
+                steady = steady and last and pos > 0 and len(chunk) <= seq.proposed + 1
+                seq.held.extend(chunk)
+                if last:
+                    first[seq_id] = self.ctx.greedy(index)
+            if steady:
+                self.spent += time.perf_counter() - started
+            queue = rest
+        return first
+
+    def _forget(self, seq_id: int) -> None:
+        self.ctx.forget(seq_id)
+        self._seqs.pop(seq_id, None)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    arr_a, arr_b = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(arr_a != arr_b)
+    return int(diff[0]) if len(diff) else n
 
 
 @dataclass
@@ -78,16 +240,18 @@ class SlotSpeculation:
 
 
 class StepCosts:
-    """What a decode step costs, and what each proposed token adds to it, as measured over the recent steps (medians:
+    """What a decode step costs, what each proposed token adds to it, and what proposing it cost (a draft model's
+    decodes, which hold up every running sequence as the step does), as measured over the recent steps (medians:
     a step that reserved a new graph or waited on a busy neighbour is an outlier, not the rate). On a GPU an extra
     token is nearly free for a big model and not for a small one (CUDA graphs cover one-token steps only); on a CPU
     it costs nearly as much as the step (SmolLM2, 2 cores: 32 ms a step, ~8 ms a proposed token). A proposal pays
     where the tokens it is expected to add outweigh what it adds to everyone's step:
-    `rate x step > per_token x running sequences`, whatever its length."""
+    `rate x step > (per_token + proposing) x running sequences`, whatever its length."""
 
     def __init__(self, window: int = 32) -> None:
         self._steps: collections.deque[float] = collections.deque(maxlen=window)
         self._per_token: collections.deque[float] = collections.deque(maxlen=window)
+        self._proposing: collections.deque[float] = collections.deque(maxlen=window)
 
     @property
     def step(self) -> float | None:
@@ -96,6 +260,16 @@ class StepCosts:
     @property
     def per_token(self) -> float | None:
         return statistics.median(self._per_token) if self._per_token else None
+
+    @property
+    def proposing(self) -> float:
+        """Seconds spent finding one proposed token (a draft model's decode; next to nothing for prompt lookup)."""
+        return statistics.median(self._proposing) if self._proposing else 0.0
+
+    def record_proposing(self, seconds: float, proposed: int) -> None:
+        """Seconds a step's proposing took (Proposer.spent) for the tokens it proposed."""
+        if proposed:
+            self._proposing.append(seconds / proposed)
 
     def record(self, seconds: float, drafted: int) -> None:
         if not drafted:
@@ -107,4 +281,4 @@ class StepCosts:
         step, per_token = self.step, self.per_token
         if step is None or per_token is None:
             return True  # not measured yet: try
-        return rate * step > 1.1 * per_token * running
+        return rate * step > 1.1 * (per_token + self.proposing) * running

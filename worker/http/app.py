@@ -23,6 +23,7 @@ from worker.http.server import read_body_in_time
 from worker.http.state import METRICS, SETTINGS, STATE, WorkerState
 from worker.http.tokenizing import TOKENIZERS, TokenizerPool
 from worker.llamacpp import ModelLoadError
+from worker.llamacpp.draft import DraftMismatch
 from worker.metrics import Metrics
 from worker.models.errors import ModelResolveError
 from worker.narration import narrate
@@ -45,10 +46,10 @@ async def _runtime_lifecycle(app: web.Application) -> AsyncIterator[None]:
             where = placement(settings)
             state.backend, state.device = where.backend, where.device
             state.runtime = await asyncio.to_thread(runtime.load, settings, where, metrics, loop, progress)
-        except (ModelResolveError, ModelLoadError, BackendUnavailable) as exc:
+        except (ModelResolveError, ModelLoadError, BackendUnavailable, DraftMismatch) as exc:
             state.status, state.error = "failed", str(exc)
             narrate("model_load_failed", f"The model could not be loaded: {exc}", level="error", reason=str(exc))
-            state.stop(ExitCode.CONFIG if isinstance(exc, BackendUnavailable) else ExitCode.MODEL)
+            state.stop(ExitCode.CONFIG if isinstance(exc, (BackendUnavailable, DraftMismatch)) else ExitCode.MODEL)
         except Exception as exc:  # an unexpected failure is still a load failure, reported, never a hang
             state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
             narrate("model_load_failed", f"The model could not be loaded: {state.error}", level="error",
