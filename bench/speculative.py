@@ -1,8 +1,11 @@
-"""Speculative decoding (ngram) against plain decoding, the engine in-process, on a workload that copies from its
-prompt and on one that does not; alternated rounds, so a busy neighbour slows both alike.
+"""Speculative decoding (ngram, or a draft model) against plain decoding, the engine in-process, on a workload that
+copies from its prompt and on one that does not; alternated rounds, so a busy neighbour slows both alike.
 
-    python -m bench.speculative                                   # CPU, the embedded model
+    python -m bench.speculative                                   # CPU, the embedded model, ngram
     python -m bench.speculative --model m.gguf --gpu-layers 999 --streams 1,8,32
+    python -m bench.speculative --model m.gguf --gpu-layers 999 --spec-type draft --draft-model m.gguf --gate off
+                                                                  # a self-draft, every step: the ceiling
+Rows (JSON, one a line): plain_tps, <spec-type>_tps, speedup, same_text, acceptance.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from pathlib import Path
 from worker.engine.core import EngineCore
 from worker.engine.outputs import Finished, Job, Output, TokenText
 from worker.engine.sampling import SamplingParams
-from worker.engine.speculative import SpecConfig
+from worker.engine.speculative import DraftProposer, SpecConfig
 from worker.llamacpp import Context, Model
+from worker.llamacpp.draft import DraftModel, check_draft_compatible
 from worker.models.resolve import embedded_model_path
 
 PASSAGE = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, the "
@@ -29,13 +33,20 @@ COPY = ("<|im_start|>user\nRepeat the following text exactly, word for word:\n\n
 FREE = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def build(model: Model, streams: int, spec: SpecConfig | None) -> EngineCore:
+def build(model: Model, streams: int, spec: SpecConfig | None, draft: DraftModel | None = None) -> EngineCore:
     ctx = Context(model, n_ctx=1024 * streams, n_seq=streams, n_batch=512, threads=2 if not model.offloaded else 4,
                   flash_attn="on" if model.offloaded else "off", in_graph_sampling=model.offloaded)
     assert ctx.warm_up() == 0
     return EngineCore(ctx, model, ctx_size=1024, parallel=streams, max_queue=64, batch_size=512,
                       in_graph_sampling=model.offloaded, offloaded=model.offloaded, prefix_cache=False,
-                      speculation=spec)
+                      speculation=spec, proposer=DraftProposer(draft) if draft is not None else None)
+
+
+def load_draft(path: str, target: Model, streams: int, gpu_layers: int) -> DraftModel:
+    model = Model.load(Path(path), ref=path, fmt="gguf", gpu_layers=gpu_layers)
+    check_draft_compatible(target, model)
+    return DraftModel(model, n_ctx_seq=1024, n_seq=streams, n_batch=512, threads=2 if not model.offloaded else 4,
+                      flash_attn="on" if model.offloaded else "off")
 
 
 async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int, tokens: int, tag: str,
@@ -61,17 +72,19 @@ async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int,
 async def main_async(args: argparse.Namespace) -> list[dict]:
     model = Model.load(Path(args.model) if args.model else embedded_model_path(), ref="bench", fmt="gguf",
                        gpu_layers=args.gpu_layers)
-    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load)
+    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load, gate=args.gate == "on")
     params = SamplingParams(temperature=0)
+    kind = args.spec_type
     rows = []
     try:
         for streams in [int(s) for s in args.streams.split(",")]:
-            engines = {"plain": build(model, streams, None), "ngram": build(model, streams, spec)}
+            draft = load_draft(args.draft_model, model, streams, args.gpu_layers) if kind == "draft" else None
+            engines = {"plain": build(model, streams, None), kind: build(model, streams, spec, draft)}
             for e in engines.values():
                 e.start(asyncio.get_running_loop())
             try:
                 for name, prompt in (("copy", COPY), ("free", FREE)):
-                    tps: dict[str, list[float]] = {"plain": [], "ngram": []}
+                    tps: dict[str, list[float]] = {"plain": [], kind: []}
                     texts: dict[str, list[str]] = {}
                     rate: list[float] = []
                     for r in range(args.rounds):
@@ -81,15 +94,17 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                             tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
                             rate += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
                     row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
-                           "ngram_tps": round(max(tps["ngram"]), 1),
-                           "speedup": round(max(tps["ngram"]) / max(tps["plain"]), 3),
-                           "same_text": texts["plain"] == texts["ngram"],
+                           f"{kind}_tps": round(max(tps[kind]), 1),
+                           "speedup": round(max(tps[kind]) / max(tps["plain"]), 3),
+                           "same_text": texts["plain"] == texts[kind],
                            "acceptance": round(statistics.mean(rate), 3) if rate else None}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:
                 for e in engines.values():
                     e.close()
+                if draft is not None:
+                    draft.close()
     finally:
         model.close()
     return rows
@@ -104,8 +119,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n-max", type=int, default=8)
     p.add_argument("--max-load", type=int, default=4)
+    p.add_argument("--spec-type", choices=("ngram", "draft"), default="ngram")
+    p.add_argument("--draft-model", help="the draft GGUF of --spec-type draft (the same file: a self-draft)")
+    p.add_argument("--gate", choices=("on", "off"), default="on",
+                   help="off: speculate at every step whatever it costs (a proposer's ceiling)")
     p.add_argument("--out")
     args = p.parse_args()
+    if (args.spec_type == "draft") != (args.draft_model is not None):
+        p.error("--spec-type draft and --draft-model go together")
     rows = asyncio.run(main_async(args))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -119,10 +119,11 @@ def test_a_long_prompt_is_decoded_in_chunks_of_the_batch_size():
     assert draft.cells[0] == prompt and draft.cells[1] == [5, 6, 7]
 
 
-def test_a_proposal_stops_at_an_end_of_generation_token():
+def test_a_proposal_ends_before_an_end_of_generation_token():
     draft = FakeDraft()
     proposer = DraftProposer(draft)
-    assert proposer.propose_all([ask(0, [23, 24], 5)]) == {0: [25, EOG]}  # 25 + 1 wraps to the end token
+    assert proposer.propose_all([ask(0, [23, 24], 5), ask(1, [7, 25], 5)]) == {0: [25], 1: []}  # 25 + 1 wraps to 0
+    assert draft.batches[-1] == [(0, [25], 2)]  # the end token's decode showed it: nothing more is decoded
 
 
 def test_a_draft_context_smaller_than_the_sequence_proposes_less_or_nothing():

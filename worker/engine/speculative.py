@@ -26,6 +26,9 @@ class SpecConfig:
     max_load: int = 4  # running + waiting jobs above which nobody speculates (decoding stops being memory-bound)
     ngram_max: int = 4  # the longest suffix looked up in the sequence's own tokens
     ngram_min: int = 3
+    # weigh each proposal's measured cost against its expected gain (StepCosts); off only to measure the ceiling of
+    # a proposer (benchmarks, tests that want every step to speculate)
+    gate: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class DraftProposer:
     """A small model of the target's vocabulary proposes greedily. Per sequence it keeps what its own KV holds;
     asked again, it cuts that back to the common prefix with the sequence's history (the proposals the target
     rejected, or a new job's prompt), decodes what is missing (a prompt once, then only the tokens accepted since)
-    and proposes n tokens, one decode per token. All sequences asking in a step share each decode: the catch-up
+    and proposes up to n tokens, one decode per token, ending before an end-of-generation token. All sequences asking in a step share each decode: the catch-up
     parts in as few batches as they fit, then one token per still-proposing sequence per decode."""
 
     def __init__(self, ctx: DraftContext) -> None:
@@ -124,20 +127,26 @@ class DraftProposer:
             keep = self._cut_to(ask.seq_id, history)
             pending.append((Ask(ask.seq_id, ask.history, n), history[keep:], keep))
         live = self._catch_up(pending)
-        # then one token a decode for every sequence still proposing
-        proposals = {seq_id: [token] for seq_id, token in live.items()}
+        # then one token a decode for every sequence still proposing. A proposal ends before an end-of-generation
+        # token: the target's own token after the last proposal gives it in the same step, and a proposed one
+        # would count as rejected even where the target agrees (its cell is not kept).
+        proposals: dict[int, list[int]] = {s: [] if self.ctx.is_eog(t) else [t] for s, t in live.items()}
         wanted = {ask.seq_id: ask.n for ask, _, _ in pending}
-        while True:
-            going = [s for s, p in proposals.items() if len(p) < wanted[s] and not self.ctx.is_eog(p[-1])]
-            if not going:
-                break
+        going = [s for s, p in proposals.items() if p and len(p) < wanted[s]]
+        while going:
             parts = [(s, [proposals[s][-1]], len(self._seqs[s].held), True, False, 0) for s in going]
             started = time.perf_counter()
             if self.ctx.decode(parts) != 0:  # the draft's cells stay as they were: propose what there is
                 break
+            still = []
             for index, s in enumerate(going):
                 self._seqs[s].held.append(proposals[s][-1])
-                proposals[s].append(self.ctx.greedy(index))
+                token = self.ctx.greedy(index)
+                if not self.ctx.is_eog(token):
+                    proposals[s].append(token)
+                    if len(proposals[s]) < wanted[s]:
+                        still.append(s)
+            going = still
             self.spent += time.perf_counter() - started
         for seq_id, proposal in proposals.items():
             self._seqs[seq_id].proposed = len(proposal)
