@@ -107,8 +107,9 @@ class DraftProposer:
     """A small model of the target's vocabulary proposes greedily. Per sequence it keeps what its own KV holds;
     asked again, it cuts that back to the common prefix with the sequence's history (the proposals the target
     rejected, or a new job's prompt), decodes what is missing (a prompt once, then only the tokens accepted since)
-    and proposes up to n tokens, one decode per token, ending before an end-of-generation token. All sequences asking in a step share each decode: the catch-up
-    parts in as few batches as they fit, then one token per still-proposing sequence per decode."""
+    and proposes up to n tokens, one decode per token, ending before an end-of-generation token. All sequences
+    asking in a step share each decode: the catch-up parts in as few batches as they fit, then one token per
+    still-proposing sequence per decode."""
 
     def __init__(self, ctx: DraftContext) -> None:
         self.ctx = ctx

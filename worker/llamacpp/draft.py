@@ -50,8 +50,9 @@ def check_draft_compatible(target: Model, draft: Model) -> None:
 
 def _vocab_type(vocab: object) -> str:
     kind = int(lc.llama_vocab_type(vocab))
-    return {lc.LLAMA_VOCAB_TYPE_SPM: "SentencePiece", lc.LLAMA_VOCAB_TYPE_BPE: "BPE", lc.LLAMA_VOCAB_TYPE_WPM: "WordPiece",
-            lc.LLAMA_VOCAB_TYPE_UGM: "Unigram", lc.LLAMA_VOCAB_TYPE_RWKV: "RWKV"}.get(kind, f"type {kind}")
+    names = {lc.LLAMA_VOCAB_TYPE_SPM: "SentencePiece", lc.LLAMA_VOCAB_TYPE_BPE: "BPE",
+             lc.LLAMA_VOCAB_TYPE_WPM: "WordPiece", lc.LLAMA_VOCAB_TYPE_UGM: "Unigram", lc.LLAMA_VOCAB_TYPE_RWKV: "RWKV"}
+    return names.get(kind, f"type {kind}")
 
 
 class DraftModel:
