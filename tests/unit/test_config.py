@@ -46,6 +46,21 @@ def test_bad_settings_raise_one_line(argv):
     assert "\n" not in str(err.value)
 
 
+def test_draft_settings_go_together():
+    s = load_settings(["--spec-type", "draft", "--spec-draft-model", "d.gguf", "--spec-draft-gpu-layers", "all",
+                       "--spec-draft-ctx-size", "512"])
+    assert (s.spec_draft_model, s.spec_draft_gpu_layers, s.spec_draft_ctx_size) == ("d.gguf", "all", 512)
+    assert load_settings(["--spec-type", "draft", "--spec-draft-model", "d.gguf"]).spec_draft_gpu_layers is None
+    for argv, needle in ((["--spec-type", "draft"], "--spec-draft-model"),
+                         (["--spec-draft-model", "d.gguf"], "--spec-type none"),
+                         (["--spec-type", "ngram", "--spec-draft-gpu-layers", "3"], "--spec-draft-gpu-layers"),
+                         (["--spec-type", "draft", "--spec-draft-model", "d", "--spec-draft-gpu-layers", "x"],
+                          "--spec-draft-gpu-layers")):
+        with pytest.raises(ConfigError) as err:
+            load_settings(argv)
+        assert needle in str(err.value), argv
+
+
 def test_bad_toml_is_a_config_error(tmp_path: Path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("parallel = = 3\n")

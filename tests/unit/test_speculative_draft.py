@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from tests.unit.test_scheduler import EOG, REPEATING, end, engine, run, submit, text
-from worker.engine.speculative import Ask, DraftProposer, SpecConfig
+from worker.engine.speculative import Ask, DraftProposer, SpecConfig, StepCosts
 
 VOCAB = 26
 
@@ -151,6 +151,28 @@ def test_a_sliding_window_draft_starts_over_rather_than_cut_back_far():
     proposer.propose_all([ask(0, list(range(1, 12)), 2)])
     assert proposer.propose_all([ask(0, [1, 2, 3, 9], 1)]) == {0: [10]}
     assert draft.cuts[-1] == (0, 0) and draft.cells[0] == [1, 2, 3, 9]
+
+
+def test_proposing_time_counts_against_a_proposal_and_a_prompt_catch_up_does_not():
+    costs = StepCosts()
+    for _ in range(3):
+        costs.record(0.030, 0)  # a plain step: 30 ms
+        costs.record(0.038, 1)  # one proposed token adds 8 ms
+    assert costs.worth(1.0, 1)  # prompt lookup: next to free, a sure proposal pays
+    costs.record_proposing(0.030 * 4, 4)  # a draft as costly as the model itself (a self-draft on the CPU)
+    assert not costs.worth(1.0, 1)
+
+    class TimedDraft(FakeDraft):
+        def decode(self, parts) -> int:
+            import time
+            time.sleep(0.01 * sum(len(p[1]) for p in parts))  # 10 ms a token
+            return super().decode(parts)
+
+    proposer = DraftProposer(TimedDraft())
+    proposer.propose_all([ask(0, list(range(1, 21)), 2)])  # a 20-token prompt caught up (0.2 s): not a step's cost
+    assert 0.01 <= proposer.spent < 0.1  # the second proposed token's decode
+    proposer.propose_all([ask(0, [*range(1, 21), 21, 22], 2)])  # accepted 21, then the target's 22: steady
+    assert 0.02 <= proposer.spent < 0.1  # 22 caught up, then the second proposal's decode
 
 
 # ---- the scheduler with a draft proposer (the fake target continues t -> t + 1, as the fake draft does) ----------
