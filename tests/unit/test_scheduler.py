@@ -125,10 +125,10 @@ class FakeContext:
             return int(np.argmax(self._logits[index]))
         return (self._last[index] + 1) % 26
 
-    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+    def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
         assert seq_id in self.chains, "sampled without a chain"
         self.cpu_sampled.append(seq_id)
-        return int(np.argmax(logits))
+        return int(ids[np.argmax(values)])
 
     def logits(self, index: int) -> np.ndarray:
         """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
@@ -541,17 +541,19 @@ class EvenTokens:
         self.consumed: list[int] = []
         self.allow_none = allow_none
         self.error = "nothing allowed" if allow_none else None
+        self.prepared = 0  # masks computed ahead, while the step computes
 
     @property
     def stopped(self) -> bool:
         return len(self.consumed) == 3
 
-    def mask(self, logits: np.ndarray) -> bool:
-        logits[1::2] = -np.inf
-        logits[EOG] = -np.inf  # no end before the grammar is complete
+    def prepare(self) -> None:
+        self.prepared += 1
+
+    def allowed(self) -> np.ndarray:
         if self.allow_none:
-            logits[:] = -np.inf
-        return not self.allow_none
+            return np.arange(0)
+        return np.array([t for t in range(0, VOCAB, 2) if t != EOG])  # no end before the grammar is complete
 
     def consume(self, token: int) -> None:
         self.consumed.append(token)
@@ -588,13 +590,24 @@ def test_a_constraint_that_allows_nothing_fails_its_job_alone():
 
 
 def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_neighbours():
-    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=FakeGrammars())
+    grammars = FakeGrammars()
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=grammars)
     got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), logprobs=0)
     free = submit(core, "b", [1, 2, 3], max_tokens=3)
     run(core)
     assert end(got).tokens_out == 3 and text(free) == "efg"
     assert [len(batch) for batch in ctx.batches] == [2, 2, 2]
-    assert ctx.cpu_sampled == [0, 0, 0]  # masked logits: sampled from what the mask left, on the CPU
+    # masked logits, sampled by numpy on the CPU; each mask computed after its step was queued
+    assert ctx.cpu_sampled == [] and grammars.guides[0].prepared == 3
+
+
+def test_a_penalized_job_read_on_the_cpu_keeps_llama_cpps_chain():
+    grammars = FakeGrammars()
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=grammars)
+    params = SamplingParams(temperature=0, repetition_penalty=1.3)
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), params=params)
+    run(core)
+    assert end(got).tokens_out == 3 and ctx.cpu_sampled == [0, 0, 0]  # the chain sees the history it penalizes
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class EngineContext(SlotResources, Protocol):
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
     def logits(self, index: int) -> np.ndarray: ...
-    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int: ...
+    def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int: ...
 
     @property
     def n_outputs(self) -> int: ...  # logits rows one batch may ask for
@@ -277,6 +277,9 @@ class EngineCore:
             self._flush_text()
             return self._isolate_failure(plan, status)
         self.scheduler.decoded(zip(plan.slots, plan.parts, strict=True))  # its cells are taken now
+        for slot, part in zip(plan.slots, plan.parts, strict=True):  # the masks the step's samples need, meanwhile
+            if part.logits and slot.guide is not None:
+                slot.guide.prepare()
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
         self._read_prompt_logprobs(plan)
@@ -332,11 +335,10 @@ class EngineCore:
         return [(slot, token, None) for token in tokens]
 
     def _pick(self, slot: Slot, index: int) -> int:
-        """A speculating job's token: greedy without penalties is the logits' argmax (llama.cpp's greedy sampler
-        takes the first of equal maxima, as numpy does), read at a fraction of a full chain's cost."""
-        params = slot.job.params if slot.job is not None else None
-        if params is not None and params.greedy and not params.penalized:
-            return int(self.ctx.logits(index).argmax())
+        """A speculating job's token at one position: from the logits by numpy where its sampling allows (greedy is
+        their first maximum, as llama.cpp's greedy sampler takes), else by its llama.cpp chain."""
+        if slot.sampler is not None:
+            return slot.sampler.sample(self.ctx.logits(index))
         return self.ctx.sample(slot.seq_id, index)
 
     def _sample(self, slot: Slot, index: int) -> Sampled:
@@ -344,19 +346,24 @@ class EngineCore:
         assert job is not None
         if not job.reads_logits:
             return slot, self._pick(slot, index) if slot.spec is not None else self.ctx.sample(slot.seq_id, index), None
-        # A job that reads its logits: logprobs taken from the model's own values, then the constraint's mask
-        # applied (in place, in llama.cpp's buffer), then the job's chain samples what is left: from the allowed
-        # tokens alone where there is a mask (a narrow one makes the chain's sort short).
+        # A job that reads its logits: logprobs taken from the model's own values, then the tokens the constraint
+        # allows, then the job's sampler draws from those. The logits are read, never written: llama.cpp's buffer
+        # is left as the model made it.
         logits = self.ctx.logits(index)
         ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
-        if slot.guide is None:
-            token = self.ctx.sample(slot.seq_id, index)
-        elif slot.guide.mask(logits):
-            token = self.ctx.sample_logits(slot.seq_id, logits, finite_only=True)
-            slot.guide.consume(token)
-        else:
+        allowed = slot.guide.allowed() if slot.guide is not None else None
+        if allowed is not None and not len(allowed):
+            assert slot.guide is not None
             self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
             return slot, -1, None
+        if slot.sampler is not None:
+            token = slot.sampler.sample(logits, allowed)
+        elif allowed is not None:  # a penalized chain, over the allowed tokens alone (a narrow mask sorts few)
+            token = self.ctx.sample_candidates(slot.seq_id, allowed, logits[allowed])
+        else:
+            token = self.ctx.sample(slot.seq_id, index)
+        if slot.guide is not None:
+            slot.guide.consume(token)
         return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
 
     def _read_prompt_logprobs(self, plan: StepPlan) -> None:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from worker.engine.constraints import Guide
+from worker.engine.cpu_sampling import CpuSampler
 from worker.engine.outputs import (
     Constraint,
     Failed,
@@ -83,6 +84,7 @@ class Slot:
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
     chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
     guide: Guide | None = None  # the job's constraint
+    sampler: CpuSampler | None = None  # samples the logits the job reads on the CPU (numpy), unless penalized
     spec: SlotSpeculation | None = None  # the job speculates
     text: TextStream | None = None
     prompt_pos: int = 0  # prompt tokens already decoded
@@ -396,6 +398,8 @@ class Scheduler:
             self._chains_changed = True
         self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu)
         slot.chain_params, slot.chain_on_cpu = job.params, on_cpu
+        reads_logits = job.reads_logits or slot.spec is not None
+        slot.sampler = CpuSampler(job.params) if reads_logits and CpuSampler.applies(job.params) else None
         if job.constraint is not None:
             if self.guides is None:
                 raise RuntimeError("this engine has no grammars for a constrained job")
@@ -533,7 +537,7 @@ class Scheduler:
             slot.prompt_cells = min(len(slot.kv_tokens), len(slot.job.prompt_tokens))
         else:
             self._drop_sequence(slot)  # a failed job's cells may not be what they should
-        slot.job = slot.text = slot.guide = slot.spec = None
+        slot.job = slot.text = slot.guide = slot.spec = slot.sampler = None
         slot.pending = []
         slot.logprobs, slot.prompt_logprobs = [], []
         slot.cached = 0

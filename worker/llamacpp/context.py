@@ -169,7 +169,6 @@ class Context:
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
         self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
-        self._all_ids = np.arange(model.n_vocab, dtype=np.int32)
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
@@ -208,15 +207,13 @@ class Context:
         logits logits() gives, as changed there)."""
         return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
 
-    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
-        """The token the sequence's chain picks from these logits (read, perhaps masked, on the CPU; they need not
-        be the context's any more). With `finite_only`, tokens at -inf are left out of the candidates: a narrow
-        mask then makes the chain's sort short."""
+    def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
+        """The token the sequence's chain picks from these candidates (token ids and their logits, read and perhaps
+        narrowed by a mask on the CPU): a narrow mask makes the chain's sort short."""
         chain = self._chains[seq_id]
-        ids = np.flatnonzero(np.isfinite(logits)).astype(np.int32) if finite_only else self._all_ids
         candidates = np.empty(len(ids), dtype=_TOKEN_DATA)
         candidates["id"] = ids
-        candidates["logit"] = logits[ids] if finite_only else logits
+        candidates["logit"] = values
         candidates["p"] = 0.0
         array = lc.llama_token_data_array(data=candidates.ctypes.data_as(lc.llama_token_data_p), size=len(ids),
                                           selected=-1, sorted=False)
