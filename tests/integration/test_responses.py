@@ -143,7 +143,7 @@ def test_harmless_fields_are_accepted(client):
 # ---- openai-agents: its default model is the Responses one --------------------------------------------------------
 
 
-async def test_an_openai_agents_agent_calls_its_tool_and_finishes(worker):
+def weather_agent(worker) -> tuple[Agent, list[str]]:
     set_tracing_disabled(True)  # no network: traces would go to OpenAI
     calls: list[str] = []
 
@@ -155,17 +155,34 @@ async def test_an_openai_agents_agent_calls_its_tool_and_finishes(worker):
 
     model = OpenAIResponsesModel(model="m", openai_client=openai.AsyncOpenAI(
         base_url=f"{worker.url}/v1", api_key="unused", max_retries=0))
-    # A random-weight-sized model calls only when made to: required on the first turn (openai-agents resets
-    # tool_choice after a call)
+    # A model this small calls only when made to: required on the first turn (openai-agents resets tool_choice
+    # after a call)
     agent = Agent(name="weather", instructions="Use get_weather, then answer.", model=model, tools=[get_weather],
                   model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=60))
-    result = await Runner.run(agent, "What is the weather in Paris?", max_turns=4,
-                              run_config=RunConfig(tracing_disabled=True))
+    return agent, calls
+
+
+def check_run(result, calls: list[str]) -> None:
     assert len(calls) == 1
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
     assert isinstance(result.final_output, str) and result.final_output
     assert result.context_wrapper.usage.requests == 2
+
+
+async def test_an_openai_agents_agent_calls_its_tool_and_finishes(worker):
+    agent, calls = weather_agent(worker)
+    result = await Runner.run(agent, ASK, max_turns=4, run_config=RunConfig(tracing_disabled=True))
+    check_run(result, calls)
+
+
+async def test_an_openai_agents_agent_streams_its_run(worker):
+    agent, calls = weather_agent(worker)
+    result = Runner.run_streamed(agent, ASK, max_turns=4, run_config=RunConfig(tracing_disabled=True))
+    raw = [ev.data.type async for ev in result.stream_events() if ev.type == "raw_response_event"]
+    check_run(result, calls)
+    assert raw.count("response.completed") == 2 and "response.function_call_arguments.delta" in raw
+    assert "response.output_text.delta" in raw
 
 
 # ---- reasoning: Qwen 3's <think> as reasoning items ---------------------------------------------------------------

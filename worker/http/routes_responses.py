@@ -58,7 +58,7 @@ from worker.http.state import STATE
 routes = web.RouteTableDef()
 
 # The chat layer names OpenAI chat's fields; these are the Responses API's.
-_FIELDS = {"messages": "input", "n": "input", "response_format": "text.format"}
+_FIELDS = {"messages": "input", "response_format": "text.format"}
 _INCOMPLETE = (StopReason.MAX_TOKENS, StopReason.TIMEOUT, StopReason.CANCELLED)
 _ID_PREFIX = {"reasoning": "rs", "text": "msg", "tool_call": "fc"}
 

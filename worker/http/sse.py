@@ -1,8 +1,8 @@
 """Server-sent events: the one writer every streaming route uses.
 
 Two dialects: named events (`event: <type>` and `data: <json>` whose object also carries "type": the native API,
-OpenAI's Responses, Anthropic's Messages) and OpenAI chat's (`data: <json>` lines, then `data: [DONE]`). Events are gathered and written once per engine step: one write per
-step, however many events it holds.
+OpenAI's Responses, Anthropic's Messages) and OpenAI chat's (`data: <json>` lines, then `data: [DONE]`). Events are
+gathered and written once per engine step: one write per step, however many events it holds.
 """
 
 from __future__ import annotations
