@@ -194,3 +194,17 @@ def test_a_thinking_models_reasoning_comes_as_a_thinking_block(qwen3):
     m = client.messages.create(model="m", max_tokens=300, messages=ASK, tools=[WEATHER], tool_choice={"type": "any"},
                                thinking={"type": "disabled"}, extra_body={"temperature": 1.0, "seed": 0})
     assert [b.type for b in m.content] == ["tool_use"] and m.stop_reason == "tool_use"
+
+
+def test_a_prefilled_assistant_turn_is_continued(worker, client):
+    """The answer goes on from the prefill, as a completion of the rendered conversation plus that text would."""
+    prefill = "The colour is"
+    ask = [{"role": "user", "content": "Name a colour."}]
+    m = client.messages.create(model="m", max_tokens=8, messages=[*ask, {"role": "assistant", "content": prefill}],
+                               **GREEDY)
+    rendered = httpx.post(f"{worker.url}/tokenize", json={"messages": ask}).json()["tokens"]
+    text = httpx.post(f"{worker.url}/detokenize", json={"tokens": rendered}).json()["prompt"]
+    completion = httpx.post(f"{worker.url}/v1/completions", json={
+        "prompt": text + prefill, "max_tokens": 8, "temperature": 0}, timeout=60).json()
+    assert m.content[0].text == completion["choices"][0]["text"]
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == completion["usage"]["prompt_tokens"]

@@ -254,3 +254,13 @@ def test_anthropic_events_stop_reasons_and_usage():
     assert stop_reason(plain, end(StopReason.MAX_TOKENS)) == "max_tokens"
     u = usage(end(StopReason.EOS))
     assert (u.input_tokens, u.cache_read_input_tokens, u.output_tokens) == (8, 12, 7)
+
+
+def test_a_prefilled_assistant_turn_is_continued_not_repeated():
+    req = messages(messages=[{"role": "user", "content": "JSON please."},
+                             {"role": "assistant", "content": [{"type": "text", "text": '{"a":'}]}])
+    inputs = req.messages_chat_inputs()
+    assert inputs.messages == [{"role": "user", "content": "JSON please."}] and inputs.continue_with == '{"a":'
+    calls = messages(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]).messages_chat_inputs()
+    assert calls.continue_with == "" and calls.messages[-1]["tool_calls"]  # a call is history, not a prefill

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from aiohttp import web
@@ -45,6 +45,7 @@ class ChatInputs:
     logprobs: int | None = None
     speculate: bool = True
     choices_field: str = "n"  # the field to name when a request asks for more sequences than the worker holds
+    continue_with: str = ""  # text the answer continues from (Anthropic's prefilled last assistant turn)
 
     @property
     def choices(self) -> int:
@@ -65,7 +66,7 @@ async def chat_plan(request: web.Request, inputs: ChatInputs) -> ChatPlan:
     reasoning = inputs.reasoning or request.app[SETTINGS].reasoning_format
     specials = await asyncio.to_thread(model_special_tokens, runtime.model) if inputs.tools else {}
     try:
-        return chat.prepare(info.chat_template, inputs.messages, tools=inputs.tools, tool_choice=inputs.tool_choice,
+        plan = chat.prepare(info.chat_template, inputs.messages, tools=inputs.tools, tool_choice=inputs.tool_choice,
                             parallel_tool_calls=inputs.parallel_tool_calls, reasoning=reasoning,
                             bos_token=info.bos, eos_token=info.eos, special_tokens=specials,
                             template_kwargs=inputs.template_kwargs)
@@ -76,6 +77,9 @@ async def chat_plan(request: web.Request, inputs: ChatInputs) -> ChatPlan:
     except chat.TemplateRenderError as exc:
         raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
                        field="messages") from None
+    # The answer goes on from the prefilled text, after the template's opening of the assistant turn (as
+    # llama-server continues a final assistant message).
+    return replace(plan, prompt=plan.prompt + inputs.continue_with) if inputs.continue_with else plan
 
 
 def check_room(request: web.Request, choices: int, field_name: str) -> None:

@@ -156,15 +156,32 @@ class CountTokensRequest(Strict):
                                  "tools (name, description, input_schema)")
         return v
 
+    def _prefilled(self) -> MessageIn | None:
+        """A last assistant turn without tool_use is Anthropic's prefill: the answer continues its text (and does
+        not repeat it)."""
+        last = self.messages[-1]
+        if last.role != "assistant" or (not isinstance(last.content, str)
+                                        and any(isinstance(b, ToolUseIn) for b in last.content)):
+            return None
+        return last
+
+    def prefill(self) -> str:
+        last = self._prefilled()
+        if last is None:
+            return ""
+        return last.content if isinstance(last.content, str) else "".join(
+            b.text for b in last.content if isinstance(b, TextIn))
+
     def messages_for_template(self) -> list[dict[str, Any]]:
         """The conversation as OpenAI chat messages: each tool_result a tool message, each tool_use an assistant
-        message's tool call, thinking blocks dropped."""
+        message's tool call, thinking blocks dropped; a prefilled last assistant turn is left out (`prefill`)."""
         out: list[dict[str, Any]] = []
         if self.system is not None:
             text = self.system if isinstance(self.system, str) else "\n".join(b.text for b in self.system)
             out.append({"role": "system", "content": text})
         names: dict[str, str] = {}
-        for message in self.messages:
+        turns = self.messages[:-1] if self._prefilled() is not None else self.messages
+        for message in turns:
             blocks = [TextIn(type="text", text=message.content)] if isinstance(message.content, str) \
                 else message.content
             if message.role == "assistant":
@@ -221,7 +238,7 @@ class CountTokensRequest(Strict):
         tools, tool_choice, parallel = self.tool_inputs()
         return ChatInputs(messages=self.messages_for_template(), sampling=[sampling or SamplingParams()],
                           tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
-                          template_kwargs=self.template_kwargs(), **more)
+                          template_kwargs=self.template_kwargs(), continue_with=self.prefill(), **more)
 
 
 class MessagesRequest(CountTokensRequest):
