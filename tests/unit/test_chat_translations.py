@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker.chat.parsers import ChatParser, MarkedCalls, ReasoningSplitter
-from worker.engine.outputs import Finished, StopReason
+from worker.engine.outputs import Failed, Finished, StopReason
 from worker.http.chat_blocks import AnswerBlocks, BlockDelta, BlockStart, BlockStop
 from worker.http.errors import ApiError
 from worker.http.protocol_anthropic import MessagesRequest
@@ -169,6 +169,10 @@ def test_responses_events_follow_the_blocks():
     assert final.usage.input_tokens_details.cached_tokens == 12 and final.usage.total_tokens == 27
     cut = writer.finished(end(StopReason.MAX_TOKENS))
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    failed = writer.failed(Failed(code="decode_failed", message="llama_decode returned -1"))
+    assert failed.status == "failed" and failed.error.code == "decode_failed" and failed.usage is None
+    numbered = [writer.numbered(e).sequence_number for e in writer.events(AnswerBlocks(parser()).finish())]
+    assert numbered == [0, 1, 2, 3, 4]  # an empty answer: one empty message (added, part, done x3), in order
 
 
 # ---- Anthropic Messages -----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from worker.http.protocol_responses import (
     FunctionCallItemOut,
     IncompleteDetails,
     InputTokensDetails,
+    ItemStatus,
     MessageOut,
     OutputItem,
     OutputItemAdded,
@@ -73,17 +74,17 @@ class ResponseWriter:
     def item_id(self, block: Block) -> str:
         return f"{_ID_PREFIX[block.kind]}_{self.shell.id.removeprefix('resp_')}_{block.index}"
 
-    def item(self, block: Block, status: str, started: bool = False) -> OutputItem:
+    def item(self, block: Block, status: ItemStatus, started: bool = False) -> OutputItem:
         """The block as an output item; `started`: as output_item.added shows it, before any text."""
         text = "" if started else block.text
         if block.kind == "reasoning":
-            return ReasoningOut(id=self.item_id(block), status=status,  # type: ignore[arg-type]
+            return ReasoningOut(id=self.item_id(block), status=status,
                                 content=[] if started else [ReasoningText(text=text)])
         if block.kind == "text":
-            return MessageOut(id=self.item_id(block), status=status,  # type: ignore[arg-type]
+            return MessageOut(id=self.item_id(block), status=status,
                               content=[] if started else [OutputText(text=text)])
         return FunctionCallItemOut(id=self.item_id(block), call_id=block.call_id or "", name=block.name or "",
-                               arguments=text, status=status)  # type: ignore[arg-type]
+                               arguments=text, status=status)
 
     def _part(self, block: Block, text: str) -> OutputText | ReasoningText:
         return ReasoningText(text=text) if block.kind == "reasoning" else OutputText(text=text)
