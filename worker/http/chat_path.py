@@ -93,10 +93,9 @@ def check_room(request: web.Request, choices: int, field_name: str) -> None:
 
 
 async def chat_prompt_tokens(request: web.Request, inputs: ChatInputs) -> tuple[ChatPlan, list[int]]:
-    """The plan and its prompt's tokens (what count_tokens answers, and what the jobs run on)."""
+    """The plan and all of its prompt's tokens, however long (a token count: the jobs would run on these)."""
     plan = await chat_plan(request, inputs)
-    limit = request.app[STATE].require_ready().engine.ctx_size
-    return plan, await tokenizing.prompt_tokens(request, plan.prompt, limit=limit)
+    return plan, await tokenizing.prompt_tokens(request, plan.prompt)
 
 
 async def submit_chat(request: web.Request, inputs: ChatInputs, job_ids: Sequence[str]) -> tuple[ChatPlan, JobStream]:
