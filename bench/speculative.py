@@ -61,7 +61,8 @@ async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int,
 async def main_async(args: argparse.Namespace) -> list[dict]:
     model = Model.load(Path(args.model) if args.model else embedded_model_path(), ref="bench", fmt="gguf",
                        gpu_layers=args.gpu_layers)
-    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load)
+    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load,
+                      fixed_length=model.offloaded if args.fixed_length is None else args.fixed_length == "on")
     params = SamplingParams(temperature=0)
     rows = []
     try:
@@ -74,17 +75,24 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                     tps: dict[str, list[float]] = {"plain": [], "ngram": []}
                     texts: dict[str, list[str]] = {}
                     rate: list[float] = []
+                    step_ms: dict[str, list[float]] = {"plain": [], "ngram": []}
                     for r in range(args.rounds):
                         for kind, eng in engines.items():
+                            eng.stats.steps, eng.stats.step_s = 0, 0.0
                             ends, texts[kind] = await run_round(eng, model, prompt, streams, args.tokens,
                                                                 f"{kind}{streams}{name}{r}", params)
                             tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
+                            step_ms[kind].append(eng.stats.step_s / max(eng.stats.steps, 1) * 1000)
                             rate += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
                     row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
                            "ngram_tps": round(max(tps["ngram"]), 1),
                            "speedup": round(max(tps["ngram"]) / max(tps["plain"]), 3),
                            "same_text": texts["plain"] == texts["ngram"],
-                           "acceptance": round(statistics.mean(rate), 3) if rate else None}
+                           "acceptance": round(statistics.mean(rate), 3) if rate else None,
+                           "plain_ms_per_step": round(min(step_ms["plain"]), 3),
+                           "ngram_ms_per_step": round(min(step_ms["ngram"]), 3),
+                           "ngram_tokens_per_step": round(max(tps["ngram"]) * min(step_ms["ngram"]) / 1000 / streams,
+                                                          2)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:
@@ -104,6 +112,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n-max", type=int, default=8)
     p.add_argument("--max-load", type=int, default=4)
+    p.add_argument("--fixed-length", choices=["on", "off"], help="default: on where the model is offloaded")
     p.add_argument("--out")
     args = p.parse_args()
     rows = asyncio.run(main_async(args))

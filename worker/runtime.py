@@ -139,7 +139,8 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
                                 speculation=SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min,
-                                                       max_load=s.spec_max_load) if s.spec_type == "ngram" else None,
+                                                       max_load=s.spec_max_load, fixed_length=model.offloaded)
+                                if s.spec_type == "ngram" else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()

@@ -132,11 +132,24 @@ def test_responses_text_format_is_the_chat_constraint():
 
 @pytest.mark.parametrize("body, field", [({"store": True}, "store"), ({"previous_response_id": "r"},
                                                                         "previous_response_id"),
-                                         ({"background": True}, "background"), ({"top_logprobs": 5}, "top_logprobs")])
+                                         ({"background": True}, "background"), ({"top_logprobs": 5}, "top_logprobs"),
+                                         ({"truncation": "auto"}, "truncation")])
 def test_responses_stateful_or_unsupported_fields_are_refused_by_name(body, field):
     with pytest.raises(ApiError) as err:
         responses(**body)
     assert err.value.status == 400 and err.value.extra["field"] == field
+
+
+def test_responses_reasoning_effort_goes_to_the_chat_template():
+    assert responses().chat_inputs().template_kwargs is None
+    assert responses(reasoning={"effort": "high"}).chat_inputs().template_kwargs == {"reasoning_effort": "high"}
+    assert responses(reasoning={"effort": "none"}).chat_inputs().template_kwargs == {
+        "reasoning_effort": "none", "enable_thinking": False}
+    explicit = responses(reasoning={"effort": "none"}, chat_template_kwargs={"enable_thinking": True})
+    assert explicit.chat_inputs().template_kwargs == {"reasoning_effort": "none", "enable_thinking": True}
+    assert responses(truncation="disabled").chat_inputs() is not None
+    with pytest.raises(ValidationError):
+        ResponsesRequest.model_validate({"input": "hi", "reasoning": {"effort": "extreme"}})
 
 
 @pytest.mark.parametrize("body", [

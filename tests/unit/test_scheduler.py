@@ -666,6 +666,24 @@ def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
     assert spec.n == 2 and spec.rate == 1 / 16
 
 
+def test_a_fixed_length_proposal_keeps_the_steps_shape_and_pauses_after_misses_in_a_row():
+    core, ctx = engine(speculation=SpecConfig(n_max=6, fixed_length=True))
+    plain_core, _ = engine()
+    plain = submit(plain_core, "a", REPEATING, max_tokens=20)
+    run(plain_core)
+    got = submit(core, "a", REPEATING, max_tokens=20)
+    run(core)
+    assert text(got) == text(plain)
+    drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
+    assert drafted and all(p.n_draft == 6 for p in drafted[:-1])  # the last may be cut by max_tokens
+    spec = SlotSpeculation(n=6)
+    for _ in range(3):
+        spec.record(6, 0, 6, fixed_length=True)
+    assert spec.n == 6 and spec.pause == 16
+    spec.record(6, 2, 6, fixed_length=True)
+    assert spec.n == 6 and spec.misses == 0
+
+
 def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():
     proposer = NgramProposer(SpecConfig(ngram_max=3, ngram_min=2))
     history = np.array([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3], dtype=np.int32)

@@ -249,7 +249,11 @@ class Scheduler:
             spec.pause = 8  # then try again: the costs and the rate change with the text and the load
             return []
         draft = self.proposer.propose(np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n)
-        return draft if len(draft) >= config.n_min else []
+        if len(draft) < config.n_min:
+            return []
+        if config.fixed_length and len(draft) < n:  # the step keeps its shape (see SpecConfig.fixed_length)
+            draft += [draft[-1]] * (n - len(draft))
+        return draft
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
         """Of the part's proposals, the first `accepted` matched the target: the cells of the rest are freed."""
@@ -259,7 +263,7 @@ class Scheduler:
             self.resources.keep_prefix(slot.seq_id, keep)
             del slot.kv_tokens[keep:]
         slot.n_past = keep
-        slot.spec.record(part.n_draft, accepted, self.speculation.n_max)
+        slot.spec.record(part.n_draft, accepted, self.speculation.n_max, self.speculation.fixed_length)
         self.metrics.draft_verified(part.n_draft, accepted)
 
     def _expire_waiting(self, now: float) -> None:

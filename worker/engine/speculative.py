@@ -23,6 +23,9 @@ class SpecConfig:
     max_load: int = 4  # running + waiting jobs above which nobody speculates (decoding stops being memory-bound)
     ngram_max: int = 4  # the longest suffix looked up in the sequence's own tokens
     ngram_min: int = 3
+    # Every proposal n_max long (a short one padded): on a GPU a step of a new shape is built and launched without
+    # CUDA graphs until the shape has held for two steps, which costs more than verifying a few more tokens.
+    fixed_length: bool = False
 
 
 class NgramProposer:
@@ -57,12 +60,18 @@ class SlotSpeculation:
     proposed: int = 0
     accepted: int = 0
     pause: int = 0  # steps left without proposing, after a run of misses or while it does not pay
+    misses: int = 0  # steps in a row that accepted nothing
     recent_rate: float = 0.5  # accepted / proposed, recent steps weighing most
 
-    def record(self, proposed: int, accepted: int, n_max: int) -> None:
+    def record(self, proposed: int, accepted: int, n_max: int, fixed_length: bool = False) -> None:
         self.proposed += proposed
         self.accepted += accepted
         self.recent_rate = 0.7 * self.recent_rate + 0.3 * accepted / proposed
+        if fixed_length:  # the length stays; misses in a row pause it
+            self.misses = 0 if accepted else self.misses + 1
+            if self.misses == 3:
+                self.misses, self.pause = 0, 16
+            return
         if accepted == proposed:
             self.n = min(n_max, self.n * 2)
         elif accepted == 0:

@@ -146,12 +146,18 @@ class TextConfig(Strict):
 
 
 class ReasoningConfig(Strict):
-    """Accepted and ignored: a local model reasons as its chat template has it (chat_template_kwargs switches
-    Qwen 3's thinking)."""
+    """Given to the chat template: `effort` as `reasoning_effort` (as vLLM does: gpt-oss templates read it), and
+    `none` also as `enable_thinking: false` (Qwen 3). A template that reads neither reasons as it always does.
+    Summaries are not written: a `reasoning` item's summary is empty."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    effort: str | None = None
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: str | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        if self.effort is None:
+            return {}
+        return {"reasoning_effort": self.effort, **({"enable_thinking": False} if self.effort == "none" else {})}
 
 
 class ResponsesRequest(Strict):
@@ -176,8 +182,8 @@ class ResponsesRequest(Strict):
     top_logprobs: Any = neutral_only(0)
     max_tool_calls: Any = neutral_only()
     context_management: Any = neutral_only()
+    reasoning: ReasoningConfig | None = Field(None, description="effort: to the chat template (reasoning_effort)")
     # Accepted and ignored: they change nothing about the text.
-    reasoning: ReasoningConfig | None = None
     include: list[str] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -185,7 +191,7 @@ class ResponsesRequest(Strict):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None
+    truncation: Any = neutral_only("disabled")  # auto would drop input items: refused, never done silently
     # The worker's extras, as on chat completions (extra_body in the SDK)
     top_k: TopK | None = None
     min_p: MinP | None = None
@@ -278,6 +284,11 @@ class ResponsesRequest(Strict):
             raise ApiError(400, "invalid_request", "input has no message to answer", field="input")
         return out
 
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The request's chat_template_kwargs win over what `reasoning` implies."""
+        kwargs = {**(self.reasoning.template_kwargs() if self.reasoning else {}), **(self.chat_template_kwargs or {})}
+        return kwargs or None
+
     def chat_inputs(self) -> ChatInputs:
         tool_choice: str | dict[str, Any] | None = (
             {"type": "function", "function": {"name": self.tool_choice.name}}
@@ -286,7 +297,7 @@ class ResponsesRequest(Strict):
                  for t in self.tools] if self.tools else None
         return ChatInputs(messages=self.messages(), sampling=[self.sampling()], tools=tools, tool_choice=tool_choice,
                           parallel_tool_calls=self.parallel_tool_calls is not False,
-                          template_kwargs=self.chat_template_kwargs, response_format=self.constraint(),
+                          template_kwargs=self.template_kwargs(), response_format=self.constraint(),
                           max_tokens=self.max_output_tokens, speculate=self.speculative is not False)
 
 
