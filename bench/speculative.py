@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--streams", default="1")
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--n-max", type=int, default=8)
+    p.add_argument("--n-max", type=int, default=7)
     p.add_argument("--max-load", type=int, default=4)
     p.add_argument("--fixed-length", choices=["on", "off"], help="default: on where the model is offloaded")
     p.add_argument("--out")

@@ -137,6 +137,9 @@ class FakeContext:
             self._logits[index][(self._last[index] + 1) % 26] = 4.0
         return self._logits[index]
 
+    def logits_rows(self, index: int, count: int) -> np.ndarray:
+        return np.stack([self.logits(i) for i in range(index, index + count)])
+
     def quiet_log(self, quiet: bool) -> None:
         pass
 

@@ -53,6 +53,7 @@ class EngineContext(SlotResources, Protocol):
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
     def logits(self, index: int) -> np.ndarray: ...
+    def logits_rows(self, index: int, count: int) -> np.ndarray: ...
     def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int: ...
 
     @property
@@ -110,6 +111,7 @@ class EngineCore:
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []
+        self._last_shape: tuple[int, ...] = ()  # the tokens of each part of the last decode step
         self._jobs: dict[str, Job] = {}  # submitted and not yet delivered their end
         self._cond = threading.Condition()
         self._stopping = False
@@ -300,7 +302,11 @@ class EngineCore:
         self.stats.wait_s += now - t2
         self.scheduler.update(sampled, now)
         if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
-            self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
+            # A step of a new shape is built afresh and runs without CUDA graphs: its time says nothing of the next
+            shape = tuple(len(p.tokens) for p in plan.parts)
+            if shape == self._last_shape:
+                self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
+            self._last_shape = shape
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
         """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those
@@ -325,9 +331,13 @@ class EngineCore:
         ends the text); the proposals before it are accepted, the cells of the rest freed."""
         first = index - part.n_draft  # the batch index of the part's first token
         draft = part.tokens[1:]
+        sampler = slot.sampler
+        greedy = None
+        if sampler is not None and sampler.params.greedy:  # every position's choice in one pass over the rows
+            greedy = self.ctx.logits_rows(first, part.n_draft + 1).argmax(axis=1)
         tokens: list[int] = []
         for i in range(part.n_draft + 1):
-            token = self._pick(slot, first + i)
+            token = int(greedy[i]) if greedy is not None else self._pick(slot, first + i)
             tokens.append(token)
             if i == part.n_draft or token != draft[i] or self.vocab.is_eog(token):
                 break

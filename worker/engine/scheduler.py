@@ -246,7 +246,8 @@ class Scheduler:
         if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
             return []
         if not self.step_costs.worth(spec.recent_rate, self.n_running):
-            spec.pause = 8  # then try again: the costs and the rate change with the text and the load
+            # then try again, later each time it does not pay: the costs and the rate change with the text and load
+            spec.pause = spec.backoff = min(2 * spec.backoff, 256)
             return []
         draft = self.proposer.propose(np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n)
         if len(draft) < config.n_min:

@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 @dataclass(frozen=True)
 class SpecConfig:
-    n_max: int = 8  # proposals a step at most
+    n_max: int = 7  # proposals a step at most
     n_min: int = 1  # a shorter proposal is not worth the verification
     max_load: int = 4  # running + waiting jobs above which nobody speculates (decoding stops being memory-bound)
     ngram_max: int = 4  # the longest suffix looked up in the sequence's own tokens
@@ -61,12 +61,15 @@ class SlotSpeculation:
     accepted: int = 0
     pause: int = 0  # steps left without proposing, after a run of misses or while it does not pay
     misses: int = 0  # steps in a row that accepted nothing
+    backoff: int = 4  # the pause after the cost gate last said no (doubled each time it says no in a row)
     recent_rate: float = 0.5  # accepted / proposed, recent steps weighing most
 
     def record(self, proposed: int, accepted: int, n_max: int, fixed_length: bool = False) -> None:
         self.proposed += proposed
         self.accepted += accepted
         self.recent_rate = 0.7 * self.recent_rate + 0.3 * accepted / proposed
+        if accepted:
+            self.backoff = 4
         if fixed_length:  # the length stays; misses in a row pause it
             self.misses = 0 if accepted else self.misses + 1
             if self.misses == 3:

@@ -230,6 +230,17 @@ class Context:
             raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
+    def logits_rows(self, index: int, count: int) -> np.ndarray:
+        """The logits of `count` consecutive batch positions from `index`, all of which output logits: one view of
+        llama.cpp's buffer, a row a position (its rows are in batch order)."""
+        first = lc.llama_get_logits_ith(self.ptr, index)
+        last = lc.llama_get_logits_ith(self.ptr, index + count - 1)
+        row_bytes = self.model.n_vocab * ctypes.sizeof(ctypes.c_float)
+        if not first or not last or ctypes.addressof(last.contents) - ctypes.addressof(first.contents) != (
+                count - 1) * row_bytes:
+            raise RuntimeError(f"llama.cpp has no consecutive logits for batch positions {index}..{index + count - 1}")
+        return np.ctypeslib.as_array(first, shape=(count, self.model.n_vocab))
+
     def quiet_log(self, quiet: bool) -> None:
         """ggml's own log kept out of Python (see route_ggml_log), for steps that allocate nothing."""
         if quiet != self._ggml_quiet:
