@@ -27,7 +27,7 @@ from worker.engine.outputs import (
 )
 from worker.engine.sampling import SamplingParams
 from worker.engine.scheduler import Part, Scheduler
-from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig
+from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig, Stretch
 
 EOG = 0
 BAD = 1000
@@ -669,7 +669,7 @@ def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
     assert spec.n == 2 and spec.rate == 1 / 16
 
 
-def test_a_fixed_length_proposal_keeps_the_steps_shape_and_pauses_after_misses_in_a_row():
+def test_a_fixed_length_proposal_keeps_the_steps_shape():
     core, ctx = engine(speculation=SpecConfig(n_max=6, fixed_length=True))
     plain_core, _ = engine()
     plain = submit(plain_core, "a", REPEATING, max_tokens=20)
@@ -679,12 +679,49 @@ def test_a_fixed_length_proposal_keeps_the_steps_shape_and_pauses_after_misses_i
     assert text(got) == text(plain)
     drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
     assert drafted and all(p.n_draft == 6 for p in drafted[:-1])  # the last may be cut by max_tokens
-    spec = SlotSpeculation(n=6)
+    assert all(p.n_draft in (0, 6) for batch in ctx.batches for p in batch)
+
+
+def test_fixed_length_speculation_starts_only_after_its_shadow_guesses_came_true():
+    core, ctx = engine(speculation=SpecConfig(n_max=4, fixed_length=True))
+    # every 3 tokens the model will write were followed by 9 in the prompt: a proposal every step, never right
+    prompt = [2, 3, 4, 9, 3, 4, 5, 9, 4, 5, 6, 9, 5, 6, 7, 9, 6, 7, 8, 9, 7, 8, 9, 9, 20, 2, 3]
+    got = submit(core, "a", prompt, max_tokens=12)
+    run(core)
+    assert text(got) == "efghijklmnop" and not any(p.n_draft for batch in ctx.batches for p in batch)
+
+
+def test_a_stretch_that_accepts_nothing_ends_after_three_steps():
+    stretch = Stretch()
     for _ in range(3):
-        spec.record(6, 0, 6, fixed_length=True)
-    assert spec.n == 6 and spec.pause == 16
-    spec.record(6, 2, 6, fixed_length=True)
-    assert spec.n == 6 and spec.misses == 0
+        stretch.add(1, 0.002)
+    assert stretch.hopeless and stretch.give_up() == 32 and stretch.steps == 0
+    for _ in range(3):
+        stretch.add(1, 0.002)
+    assert stretch.give_up() == 64
+
+
+def test_a_stretch_of_speculation_goes_on_while_it_pays_and_pauses_longer_each_time_it_does_not():
+    def stretch_of(tokens_per_step: float, step_s: float) -> Stretch:
+        stretch = Stretch()
+        for _ in range(8):
+            stretch.add(round(tokens_per_step), step_s)
+        return stretch
+
+    plain_step = 0.0012
+    assert stretch_of(5, 0.0034).judge(None, 1) == Stretch.MIN_PAUSE  # nothing to compare with: measure plain
+    assert stretch_of(5, 0.0034).judge(plain_step, 1) == 0  # 1470 tokens/s against 833
+    slow, verdicts = Stretch(), []
+    for _ in range(6):
+        for _ in range(8):
+            slow.add(1, 0.0027)
+        verdicts.append(slow.judge(plain_step, 1))
+    assert verdicts == [32, 64, 128, 256, 512, 512]
+    slow.add(5, 0.0034)
+    assert slow.judge(plain_step, 1) == 0 and slow.pause == Stretch.MIN_PAUSE
+    # with others running, its gain must outweigh what the longer step costs them: 5 tokens a step for one of
+    # four sequences is 8 tokens in 3.4 ms against 4 in 1.2 ms
+    assert stretch_of(5, 0.0034).judge(plain_step, 4) > 0
 
 
 def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():

@@ -303,10 +303,13 @@ class EngineCore:
         self.scheduler.update(sampled, now)
         if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
             # A step of a new shape is built afresh and runs without CUDA graphs: its time says nothing of the next
+            seconds = time.perf_counter() - t0
             shape = tuple(len(p.tokens) for p in plan.parts)
             if shape == self._last_shape:
-                self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
+                self.scheduler.step_costs.record(seconds, sum(p.n_draft for p in plan.parts))
             self._last_shape = shape
+            if self.scheduler.speculation.fixed_length:
+                self.scheduler.speculated(plan, seconds)
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
         """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those

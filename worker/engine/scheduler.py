@@ -241,20 +241,43 @@ class Scheduler:
         assert spec is not None and job is not None and config is not None and self.proposer is not None
         if spec.pause > 0:
             spec.pause -= 1
+            spec.shadow, spec.hits = -1, 0
             return []
         n = min(spec.n, room, job.max_tokens - slot.tokens_out - 1)
         if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
             return []
+        history = np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32)
+        if config.fixed_length:
+            draft = self.proposer.propose(history, n)
+            if not spec.stretch.steps:  # between stretches: guess in the shadow (SlotSpeculation.shadow)
+                spec.hits = spec.hits + 1 if spec.shadow == slot.last_token else 0
+                spec.shadow = draft[0] if draft else -1
+                if spec.hits < config.shadow_hits or not draft or self.step_costs.step is None:
+                    return []
+                spec.hits = 0
+            # a stretch goes on even where nothing is found: the step keeps its shape
+            return draft + [draft[-1] if draft else slot.last_token] * (n - len(draft))
         if not self.step_costs.worth(spec.recent_rate, self.n_running):
             # then try again, later each time it does not pay: the costs and the rate change with the text and load
             spec.pause = spec.backoff = min(2 * spec.backoff, 256)
             return []
-        draft = self.proposer.propose(np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n)
-        if len(draft) < config.n_min:
-            return []
-        if config.fixed_length and len(draft) < n:  # the step keeps its shape (see SpecConfig.fixed_length)
-            draft += [draft[-1]] * (n - len(draft))
-        return draft
+        draft = self.proposer.propose(history, n)
+        return draft if len(draft) >= config.n_min else []
+
+    def speculated(self, plan: StepPlan, seconds: float) -> None:
+        """A decode step's time, for the stretches of fixed-length speculation in it: one judged after its steps
+        goes on or gives way to a pause."""
+        config = self.speculation
+        assert config is not None
+        for slot, part in zip(plan.slots, plan.parts, strict=True):
+            spec = slot.spec
+            if spec is None or not part.n_draft or slot.job is None:
+                continue
+            spec.stretch.add(slot.n_past - part.pos, seconds)  # the cells kept: its accepted tokens + its own
+            if spec.stretch.hopeless:
+                spec.pause = spec.stretch.give_up()
+            elif spec.stretch.steps >= config.trial_steps:
+                spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running)
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
         """Of the part's proposals, the first `accepted` matched the target: the cells of the rest are freed."""
