@@ -1,5 +1,8 @@
-"""Where a CPU-sampled token's time goes on a large vocabulary: reading the logits, the logprobs, the mask, the
-chain. One sequence, the step repeated.   python -m bench.cpu_sampling_probe --model m.gguf --gpu-layers 999"""
+"""Where a CPU-sampled token's time goes on a large vocabulary: reading the logits, the logprobs, the allowed tokens
+of a wide constraint, llama.cpp's chain ("sample", over the whole vocabulary) and the engine's numpy sampler
+("numpy", over the allowed tokens). One sequence, the step repeated.
+
+    python -m bench.cpu_sampling_probe --model m.gguf --gpu-layers 999"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import time
 from pathlib import Path
 
 from worker.engine.constraints import Grammars
+from worker.engine.cpu_sampling import CpuSampler
 from worker.engine.logprobs import Ranked
 from worker.engine.outputs import Constraint
 from worker.engine.sampling import SamplingParams
@@ -29,11 +33,13 @@ def main() -> None:
     guide = grammars.guide(Constraint("regex", r"[^\n]{4000}"))
     prompt = model.prompt_tokens("Write a story.")
     for name, params in (("greedy", SamplingParams(temperature=0)), ("t0.8", SamplingParams(temperature=0.8)),
-                         ("t0.8 top_k40", SamplingParams(temperature=0.8, top_k=40))):
+                         ("t0.8 top_k40", SamplingParams(temperature=0.8, top_k=40)),
+                         ("t0.8 top_p0.95", SamplingParams(temperature=0.8, top_p=0.95))):
         ctx.clear()
         ctx.use_chain(0, params, reuse=False, on_cpu=True)
         assert ctx.decode([(0, prompt, 0, True, False, 0)]) == 0
-        pos, token, t = len(prompt), 0, dict.fromkeys(("decode+read", "ranked", "mask", "sample"), 0.0)
+        sampler = CpuSampler(params)
+        pos, token, t = len(prompt), 0, dict.fromkeys(("decode+read", "ranked", "allowed", "sample", "numpy"), 0.0)
         index = len(prompt) - 1
         for _ in range(args.n):
             t0 = time.perf_counter()
@@ -42,14 +48,16 @@ def main() -> None:
             t1 = time.perf_counter()
             ranked = Ranked(logits, 5)
             t2 = time.perf_counter()
-            guide.mask(logits)
+            allowed = guide.allowed()
             t3 = time.perf_counter()
             token = ctx.sample(0, index)
             t4 = time.perf_counter()
+            token = sampler.sample(logits, allowed)
+            t["numpy"] += time.perf_counter() - t4
             ranked.of(logits, token, model.piece)
             guide.consume(token)
             t["ranked"] += t2 - t1
-            t["mask"] += t3 - t2
+            t["allowed"] += t3 - t2
             t["sample"] += t4 - t3
             t5 = time.perf_counter()
             assert ctx.decode([(0, [token], pos, True, False, 0)]) == 0

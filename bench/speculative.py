@@ -5,7 +5,8 @@ copies from its prompt and on one that does not; alternated rounds, so a busy ne
     python -m bench.speculative --model m.gguf --gpu-layers 999 --streams 1,8,32
     python -m bench.speculative --model m.gguf --gpu-layers 999 --spec-type draft --draft-model m.gguf --gate off
                                                                   # a self-draft, every step: the ceiling
-Rows (JSON, one a line): plain_tps, <spec-type>_tps, speedup, same_text, acceptance.
+Rows (JSON, one a line): plain_tps, <spec-type>_tps, speedup, same_text, acceptance, plain_ms_per_step,
+<spec-type>_ms_per_step, <spec-type>_tokens_per_step.
 """
 
 from __future__ import annotations
@@ -72,32 +73,40 @@ async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int,
 async def main_async(args: argparse.Namespace) -> list[dict]:
     model = Model.load(Path(args.model) if args.model else embedded_model_path(), ref="bench", fmt="gguf",
                        gpu_layers=args.gpu_layers)
-    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load, gate=args.gate == "on")
+    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load, gate=args.gate == "on",
+                      fixed_length=model.offloaded if args.fixed_length is None else args.fixed_length == "on")
     params = SamplingParams(temperature=0)
-    kind = args.spec_type
+    spec_kind = args.spec_type
     rows = []
     try:
         for streams in [int(s) for s in args.streams.split(",")]:
-            draft = load_draft(args.draft_model, model, streams, args.gpu_layers) if kind == "draft" else None
-            engines = {"plain": build(model, streams, None), kind: build(model, streams, spec, draft)}
+            draft = load_draft(args.draft_model, model, streams, args.gpu_layers) if spec_kind == "draft" else None
+            engines = {"plain": build(model, streams, None), spec_kind: build(model, streams, spec, draft)}
             for e in engines.values():
                 e.start(asyncio.get_running_loop())
             try:
                 for name, prompt in (("copy", COPY), ("free", FREE)):
-                    tps: dict[str, list[float]] = {"plain": [], kind: []}
+                    tps: dict[str, list[float]] = {"plain": [], spec_kind: []}
                     texts: dict[str, list[str]] = {}
                     rate: list[float] = []
+                    step_ms: dict[str, list[float]] = {"plain": [], spec_kind: []}
                     for r in range(args.rounds):
                         for kind, eng in engines.items():
+                            eng.stats.steps, eng.stats.step_s = 0, 0.0
                             ends, texts[kind] = await run_round(eng, model, prompt, streams, args.tokens,
                                                                 f"{kind}{streams}{name}{r}", params)
                             tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
+                            step_ms[kind].append(eng.stats.step_s / max(eng.stats.steps, 1) * 1000)
                             rate += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
                     row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
-                           f"{kind}_tps": round(max(tps[kind]), 1),
-                           "speedup": round(max(tps[kind]) / max(tps["plain"]), 3),
-                           "same_text": texts["plain"] == texts[kind],
-                           "acceptance": round(statistics.mean(rate), 3) if rate else None}
+                           f"{spec_kind}_tps": round(max(tps[spec_kind]), 1),
+                           "speedup": round(max(tps[spec_kind]) / max(tps["plain"]), 3),
+                           "same_text": texts["plain"] == texts[spec_kind],
+                           "acceptance": round(statistics.mean(rate), 3) if rate else None,
+                           "plain_ms_per_step": round(min(step_ms["plain"]), 3),
+                           f"{spec_kind}_ms_per_step": round(min(step_ms[spec_kind]), 3),
+                           f"{spec_kind}_tokens_per_step": round(
+                               max(tps[spec_kind]) * min(step_ms[spec_kind]) / 1000 / streams, 2)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:
@@ -117,8 +126,9 @@ def main() -> None:
     p.add_argument("--streams", default="1")
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--n-max", type=int, default=8)
+    p.add_argument("--n-max", type=int, default=7)
     p.add_argument("--max-load", type=int, default=4)
+    p.add_argument("--fixed-length", choices=["on", "off"], help="default: on where the model is offloaded")
     p.add_argument("--spec-type", choices=("ngram", "draft"), default="ngram")
     p.add_argument("--draft-model", help="the draft GGUF of --spec-type draft (the same file: a self-draft)")
     p.add_argument("--gate", choices=("on", "off"), default="on",

@@ -119,7 +119,10 @@ class Settings(BaseSettings):
         "stops proposing for sequences longer than it)")
     spec_draft_gpu_layers: int | Literal["all"] | None = Field(
         None, description="the draft model's layers on the GPU: a number or 'all'; default: as --gpu-layers")
-    spec_draft_n_max: int = Field(8, ge=1, le=32, description="tokens proposed per step at most")
+    spec_draft_n_max: int = Field(
+        7, ge=1, le=32, description="tokens proposed per step at most; on a GPU every proposal is this long (a step "
+        "keeps its shape, and CUDA graphs with it), and 7 keeps one sequence's step at 8 tokens, the most CUDA's "
+        "matrix-vector kernels take")
     spec_draft_n_min: int = Field(1, ge=1, le=32, description="a shorter proposal is not verified")
     spec_max_load: int = Field(
         4, ge=1, description="running + waiting requests above which nobody speculates: with many sequences a step "

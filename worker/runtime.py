@@ -143,7 +143,8 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
             if s.spec_type == "draft":
                 progress("load_draft", 0.95)
                 draft = load_draft(s, where, model, ctx_size)
-            speculation = SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min, max_load=s.spec_max_load)
+            speculation = SpecConfig(n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min, max_load=s.spec_max_load,
+                                     fixed_length=model.offloaded)
             engine = EngineCore(ctx, model, ctx_size=ctx_size, parallel=s.parallel, max_queue=s.max_queue,
                                 batch_size=s.batch_size, in_graph_sampling=in_graph, offloaded=model.offloaded,
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,

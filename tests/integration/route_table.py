@@ -21,3 +21,7 @@ ROUTE_TABLE = _app_for_routes()
 
 def openai_style(path: str) -> bool:
     return style_for(ROUTE_TABLE, path) is ErrorStyle.OPENAI
+
+
+def anthropic_style(path: str) -> bool:
+    return style_for(ROUTE_TABLE, path) is ErrorStyle.ANTHROPIC

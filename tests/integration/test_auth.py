@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.integration.route_table import openai_style
+from tests.integration.route_table import anthropic_style, openai_style
 from tests.integration.worker_process import WorkerProcess
 from worker.config import Settings
 from worker.http.app import create_app
@@ -50,6 +50,9 @@ async def app_routes() -> list[tuple[str, str]]:
 
 def _unauthorized_shape(path: str, body: dict) -> None:
     err = body["error"]
+    if anthropic_style(path):  # Anthropic's shape, so the anthropic SDK raises AuthenticationError
+        assert body == {"type": "error", "error": {"type": "authentication_error", "message": err["message"]}}
+        return
     if openai_style(path):  # OpenAI's shape, so the openai SDK raises AuthenticationError
         assert set(err) == {"message", "type", "param", "code"}, body
         assert err["type"] == "invalid_request_error"
@@ -69,7 +72,12 @@ BAD_HEADERS = [
     {"Authorization": f"Bearer {TOKEN}x"},  # longer
     {"Authorization": f"Bearer {TOKEN.upper()}"},  # tokens are case-sensitive
     {"Authorization": "Bearer é"},  # not ASCII
-    {"X-Api-Key": TOKEN},  # no other header or place counts
+    {"X-Api-Key": ""},
+    {"X-Api-Key": f"{TOKEN}x"},
+    {"X-Api-Key": f"Bearer {TOKEN}"},  # the key is the token itself
+    {"X-Api-Key": TOKEN, "Authorization": f"Bearer {TOKEN}x"},  # both sent: both must be right
+    {"X-Api-Key": "x", **AUTH},
+    {"Api-Key": TOKEN},  # no other header or place counts
 ]
 
 
@@ -90,8 +98,9 @@ async def test_every_protected_route_refuses_without_the_token(guarded):
                         assert resp.content_type == "application/json"
                         _unauthorized_shape(path, await resp.json())
                     checked += 1
-            async with http.request(method, guarded.url + path, headers=AUTH, json={}) as resp:
-                assert resp.status != 401, (method, path)  # the right token passes (then 200, 400 or 404)
+            for good in (AUTH, {"X-Api-Key": TOKEN}, {"X-Api-Key": TOKEN, **AUTH}):
+                async with http.request(method, guarded.url + path, headers=good, json={}) as resp:
+                    assert resp.status != 401, (method, path)  # the right token passes (then 200, 400 or 404)
     assert checked >= 10 * len(BAD_HEADERS)
 
 

@@ -27,7 +27,7 @@ from worker.engine.outputs import (
 )
 from worker.engine.sampling import SamplingParams
 from worker.engine.scheduler import Part, Scheduler
-from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig
+from worker.engine.speculative import NgramProposer, SlotSpeculation, SpecConfig, Stretch
 
 EOG = 0
 BAD = 1000
@@ -125,10 +125,10 @@ class FakeContext:
             return int(np.argmax(self._logits[index]))
         return (self._last[index] + 1) % 26
 
-    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
+    def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
         assert seq_id in self.chains, "sampled without a chain"
         self.cpu_sampled.append(seq_id)
-        return int(np.argmax(logits))
+        return int(ids[np.argmax(values)])
 
     def logits(self, index: int) -> np.ndarray:
         """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
@@ -136,6 +136,9 @@ class FakeContext:
             self._logits[index] = np.zeros(VOCAB, dtype=np.float32)
             self._logits[index][(self._last[index] + 1) % 26] = 4.0
         return self._logits[index]
+
+    def logits_rows(self, index: int, count: int) -> np.ndarray:
+        return np.stack([self.logits(i) for i in range(index, index + count)])
 
     def quiet_log(self, quiet: bool) -> None:
         pass
@@ -541,17 +544,19 @@ class EvenTokens:
         self.consumed: list[int] = []
         self.allow_none = allow_none
         self.error = "nothing allowed" if allow_none else None
+        self.prepared = 0  # masks computed ahead, while the step computes
 
     @property
     def stopped(self) -> bool:
         return len(self.consumed) == 3
 
-    def mask(self, logits: np.ndarray) -> bool:
-        logits[1::2] = -np.inf
-        logits[EOG] = -np.inf  # no end before the grammar is complete
+    def prepare(self) -> None:
+        self.prepared += 1
+
+    def allowed(self) -> np.ndarray:
         if self.allow_none:
-            logits[:] = -np.inf
-        return not self.allow_none
+            return np.arange(0)
+        return np.array([t for t in range(0, VOCAB, 2) if t != EOG])  # no end before the grammar is complete
 
     def consume(self, token: int) -> None:
         self.consumed.append(token)
@@ -588,13 +593,24 @@ def test_a_constraint_that_allows_nothing_fails_its_job_alone():
 
 
 def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_neighbours():
-    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=FakeGrammars())
+    grammars = FakeGrammars()
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=grammars)
     got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), logprobs=0)
     free = submit(core, "b", [1, 2, 3], max_tokens=3)
     run(core)
     assert end(got).tokens_out == 3 and text(free) == "efg"
     assert [len(batch) for batch in ctx.batches] == [2, 2, 2]
-    assert ctx.cpu_sampled == [0, 0, 0]  # masked logits: sampled from what the mask left, on the CPU
+    # masked logits, sampled by numpy on the CPU; each mask computed after its step was queued
+    assert ctx.cpu_sampled == [] and grammars.guides[0].prepared == 3
+
+
+def test_a_penalized_job_read_on_the_cpu_keeps_llama_cpps_chain():
+    grammars = FakeGrammars()
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=grammars)
+    params = SamplingParams(temperature=0, repetition_penalty=1.3)
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, constraint=Constraint("json_object"), params=params)
+    run(core)
+    assert end(got).tokens_out == 3 and ctx.cpu_sampled == [0, 0, 0]  # the chain sees the history it penalizes
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------------
@@ -612,8 +628,7 @@ def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_c
     assert text(got) == text(plain) and end(got).tokens_out == end(plain).tokens_out == 12
     assert len(ctx.batches) < len(plain_ctx.batches)
     drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
-    # the first step is plain (what a step costs is measured before proposals are weighed); after "7 8 9": "10 5 6 7"
-    assert drafted[0].all_logits and drafted[0].tokens == [9, 10, 5, 6, 7]
+    assert drafted[0].all_logits and drafted[0].tokens == [8, 9, 10, 5, 6]  # after "6 7 8": "9 10 5 6"
     e = end(got)
     assert e.draft_tokens > 0 and 0 < e.accepted_tokens < e.draft_tokens and e.acceptance_rate is not None
 
@@ -652,6 +667,61 @@ def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
     assert spec.n == 1 and spec.pause == 16
     spec.record(1, 1, 8)
     assert spec.n == 2 and spec.rate == 1 / 16
+
+
+def test_a_fixed_length_proposal_keeps_the_steps_shape():
+    core, ctx = engine(speculation=SpecConfig(n_max=6, fixed_length=True))
+    plain_core, _ = engine()
+    plain = submit(plain_core, "a", REPEATING, max_tokens=20)
+    run(plain_core)
+    got = submit(core, "a", REPEATING, max_tokens=20)
+    run(core)
+    assert text(got) == text(plain)
+    drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
+    assert drafted and all(p.n_draft == 6 for p in drafted[:-1])  # the last may be cut by max_tokens
+    assert all(p.n_draft in (0, 6) for batch in ctx.batches for p in batch)
+
+
+def test_fixed_length_speculation_starts_only_after_its_shadow_guesses_came_true():
+    core, ctx = engine(speculation=SpecConfig(n_max=4, fixed_length=True))
+    # every 3 tokens the model will write were followed by 9 in the prompt: a proposal every step, never right
+    prompt = [2, 3, 4, 9, 3, 4, 5, 9, 4, 5, 6, 9, 5, 6, 7, 9, 6, 7, 8, 9, 7, 8, 9, 9, 20, 2, 3]
+    got = submit(core, "a", prompt, max_tokens=12)
+    run(core)
+    assert text(got) == "efghijklmnop" and not any(p.n_draft for batch in ctx.batches for p in batch)
+
+
+def test_a_stretch_that_accepts_nothing_ends_after_three_steps():
+    stretch = Stretch()
+    for _ in range(3):
+        stretch.add(1, 0.002)
+    assert stretch.hopeless and stretch.give_up() == 32 and stretch.steps == 0
+    for _ in range(3):
+        stretch.add(1, 0.002)
+    assert stretch.give_up() == 64
+
+
+def test_a_stretch_of_speculation_goes_on_while_it_pays_and_pauses_longer_each_time_it_does_not():
+    def stretch_of(tokens_per_step: float, step_s: float) -> Stretch:
+        stretch = Stretch()
+        for _ in range(8):
+            stretch.add(round(tokens_per_step), step_s)
+        return stretch
+
+    plain_step = 0.0012
+    assert stretch_of(5, 0.0034).judge(None, 1) == Stretch.MIN_PAUSE  # nothing to compare with: measure plain
+    assert stretch_of(5, 0.0034).judge(plain_step, 1) == 0  # 1470 tokens/s against 833
+    slow, verdicts = Stretch(), []
+    for _ in range(6):
+        for _ in range(8):
+            slow.add(1, 0.0027)
+        verdicts.append(slow.judge(plain_step, 1))
+    assert verdicts == [32, 64, 128, 256, 512, 512]
+    slow.add(5, 0.0034)
+    assert slow.judge(plain_step, 1) == 0 and slow.pause == Stretch.MIN_PAUSE
+    # with others running, its gain must outweigh what the longer step costs them: 5 tokens a step for one of
+    # four sequences is 8 tokens in 3.4 ms against 4 in 1.2 ms
+    assert stretch_of(5, 0.0034).judge(plain_step, 4) > 0
 
 
 def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():

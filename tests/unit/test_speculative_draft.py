@@ -4,6 +4,7 @@ decodes (a prompt once, then only what was accepted since), how it batches seque
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.unit.test_scheduler import EOG, REPEATING, end, engine, run, submit, text
 from worker.engine.speculative import Ask, DraftProposer, SpecConfig, StepCosts
@@ -178,10 +179,10 @@ def test_proposing_time_counts_against_a_proposal_and_a_prompt_catch_up_does_not
 # ---- the scheduler with a draft proposer (the fake target continues t -> t + 1, as the fake draft does) ----------
 
 
-def draft_engine(wrong: dict[int, int] | None = None, **kw):
+def draft_engine(wrong: dict[int, int] | None = None, fixed_length: bool = False, **kw):
     fake = FakeDraft()
     fake.wrong = wrong or {}
-    core, ctx = engine(speculation=SpecConfig(n_max=4), proposer=DraftProposer(fake), **kw)
+    core, ctx = engine(speculation=SpecConfig(n_max=4, fixed_length=fixed_length), proposer=DraftProposer(fake), **kw)
     return core, ctx, fake
 
 
@@ -201,13 +202,16 @@ def test_the_draft_path_gives_plain_decodings_text_whether_its_proposals_hit_or_
             assert end(got).accepted_tokens < end(got).draft_tokens
 
 
-def test_the_draft_path_ends_exactly_where_plain_decoding_would():
+@pytest.mark.parametrize("fixed_length", [False, True])  # the CPU's adaptive proposals, the GPU's stretches
+def test_the_draft_path_ends_exactly_where_plain_decoding_would(fixed_length):
     for kw in ({"max_tokens": 5}, {"max_tokens": 30, "stop": ("mn",)}, {"max_tokens": 40}):
         plain_core, _ = engine()
         plain = submit(plain_core, "a", REPEATING, **kw)
         run(plain_core)
-        core, _, _ = draft_engine()
+        core, _, _ = draft_engine(fixed_length=fixed_length)
         got = submit(core, "a", REPEATING, **kw)
         run(core)
         assert text(got) == text(plain), kw
         assert (end(got).stop_reason, end(got).tokens_out) == (end(plain).stop_reason, end(plain).tokens_out), kw
+        if kw["max_tokens"] > 5:
+            assert end(got).draft_tokens > 0, kw

@@ -9,7 +9,8 @@ llguidance was picked over llama.cpp's own grammar sampler (GBNF, in the pinned 
 - it names the JSON-schema keywords it does not implement ("Unimplemented keys: [...]"), so a schema it cannot
   enforce is refused instead of accepted and ignored.
 
-The mask is applied to the sequence's logits on the CPU; the other sequences of the batch never wait for it.
+The allowed tokens are taken from the sequence's logits on the CPU; the other sequences of the batch never
+wait for it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Guide:
         self.n_vocab = n_vocab
         self._seen = b""  # a lazy guide's output so far (what the trigger is looked for in)
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._ready = False  # _bits hold the mask for the next token
 
     @property
     def stopped(self) -> bool:
@@ -117,17 +119,34 @@ class Guide:
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
+    def prepare(self) -> None:
+        """The mask for the next token: computed once its previous token is consumed (on a GPU, while the step that
+        needs it computes)."""
+        if self.armed and not self._ready:
+            self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            self._ready = True
+
+    def allowed(self) -> np.ndarray | None:
+        """The ids of the tokens the grammar allows next, ascending; None before a lazy guide's trigger (all are).
+        Empty: it allows none (an error)."""
+        if not self.armed:
+            return None
+        self.prepare()
+        allowed = np.flatnonzero(np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little"))
+        return allowed if not self.matcher.is_error() else allowed[:0]
+
     def mask(self, logits: np.ndarray) -> bool:
         """Tokens the grammar does not allow next get -inf logits (in place). False: it allows none (an error)."""
         if not self.armed:
             return True
-        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        self.prepare()
         allowed = np.unpackbits(self._bits.view(np.uint8), count=len(logits), bitorder="little")
         # adding -inf or 0 by table: branch-free, 4x quicker than a boolean-indexed store on a 128k vocabulary
         np.add(logits, _MASK_BIAS.take(allowed), out=logits)
         return bool(allowed.any()) and not self.matcher.is_error()
 
     def consume(self, token: int) -> None:
+        self._ready = False
         if self.armed:
             self.matcher.consume_token(token)
             return

@@ -53,7 +53,8 @@ class EngineContext(SlotResources, Protocol):
     def decode(self, parts: Sequence[Part]) -> int: ...
     def sample(self, seq_id: int, index: int) -> int: ...
     def logits(self, index: int) -> np.ndarray: ...
-    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int: ...
+    def logits_rows(self, index: int, count: int) -> np.ndarray: ...
+    def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int: ...
 
     @property
     def n_outputs(self) -> int: ...  # logits rows one batch may ask for
@@ -112,6 +113,7 @@ class EngineCore:
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []
+        self._last_shape: tuple[int, ...] = ()  # the tokens of each part of the last decode step
         self._jobs: dict[str, Job] = {}  # submitted and not yet delivered their end
         self._cond = threading.Condition()
         self._stopping = False
@@ -279,6 +281,9 @@ class EngineCore:
             self._flush_text()
             return self._isolate_failure(plan, status)
         self.scheduler.decoded(zip(plan.slots, plan.parts, strict=True))  # its cells are taken now
+        for slot, part in zip(plan.slots, plan.parts, strict=True):  # the masks the step's samples need, meanwhile
+            if part.logits and slot.guide is not None:
+                slot.guide.prepare()
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
         self._read_prompt_logprobs(plan)
@@ -299,7 +304,14 @@ class EngineCore:
         self.stats.wait_s += now - t2
         self.scheduler.update(sampled, now)
         if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
-            self.scheduler.step_costs.record(time.perf_counter() - t0, sum(p.n_draft for p in plan.parts))
+            # A step of a new shape is built afresh and runs without CUDA graphs: its time says nothing of the next
+            seconds = time.perf_counter() - t0
+            shape = tuple(len(p.tokens) for p in plan.parts)
+            if shape == self._last_shape:
+                self.scheduler.step_costs.record(seconds, sum(p.n_draft for p in plan.parts))
+            self._last_shape = shape
+            if self.scheduler.speculation.fixed_length:
+                self.scheduler.speculated(plan, seconds)
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
         """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those
@@ -324,9 +336,13 @@ class EngineCore:
         ends the text); the proposals before it are accepted, the cells of the rest freed."""
         first = index - part.n_draft  # the batch index of the part's first token
         draft = part.tokens[1:]
+        sampler = slot.sampler
+        greedy = None
+        if sampler is not None and sampler.params.greedy:  # every position's choice in one pass over the rows
+            greedy = self.ctx.logits_rows(first, part.n_draft + 1).argmax(axis=1)
         tokens: list[int] = []
         for i in range(part.n_draft + 1):
-            token = self._pick(slot, first + i)
+            token = int(greedy[i]) if greedy is not None else self._pick(slot, first + i)
             tokens.append(token)
             if i == part.n_draft or token != draft[i] or self.vocab.is_eog(token):
                 break
@@ -334,11 +350,10 @@ class EngineCore:
         return [(slot, token, None) for token in tokens]
 
     def _pick(self, slot: Slot, index: int) -> int:
-        """A speculating job's token: greedy without penalties is the logits' argmax (llama.cpp's greedy sampler
-        takes the first of equal maxima, as numpy does), read at a fraction of a full chain's cost."""
-        params = slot.job.params if slot.job is not None else None
-        if params is not None and params.greedy and not params.penalized:
-            return int(self.ctx.logits(index).argmax())
+        """A speculating job's token at one position: from the logits by numpy where its sampling allows (greedy is
+        their first maximum, as llama.cpp's greedy sampler takes), else by its llama.cpp chain."""
+        if slot.sampler is not None:
+            return slot.sampler.sample(self.ctx.logits(index))
         return self.ctx.sample(slot.seq_id, index)
 
     def _sample(self, slot: Slot, index: int) -> Sampled:
@@ -346,19 +361,24 @@ class EngineCore:
         assert job is not None
         if not job.reads_logits:
             return slot, self._pick(slot, index) if slot.spec is not None else self.ctx.sample(slot.seq_id, index), None
-        # A job that reads its logits: logprobs taken from the model's own values, then the constraint's mask
-        # applied (in place, in llama.cpp's buffer), then the job's chain samples what is left: from the allowed
-        # tokens alone where there is a mask (a narrow one makes the chain's sort short).
+        # A job that reads its logits: logprobs taken from the model's own values, then the tokens the constraint
+        # allows, then the job's sampler draws from those. The logits are read, never written: llama.cpp's buffer
+        # is left as the model made it.
         logits = self.ctx.logits(index)
         ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
-        if slot.guide is None:
-            token = self.ctx.sample(slot.seq_id, index)
-        elif slot.guide.mask(logits):
-            token = self.ctx.sample_logits(slot.seq_id, logits, finite_only=True)
-            slot.guide.consume(token)
-        else:
+        allowed = slot.guide.allowed() if slot.guide is not None else None
+        if allowed is not None and not len(allowed):
+            assert slot.guide is not None
             self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
             return slot, -1, None
+        if slot.sampler is not None:
+            token = slot.sampler.sample(logits, allowed)
+        elif allowed is not None:  # a penalized chain, over the allowed tokens alone (a narrow mask sorts few)
+            token = self.ctx.sample_candidates(slot.seq_id, allowed, logits[allowed])
+        else:
+            token = self.ctx.sample(slot.seq_id, index)
+        if slot.guide is not None:
+            slot.guide.consume(token)
         return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
 
     def _read_prompt_logprobs(self, plan: StepPlan) -> None:

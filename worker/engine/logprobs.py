@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from worker.engine.cpu_sampling import top_k
 from worker.engine.outputs import TokenLogprob, TopLogprob
 
 
@@ -18,11 +19,10 @@ class Ranked:
         top = logits.max()
         shifted = np.subtract(logits, top)  # float32 and in place after this copy: ~0.3 ms on a 128k vocabulary
         np.exp(shifted, out=shifted)
-        self.log_z = float(top) + math.log(float(shifted.sum(dtype=np.float64)))
+        self.log_z = float(top) + math.log(float(shifted.sum()))  # float32, pairwise: ~1e-7 relative
         self.top: list[tuple[int, float]] = []
         if k > 0:
-            n = len(logits)
-            best = np.argpartition(logits, n - k)[n - k :] if k < n else np.arange(n)
+            best = top_k(logits, k) if k < len(logits) else np.arange(len(logits))
             best = best[np.argsort(-logits[best], kind="stable")]
             self.top = [(int(t), float(logits[t]) - self.log_z) for t in best]
 

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from worker.engine.constraints import Guide
+from worker.engine.cpu_sampling import CpuSampler
 from worker.engine.outputs import (
     Constraint,
     Failed,
@@ -83,6 +84,7 @@ class Slot:
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
     chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
     guide: Guide | None = None  # the job's constraint
+    sampler: CpuSampler | None = None  # samples the logits the job reads on the CPU (numpy), unless penalized
     spec: SlotSpeculation | None = None  # the job speculates
     text: TextStream | None = None
     prompt_pos: int = 0  # prompt tokens already decoded
@@ -175,6 +177,7 @@ class Scheduler:
         # who proposes: a draft model where one is given, else prompt lookup
         self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
         self.step_costs = StepCosts()
+        self._proposing_s = 0.0  # what this step's proposals took to find (a draft model's decodes)
         self.waiting: collections.deque[Job] = collections.deque()
         self.n_running = 0
         self._chains_changed = False  # since the last plan: llama.cpp re-reserves at the next decode
@@ -237,42 +240,92 @@ class Scheduler:
     def _drafts(self, decoding: list[Slot], budget: int, logits_budget: int) -> dict[int, list[int]]:
         """The proposals the speculating sequences verify this step (seq_id → tokens), asked of the proposer all at
         once; what proposing cost is recorded per proposed token (a draft model's decodes are not free)."""
+        self._proposing_s = 0.0
         if self.proposer is None:
             return {}
         room = min(budget - len(decoding), logits_budget)  # every decoding sequence's own token comes first
-        asks = []
+        asks: list[tuple[Slot, Ask, bool]] = []
         for slot in decoding:
-            n = self._proposal_size(slot, room) if slot.spec is not None else 0
+            n, shadow = self._proposal_size(slot, room) if slot.spec is not None else (0, False)
             if n:
-                asks.append(Ask(slot.seq_id, np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32), n))
-                room -= n
+                asks.append((slot, Ask(slot.seq_id, np.array([*slot.kv_tokens, slot.last_token], dtype=np.int32),
+                                       n), shadow))
+                room -= 0 if shadow else n
         if not asks:
             return {}
-        proposals = self.proposer.propose_all(asks)
+        proposals = self.proposer.propose_all([ask for _, ask, _ in asks])
+        self._proposing_s = self.proposer.spent
         self.step_costs.record_proposing(self.proposer.spent, sum(len(p) for p in proposals.values()))
-        assert self.speculation is not None
-        return {seq_id: draft[:ask.n] for ask in asks
-                if len(draft := proposals.get(seq_id := ask.seq_id, [])) >= self.speculation.n_min}
+        out = {}
+        for slot, ask, shadow in asks:
+            if draft := self._to_verify(slot, proposals.get(ask.seq_id, [])[: ask.n], ask.n, shadow):
+                out[slot.seq_id] = draft
+        return out
 
-    def _proposal_size(self, slot: Slot, room: int) -> int:
-        """How many tokens a speculating sequence asks for this step: none under load, when the last ones missed,
-        when it does not pay, or when the job could not use them (max_tokens)."""
+    def _proposal_size(self, slot: Slot, room: int) -> tuple[int, bool]:
+        """How many tokens a speculating sequence asks for this step (none under load, when the last ones missed,
+        when it does not pay, or when the job could not use them: max_tokens), and whether only in the shadow:
+        between fixed-length stretches, one token, guessed and checked against the token that comes."""
         spec, job, config = slot.spec, slot.job, self.speculation
         assert spec is not None and job is not None and config is not None
         if spec.pause > 0:
             spec.pause -= 1
-            return 0
+            spec.shadow, spec.hits = -1, 0
+            return 0, False
         n = min(spec.n, room, job.max_tokens - slot.tokens_out - 1)
         if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
-            return 0
+            return 0, False
         if not config.gate:
-            return n
-        if self.step_costs.step is None:  # a plain step first: what a proposal adds is measured against it
-            return 0
+            return n, False
+        if config.fixed_length:
+            if spec.stretch.steps:
+                return n, False
+            spec.hits = spec.hits + 1 if spec.shadow == slot.last_token else 0  # the last shadow guess came true
+            if spec.hits < config.shadow_hits or self.step_costs.step is None:
+                return 1, True
+            spec.hits = 0
+            return n, False
+        if self.step_costs.step is None and self.proposer is not None and self.proposer.costly:
+            return 0, False  # a plain step first: what a costly proposal adds is measured against it
         if not self.step_costs.worth(spec.recent_rate, self.n_running):
-            spec.pause = 8  # then try again: the costs and the rate change with the text and the load
-            return 0
-        return n
+            # then try again, later each time it does not pay: the costs and the rate change with the text and load
+            spec.pause = spec.backoff = min(2 * spec.backoff, 256)
+            return 0, False
+        return n, False
+
+    def _to_verify(self, slot: Slot, draft: list[int], n: int, shadow: bool) -> list[int]:
+        """What of a proposal the sequence verifies this step."""
+        spec, config = slot.spec, self.speculation
+        assert spec is not None and config is not None
+        if shadow:  # a guess only (SlotSpeculation.shadow)
+            spec.shadow = draft[0] if draft else -1
+            return []
+        if not config.fixed_length:
+            return draft if len(draft) >= config.n_min else []
+        if not spec.stretch.steps:  # a stretch starts here, with something found
+            spec.shadow = draft[0] if draft else -1
+            if not draft:
+                return []
+        # a stretch goes on even where nothing is found: the step keeps its shape
+        return draft + [draft[-1] if draft else slot.last_token] * (n - len(draft))
+
+    def speculated(self, plan: StepPlan, seconds: float) -> None:
+        """A decode step's time, for the stretches of fixed-length speculation in it: one judged after its steps
+        goes on or gives way to a pause."""
+        config = self.speculation
+        assert config is not None
+        if not config.gate:  # measuring the ceiling: every step speculates
+            return
+        for slot, part in zip(plan.slots, plan.parts, strict=True):
+            spec = slot.spec
+            if spec is None or not part.n_draft or slot.job is None:
+                continue
+            # the cells kept (its accepted tokens + its own) for the step's time, its proposing (a draft model's) too
+            spec.stretch.add(slot.n_past - part.pos, seconds + self._proposing_s)
+            if spec.stretch.hopeless:
+                spec.pause = spec.stretch.give_up()
+            elif spec.stretch.steps >= config.trial_steps:
+                spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running)
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
         """Of the part's proposals, the first `accepted` matched the target: the cells of the rest are freed."""
@@ -282,7 +335,7 @@ class Scheduler:
             self.resources.keep_prefix(slot.seq_id, keep)
             del slot.kv_tokens[keep:]
         slot.n_past = keep
-        slot.spec.record(part.n_draft, accepted, self.speculation.n_max)
+        slot.spec.record(part.n_draft, accepted, self.speculation.n_max, self.speculation.fixed_length)
         self.metrics.draft_verified(part.n_draft, accepted)
 
     def _expire_waiting(self, now: float) -> None:
@@ -421,6 +474,8 @@ class Scheduler:
             self._chains_changed = True
         self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu)
         slot.chain_params, slot.chain_on_cpu = job.params, on_cpu
+        reads_logits = job.reads_logits or slot.spec is not None
+        slot.sampler = CpuSampler(job.params) if reads_logits and CpuSampler.applies(job.params) else None
         if job.constraint is not None:
             if self.guides is None:
                 raise RuntimeError("this engine has no grammars for a constrained job")
@@ -558,7 +613,7 @@ class Scheduler:
             slot.prompt_cells = min(len(slot.kv_tokens), len(slot.job.prompt_tokens))
         else:
             self._drop_sequence(slot)  # a failed job's cells may not be what they should
-        slot.job = slot.text = slot.guide = slot.spec = None
+        slot.job = slot.text = slot.guide = slot.spec = slot.sampler = None
         slot.pending = []
         slot.logprobs, slot.prompt_logprobs = [], []
         slot.cached = 0

@@ -21,11 +21,18 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 @dataclass(frozen=True)
 class SpecConfig:
-    n_max: int = 8  # proposals a step at most
+    n_max: int = 7  # proposals a step at most
     n_min: int = 1  # a shorter proposal is not worth the verification
     max_load: int = 4  # running + waiting jobs above which nobody speculates (decoding stops being memory-bound)
     ngram_max: int = 4  # the longest suffix looked up in the sequence's own tokens
     ngram_min: int = 3
+    # Speculation by stretches, every proposal n_max long (a short one padded): on a GPU a step of a new shape is
+    # built and launched without CUDA graphs until the shape has held for two steps (~3 ms for SmolLM2 on an H200,
+    # against a 1.2 ms step), so what pays is judged by the tokens a stretch of steps gave for its time, shape
+    # changes included, against the plain steps' rate (Stretch).
+    fixed_length: bool = False
+    trial_steps: int = 8  # a stretch is judged after this many steps
+    shadow_hits: int = 2  # a stretch starts after this many right shadow guesses in a row
     # weigh each proposal's measured cost against its expected gain (StepCosts); off only to measure the ceiling of
     # a proposer (benchmarks, tests that want every step to speculate)
     gate: bool = True
@@ -48,6 +55,7 @@ class Proposer(Protocol):
     speculation gate weighs it."""
 
     spent: float
+    costly: bool  # its proposals take time of their own (a draft model's decodes): weighed only once measured
 
     def propose_all(self, asks: Sequence[Ask]) -> dict[int, list[int]]: ...
 
@@ -55,6 +63,8 @@ class Proposer(Protocol):
 class NgramProposer:
     """Prompt lookup: the sequence's last few tokens found earlier in its own prompt and output; what followed
     them there is the proposal. Pays where output quotes its input: code edits, summaries, RAG answers."""
+
+    costly = False  # a lookup in the sequence's own tokens: microseconds
 
     def __init__(self, config: SpecConfig) -> None:
         self.config = config
@@ -110,6 +120,8 @@ class DraftProposer:
     and proposes up to n tokens, one decode per token, ending before an end-of-generation token. All sequences
     asking in a step share each decode: the catch-up parts in as few batches as they fit, then one token per
     still-proposing sequence per decode."""
+
+    costly = True
 
     def __init__(self, ctx: DraftContext) -> None:
         self.ctx = ctx
@@ -229,12 +241,22 @@ class SlotSpeculation:
     proposed: int = 0
     accepted: int = 0
     pause: int = 0  # steps left without proposing, after a run of misses or while it does not pay
+    backoff: int = 4  # the pause after the cost gate last said no (doubled each time it says no in a row)
     recent_rate: float = 0.5  # accepted / proposed, recent steps weighing most
+    stretch: Stretch = field(default_factory=lambda: Stretch())  # fixed-length speculation's current stretch
+    # Between stretches, proposals are made in the shadow and checked against the token that came: a stretch
+    # starts after SHADOW_HITS right guesses in a row (costing nothing, where free text would pay for its misses)
+    shadow: int = -1  # the token the last shadow proposal put first
+    hits: int = 0
 
-    def record(self, proposed: int, accepted: int, n_max: int) -> None:
+    def record(self, proposed: int, accepted: int, n_max: int, fixed_length: bool = False) -> None:
         self.proposed += proposed
         self.accepted += accepted
         self.recent_rate = 0.7 * self.recent_rate + 0.3 * accepted / proposed
+        if accepted:
+            self.backoff = 4
+        if fixed_length:  # the length stays; the stretch is judged by its time (Stretch)
+            return
         if accepted == proposed:
             self.n = min(n_max, self.n * 2)
         elif accepted == 0:
@@ -247,6 +269,53 @@ class SlotSpeculation:
     @property
     def rate(self) -> float | None:
         return self.accepted / self.proposed if self.proposed else None
+
+
+@dataclass
+class Stretch:
+    """Fixed-length speculation is on for stretches of steps: each is judged by what it gave (this sequence's
+    tokens per step, everyone's step time) against plain steps, and either goes on or gives way to a pause that
+    doubles each time speculation did not pay (up to MAX_PAUSE steps)."""
+
+    MIN_PAUSE = 32
+    MAX_PAUSE = 512
+
+    steps: int = 0
+    tokens: int = 0  # this sequence's tokens from the stretch's steps (accepted proposals + the step's own token)
+    seconds: float = 0.0  # the steps' time, shape changes included
+    pause: int = MIN_PAUSE  # the next pause, if this stretch does not pay
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def pays(self, plain_step: float, running: int) -> bool:
+        """Everyone's tokens per second with this sequence speculating (it gave tokens/steps a step, the others one)
+        beat plain steps by 10%."""
+        spec_step = self.seconds / self.steps
+        return (self.tokens / self.steps + running - 1) / spec_step > 1.1 * running / plain_step
+
+    def give_up(self) -> int:
+        """A stretch that accepted nothing in its first steps ends early: the steps to pause for."""
+        verdict, self.pause = self.pause, min(2 * self.pause, self.MAX_PAUSE)
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        return verdict
+
+    @property
+    def hopeless(self) -> bool:
+        return self.steps >= 3 and self.tokens == self.steps  # not one proposal accepted
+
+    def judge(self, plain_step: float | None, running: int) -> int:
+        """After a stretch: 0 to go on speculating, else the steps to pause for (without a plain step's time to
+        compare with, the shortest pause: its steps measure one)."""
+        if plain_step is None:
+            verdict = self.MIN_PAUSE
+        else:
+            verdict = 0 if self.pays(plain_step, running) else self.pause
+            self.pause = self.MIN_PAUSE if verdict == 0 else min(2 * self.pause, self.MAX_PAUSE)
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        return verdict
 
 
 class StepCosts:

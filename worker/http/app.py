@@ -15,7 +15,7 @@ from worker import runtime
 from worker.config import Settings
 from worker.engine.outputs import StopReason
 from worker.exit_codes import ExitCode
-from worker.http import openapi, routes_native, routes_openai, routes_ops
+from worker.http import openapi, routes_anthropic, routes_native, routes_openai, routes_ops, routes_responses
 from worker.http.auth import bearer_auth, check_auth
 from worker.http.cors import Cors
 from worker.http.errors import ApiError, error_response, json_errors, request_style
@@ -205,6 +205,8 @@ def create_app(settings: Settings) -> web.Application:
     routes_native.setup(app)
     routes_ops.setup(app)
     routes_openai.setup(app)
+    routes_responses.setup(app)
+    routes_anthropic.setup(app)
     openapi.setup(app)
     for route in app.router.routes():
         # aiohttp takes an expect handler per route (add_route's expect_handler); every route gets the same.

@@ -1,5 +1,6 @@
-"""Bearer-token auth: every route but the probes, /metrics and /openapi.json, compared in constant time; more than
-one Authorization header is refused on every route."""
+"""Token auth: every route but the probes, /metrics and /openapi.json, compared in constant time. The token comes as
+`Authorization: Bearer <token>` (OpenAI's clients) or as `x-api-key: <token>` (Anthropic's), on any route; a request
+that sends both must have it right in both. More than one of either header is refused on every route."""
 
 from __future__ import annotations
 
@@ -21,23 +22,31 @@ def _route_path(request: web.Request) -> str | None:
 
 
 def check_auth(request: web.Request, token: str | None) -> None:
-    """Raise ApiError unless the request may reach its route: one Authorization header at most (two could be read
-    differently by a proxy in front, which might check the last where this checks the first), and the bearer token
-    where one is set and the route is not open."""
+    """Raise ApiError unless the request may reach its route: one Authorization and one x-api-key header at most (two
+    could be read differently by a proxy in front, which might check the last where this checks the first), and the
+    token where one is set and the route is not open: as a bearer token, or as x-api-key, or right in both."""
     given_headers = request.headers.getall("Authorization", [])
-    if len(given_headers) > 1:
-        raise ApiError(400, "invalid_request",
-                       f"the request has {len(given_headers)} Authorization headers; send exactly one")
+    api_keys = request.headers.getall("x-api-key", [])
+    for name, found in (("Authorization", given_headers), ("x-api-key", api_keys)):
+        if len(found) > 1:
+            raise ApiError(400, "invalid_request", f"the request has {len(found)} {name} headers; send exactly one")
     if token is None or _route_path(request) in OPEN_PATHS:
         return
-    # RFC 6750: "Bearer" (the scheme is case-insensitive), then the token. Header bytes that are not UTF-8 arrive as
-    # surrogates: they are kept as the bytes they were, and simply do not match.
-    scheme, _, given = (given_headers[0] if given_headers else "").partition(" ")
-    given_bytes = given.strip(" ").encode("utf-8", "surrogateescape")
+    expected = token.encode("utf-8")
+    if given_headers or not api_keys:
+        # RFC 6750: "Bearer" (the scheme is case-insensitive), then the token. Header bytes that are not UTF-8 arrive
+        # as surrogates: they are kept as the bytes they were, and simply do not match.
+        scheme, _, given = (given_headers[0] if given_headers else "").partition(" ")
+        if not (_same(given.strip(" "), expected) and scheme.lower() == "bearer"):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                           headers={"WWW-Authenticate": "Bearer"})
+    if api_keys and not _same(api_keys[0].strip(" "), expected):
+        raise ApiError(401, "unauthorized", "wrong x-api-key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _same(given: str, expected: bytes) -> bool:
     # compare_digest's time depends on the length only, never on where the first difference is.
-    token_ok = hmac.compare_digest(given_bytes, token.encode("utf-8"))
-    if not (token_ok and scheme.lower() == "bearer"):
-        raise ApiError(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
 
 
 def bearer_auth(token: str | None):

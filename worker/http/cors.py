@@ -16,7 +16,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 # Headers a browser app may read from answers: the job id (to cancel), the correlation id, how long to back off.
 EXPOSED_HEADERS = "X-Job-Id, X-Correlation-Id, Retry-After"
-DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type, X-Correlation-Id"
+DEFAULT_ALLOWED_HEADERS = "Authorization, X-Api-Key, Content-Type, X-Correlation-Id"
 PREFLIGHT_MAX_AGE_S = "600"
 
 

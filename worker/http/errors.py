@@ -1,5 +1,6 @@
 """Every error is JSON with the right status, never an HTML page: {"error": {"code", "message", ...}} on the native
-routes, OpenAI's {"error": {"message", "type", "param", "code"}} on the OpenAI ones. Which shape is the route's:
+routes, OpenAI's {"error": {"message", "type", "param", "code"}} on the OpenAI ones, Anthropic's
+{"type": "error", "error": {"type", "message"}} on /v1/messages. Which shape is the route's:
 each route table is added with its ErrorStyle (add_routes), and requests that match no route of a method take the
 style of the route their path belongs to."""
 
@@ -37,6 +38,7 @@ def submit_error(exc: SubmitError) -> ApiError:
 class ErrorStyle(str, Enum):
     NATIVE = "native"
     OPENAI = "openai"
+    ANTHROPIC = "anthropic"
 
 
 class ErrorBody(BaseModel):
@@ -67,8 +69,35 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorBody
 
 
+class AnthropicErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
+                      "request_too_large, api_error, overloaded_error, ...")
+    message: str
+
+
+class AnthropicError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["error"] = "error"
+    error: AnthropicErrorBody
+
+
+# Anthropic's error types by status (the SDK picks its exception by status; the type is for people and logs).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 408: "timeout_error", 409: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
 def error_body(style: ErrorStyle, status: int, code: str, message: str, **extra: Any) -> BaseModel:
     """The error object in a route's style (also an OpenAI stream's error chunk)."""
+    if style is ErrorStyle.ANTHROPIC:
+        # type given, not defaulted: the error's dump leaves out unset fields (exclude_unset)
+        return AnthropicError(type="error", error=AnthropicErrorBody(type=anthropic_error_type(status),
+                                                                     message=message))
     if style is ErrorStyle.OPENAI:
         kind: Literal["invalid_request_error", "server_error"] = (
             "invalid_request_error" if status < 500 else "server_error")

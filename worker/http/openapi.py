@@ -15,14 +15,14 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 import worker
 from worker.http.auth import OPEN_PATHS
-from worker.http.errors import Error, ErrorStyle, OpenAIError, add_routes, style_for
+from worker.http.errors import AnthropicError, Error, ErrorStyle, OpenAIError, add_routes, style_for
 from worker.http.routedoc import RouteDoc, StreamDoc, documented, route_doc
 
 REF = "#/components/schemas/{model}"
 
 _ERRORS = {
     400: "invalid_request (naming the field) or context_length_exceeded",
-    401: "unauthorized: missing or wrong bearer token",
+    401: "unauthorized: missing or wrong token (bearer or x-api-key)",
     404: "not_found",
     409: "duplicate_job_id: a request with this job id is running or waiting",
     413: "body_too_large: the body is larger than --max-body-bytes",
@@ -61,7 +61,8 @@ def _stream(doc: StreamDoc, error: type[BaseModel]) -> dict[str, Any]:
 
 
 def _operation(path: str, doc: RouteDoc, style: ErrorStyle) -> dict[str, Any]:
-    error = OpenAIError if style is ErrorStyle.OPENAI else Error
+    errors: dict[ErrorStyle, type[BaseModel]] = {ErrorStyle.OPENAI: OpenAIError, ErrorStyle.ANTHROPIC: AnthropicError}
+    error = errors.get(style, Error)
     content: dict[str, Any] = {}
     if doc.ok is not None:
         content.update(_json(ref(doc.ok)))
@@ -101,7 +102,8 @@ def build(app: web.Application) -> dict[str, Any]:
     """The whole document for this app's routes (it depends on code only, never on settings)."""
     paths: dict[str, Any] = {}
     models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(Error, "serialization"): None,
-                                                                  (OpenAIError, "serialization"): None}
+                                                                  (OpenAIError, "serialization"): None,
+                                                                  (AnthropicError, "serialization"): None}
     for method, path, doc in _documented_routes(app):
         style = style_for(app, path)
         paths.setdefault(path, {})[method] = _operation(path, doc, style)
@@ -117,12 +119,14 @@ def build(app: web.Application) -> dict[str, Any]:
             "title": "llm-worker-rbee",
             "version": worker.__version__,
             "description": "A llama.cpp worker: one model, one device, token streams over SSE. Every route but "
-                           "the probes, /metrics and this document needs the bearer token when the worker has "
-                           "one (--api-token).",
+                           "the probes, /metrics and this document needs the token when the worker has one "
+                           "(--api-token), as a bearer token or as an x-api-key header.",
         },
         "paths": paths,
-        "components": {"schemas": top["$defs"], "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
+        "components": {"schemas": top["$defs"], "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
+        "security": [{"bearer": []}, {"apiKey": []}],
     }
 
 

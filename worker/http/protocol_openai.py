@@ -27,6 +27,7 @@ from worker.engine.sampling import (
     Temperature,
     TopK,
 )
+from worker.http.chat_path import ChatInputs
 from worker.http.errors import ApiError
 from worker.http.protocol_native import ModelCard, WireModel, grammar_constraint
 
@@ -325,6 +326,19 @@ class ChatRequest(GenerateRequest):
     def logprobs_k(self) -> int | None:
         """The engine's logprobs: None (none), or the sampled token's and the top k."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def chat_inputs(self) -> ChatInputs:
+        tool_choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+        reasoning: Literal["split", "inline"] | None = (
+            "inline" if self.reasoning_format == "none" else "split" if self.reasoning_format else None)
+        return ChatInputs(
+            messages=[m.for_template() for m in self.messages],
+            sampling=[self.sampling(j) for j in range(self.choices)],
+            tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
+            tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls is not False, reasoning=reasoning,
+            template_kwargs=self.chat_template_kwargs, response_format=self.constraint(),
+            max_tokens=self.max_completion_tokens or self.max_tokens, stop=self.stop,
+            ignore_eos=bool(self.ignore_eos), logprobs=self.logprobs_k, speculate=self.speculative is not False)
 
     def constraint(self) -> tuple[Constraint, str] | None:
         fmt = self.response_format

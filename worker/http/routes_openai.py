@@ -8,7 +8,6 @@ are added with ErrorStyle.OPENAI), so the openai SDK raises its typed exceptions
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
@@ -23,6 +22,7 @@ from worker import chat
 from worker.chat import ChatDelta, ChatParser, ChatPlan
 from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, StopReason, TokenLogprob, TokenText
 from worker.http import tokenizing
+from worker.http.chat_path import check_room, submit_chat
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
 from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
 from worker.http.protocol_native import ModelCard
@@ -66,9 +66,8 @@ from worker.http.protocol_openai import (
 from worker.http.routedoc import RouteDoc, StreamDoc, documented
 from worker.http.schemas import read_json
 from worker.http.sse import EventStream
-from worker.http.state import SETTINGS, STATE, WorkerState
+from worker.http.state import STATE, WorkerState
 from worker.llamacpp import ModelInfo
-from worker.llamacpp.specials import model_special_tokens
 
 routes = web.RouteTableDef()
 
@@ -78,7 +77,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 BODY_ERRORS = (400, 401, 413, 503)
 
 
-def _parse(model: type[M], body: Any) -> M:
+def parse_body(model: type[M], body: Any) -> M:
     """Validate a body; a problem is a 400 whose param is the dotted path of the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object")
@@ -312,69 +311,20 @@ def _chat_prompt(info: ModelInfo, model_id: str, messages: list[Message], add_ge
                        field="messages") from None
 
 
-async def _chat_plan(request: web.Request, req: ChatRequest) -> ChatPlan:
-    """The conversation in the model's own chat template, with its tools, and how the answer is constrained and
-    parsed (worker.chat)."""
-    state = request.app[STATE]
-    runtime = state.require_ready()
-    info = runtime.model.info
-    if not info.chat_template:
-        raise ApiError(400, "no_chat_template",
-                       f"the model {state.model_id} has no chat template (tokenizer.chat_template in its GGUF); "
-                       "use /v1/completions with a prompt in the model's own format", field="messages")
-    inline = req.reasoning_format == "none" or (req.reasoning_format is None
-                                                and request.app[SETTINGS].reasoning_format == "inline")
-    specials = await asyncio.to_thread(model_special_tokens, runtime.model) if req.tools else {}
-    tool_choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice
-    try:
-        return chat.prepare(info.chat_template, [m.for_template() for m in req.messages],
-                            tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-                            tool_choice=tool_choice, parallel_tool_calls=req.parallel_tool_calls is not False,
-                            reasoning="inline" if inline else "split", bos_token=info.bos, eos_token=info.eos,
-                            special_tokens=specials, template_kwargs=req.chat_template_kwargs)
-    except chat.ChatRequestError as exc:
-        raise ApiError(400, "invalid_request", str(exc), field=exc.param) from None
-    except chat.TemplateCompileError as exc:
-        raise ApiError(500, "chat_template_error", str(exc)) from None
-    except chat.TemplateRenderError as exc:
-        raise ApiError(400, "invalid_request", f"the model's chat template refused these messages: {exc}",
-                       field="messages") from None
-
-
-def _check_room(request: web.Request, choices: int, field_name: str) -> None:
-    """One request may not ask for more sequences than the worker can hold at once (slots + queue)."""
-    engine = request.app[STATE].require_ready().engine
-    room = engine.n_slots + engine.max_queue
-    if choices > room:
-        raise ApiError(400, "invalid_request", f"the request asks for {choices} sequences (prompts x n); this "
-                       f"worker holds at most {room} at once ({engine.n_slots} slots + a queue of "
-                       f"{engine.max_queue})", field=field_name)
-
-
 @routes.post("/v1/chat/completions")
 @documented(RouteDoc("OpenAI chat completion, with the model's own chat template", "openai", body=ChatRequest,
                      ok=ChatCompletion, stream=_CHAT_STREAM, errors=(*BODY_ERRORS, 409, 500),
                      ok_description="the whole answer (stream false) or its event stream (stream true)"))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    runtime = state.require_ready()
-    req = _parse(ChatRequest, await read_json(request))
-    plan = await _chat_plan(request, req)
-    _check_room(request, req.choices, "n")
-    requested = req.constraint()
-    if plan.constraint is not None and requested is not None:
-        raise ApiError(400, "invalid_request", f"'{requested[1]}' and tool calls cannot both constrain one answer; "
-                       "use tool_choice 'none', or leave the format out", field=requested[1])
-    constraint = await checked_constraint(request, (plan.constraint, "tools") if plan.constraint else requested)
-    tokens = await tokenizing.prompt_tokens(request, plan.prompt, limit=runtime.engine.ctx_size)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(runtime.engine.ctx_size - len(tokens), 1)
-    reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices,
+    state.require_ready()
+    req = parse_body(ChatRequest, await read_json(request))
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    job_ids = [response_id if req.choices == 1 else f"{response_id}-{j}" for j in range(req.choices)]
+    plan, jobs = await submit_chat(request, req.chat_inputs(), job_ids)
+    reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices, id=response_id,
                   include_usage=req.include_usage, continuous_usage=req.continuous_usage,
                   logprobs=req.logprobs_k is not None, plan=plan)
-    specs = [JobSpec(tokens, req.sampling(j), reply.job_id(j)) for j in range(req.choices)]
-    jobs = await submit_jobs(request, specs, max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
-                             constraint=constraint, logprobs=req.logprobs_k, special_text=plan.special_text,
-                             speculate=req.speculative is not False)
     return await _respond(request, jobs, reply, bool(req.stream))
 
 
@@ -385,9 +335,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     model = state.require_ready().model
-    req = _parse(CompletionRequest, await read_json(request))
+    req = parse_body(CompletionRequest, await read_json(request))
     n = req.choices
-    _check_room(request, len(req.prompt) * n, "prompt" if n == 1 else "n")
+    check_room(request, len(req.prompt) * n, "prompt" if n == 1 else "n")
     constraint = await checked_constraint(request, req.constraint())
     prompts: list[list[int]] = []
     for i, prompt in enumerate(req.prompt):
@@ -447,7 +397,7 @@ async def get_model(request: web.Request) -> web.Response:
                      errors=BODY_ERRORS))
 async def tokenize(request: web.Request) -> web.StreamResponse:
     request.app[STATE].require_ready()
-    req = _parse(TokenizeRequest, await read_json(request))
+    req = parse_body(TokenizeRequest, await read_json(request))
     if req.add_special and req.parse_special:  # exactly what a completion prompt of this text gets
         tokens = await tokenizing.prompt_tokens(request, req.text)
     else:
@@ -462,7 +412,7 @@ async def tokenize(request: web.Request) -> web.StreamResponse:
                      errors=BODY_ERRORS))
 async def detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
-    req = _parse(DetokenizeRequest, await read_json(request))
+    req = parse_body(DetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
     return _json(Text(text=await tokenizing.detokenize(request, req.tokens)))
 
@@ -479,7 +429,7 @@ async def vllm_tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     runtime = state.require_ready()
     model = runtime.model
-    req = _parse(VllmTokenizeRequest, await read_json(request))
+    req = parse_body(VllmTokenizeRequest, await read_json(request))
     if req.messages is not None:
         text = _chat_prompt(model.info, state.model_id, req.messages, req.add_generation_prompt)
         add_special = bool(req.add_special_tokens)
@@ -504,7 +454,7 @@ async def vllm_tokenize(request: web.Request) -> web.Response:
                      ok=VllmDetokenizeResponse, ok_description="the text", errors=BODY_ERRORS))
 async def vllm_detokenize(request: web.Request) -> web.Response:
     model = request.app[STATE].require_ready().model
-    req = _parse(VllmDetokenizeRequest, await read_json(request))
+    req = parse_body(VllmDetokenizeRequest, await read_json(request))
     _check_token_ids(req.tokens, model.n_vocab, "tokens")
 
     def run(_gone: object) -> str:  # special tokens as their text, as a Hugging Face tokenizer decodes them

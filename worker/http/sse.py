@@ -1,8 +1,8 @@
 """Server-sent events: the one writer every streaming route uses.
 
-Two dialects: the native one (`event: <type>` and `data: <json>` whose object also carries "type") and OpenAI's
-(`data: <json>` lines, then `data: [DONE]`). Events are gathered and written once per engine step: one write per
-step, however many events it holds.
+Two dialects: named events (`event: <type>` and `data: <json>` whose object also carries "type": the native API,
+OpenAI's Responses, Anthropic's Messages) and OpenAI chat's (`data: <json>` lines, then `data: [DONE]`). Events are
+gathered and written once per engine step: one write per step, however many events it holds.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class EventStream:
         self._pending.append(encode(data, event))
 
     def add_typed(self, data: BaseModel | dict[str, Any]) -> None:
-        """A native event: named after its own `type`."""
+        """A named event, named after its own `type`."""
         kind = data.type if isinstance(data, BaseModel) else data["type"]  # type: ignore[attr-defined]
         self.add(data, kind)
 

@@ -169,7 +169,6 @@ class Context:
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
         self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
-        self._all_ids = np.arange(model.n_vocab, dtype=np.int32)
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
@@ -208,15 +207,13 @@ class Context:
         logits logits() gives, as changed there)."""
         return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
 
-    def sample_logits(self, seq_id: int, logits: np.ndarray, *, finite_only: bool = False) -> int:
-        """The token the sequence's chain picks from these logits (read, perhaps masked, on the CPU; they need not
-        be the context's any more). With `finite_only`, tokens at -inf are left out of the candidates: a narrow
-        mask then makes the chain's sort short."""
+    def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
+        """The token the sequence's chain picks from these candidates (token ids and their logits, read and perhaps
+        narrowed by a mask on the CPU): a narrow mask makes the chain's sort short."""
         chain = self._chains[seq_id]
-        ids = np.flatnonzero(np.isfinite(logits)).astype(np.int32) if finite_only else self._all_ids
         candidates = np.empty(len(ids), dtype=_TOKEN_DATA)
         candidates["id"] = ids
-        candidates["logit"] = logits[ids] if finite_only else logits
+        candidates["logit"] = values
         candidates["p"] = 0.0
         array = lc.llama_token_data_array(data=candidates.ctypes.data_as(lc.llama_token_data_p), size=len(ids),
                                           selected=-1, sorted=False)
@@ -232,6 +229,17 @@ class Context:
         if not ptr:
             raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def logits_rows(self, index: int, count: int) -> np.ndarray:
+        """The logits of `count` consecutive batch positions from `index`, all of which output logits: one view of
+        llama.cpp's buffer, a row a position (its rows are in batch order)."""
+        first = lc.llama_get_logits_ith(self.ptr, index)
+        last = lc.llama_get_logits_ith(self.ptr, index + count - 1)
+        row_bytes = self.model.n_vocab * ctypes.sizeof(ctypes.c_float)
+        if not first or not last or ctypes.addressof(last.contents) - ctypes.addressof(first.contents) != (
+                count - 1) * row_bytes:
+            raise RuntimeError(f"llama.cpp has no consecutive logits for batch positions {index}..{index + count - 1}")
+        return np.ctypeslib.as_array(first, shape=(count, self.model.n_vocab))
 
     def quiet_log(self, quiet: bool) -> None:
         """ggml's own log kept out of Python (see route_ggml_log), for steps that allocate nothing."""
