@@ -273,7 +273,7 @@ class Scheduler:
             spec.shadow, spec.hits = -1, 0
             return 0, False
         n = min(spec.n, room, job.max_tokens - slot.tokens_out - 1)
-        if n < config.n_min or self.n_running + len(self.waiting) > config.max_load:
+        if n < config.n_min or self.n_running + len(self.waiting) > config.load_limit:
             return 0, False
         if not config.gate:
             return n, False
@@ -322,9 +322,7 @@ class Scheduler:
                 continue
             # the cells kept (its accepted tokens + its own) for the step's time, its proposing (a draft model's) too
             spec.stretch.add(slot.n_past - part.pos, seconds + self._proposing_s)
-            if spec.stretch.hopeless:
-                spec.pause = spec.stretch.give_up()
-            elif spec.stretch.steps >= config.trial_steps:
+            if spec.stretch.steps >= config.trial_steps:
                 spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running)
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
@@ -464,7 +462,7 @@ class Scheduler:
         config = self.speculation
         slot.spec = SlotSpeculation(n=config.n_max) if (
             config is not None and job.speculate and not job.reads_logits
-            and self.n_running + len(self.waiting) <= config.max_load) else None
+            and self.n_running + len(self.waiting) <= config.load_limit) else None
         # A job that reads its logits on the CPU (a mask, logprobs, proposals to verify) samples there: decided
         # here, once a job
         on_cpu = self.in_graph_sampling and (job.reads_logits or slot.spec is not None)

@@ -32,7 +32,15 @@ class SpecConfig:
     # changes included, against the plain steps' rate (Stretch).
     fixed_length: bool = False
     trial_steps: int = 8  # a stretch is judged after this many steps
-    shadow_hits: int = 2  # a stretch starts after this many right shadow guesses in a row
+
+    @property
+    def load_limit(self) -> int:
+        """Running + waiting jobs above which nobody speculates. With fixed-length proposals (a GPU) only a lone
+        sequence does: with several, each one's stretches would change everyone's step shape, and with it lose
+        everyone's CUDA graphs (measured: 4 streams of free text at 0.51x). Without the gate (measuring a
+        proposer's ceiling), max_load."""
+        return 1 if self.fixed_length and self.gate else self.max_load
+    shadow_hits: int = 1  # a stretch starts after this many right shadow guesses in a row
     # weigh each proposal's measured cost against its expected gain (StepCosts); off only to measure the ceiling of
     # a proposer (benchmarks, tests that want every step to speculate)
     gate: bool = True
@@ -295,16 +303,6 @@ class Stretch:
         beat plain steps by 10%."""
         spec_step = self.seconds / self.steps
         return (self.tokens / self.steps + running - 1) / spec_step > 1.1 * running / plain_step
-
-    def give_up(self) -> int:
-        """A stretch that accepted nothing in its first steps ends early: the steps to pause for."""
-        verdict, self.pause = self.pause, min(2 * self.pause, self.MAX_PAUSE)
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
-        return verdict
-
-    @property
-    def hopeless(self) -> bool:
-        return self.steps >= 3 and self.tokens == self.steps  # not one proposal accepted
 
     def judge(self, plain_step: float | None, running: int) -> int:
         """After a stretch: 0 to go on speculating, else the steps to pause for (without a plain step's time to
