@@ -202,6 +202,18 @@ def test_the_draft_path_gives_plain_decodings_text_whether_its_proposals_hit_or_
             assert end(got).accepted_tokens < end(got).draft_tokens
 
 
+def test_between_stretches_a_draft_that_guessed_wrong_rests():
+    core, _, fake = draft_engine({8: 3}, fixed_length=True)  # after 8 the draft guesses 3; the model says 9
+    got = submit(core, "a", REPEATING, max_tokens=20)
+    run(core)
+    assert text(got) == "ijklmnopqrstuvwxyz"  # then 0, the end token
+    # the first decoding step guesses (the prompt and 8 caught up); at the next the guess was wrong: no draft decode
+    # for COSTLY_SHADOW_REST steps, then the 10 tokens since in one catch-up; its right guess starts a stretch
+    assert fake.batches[0] == [(0, [*REPEATING, 8], 0)]
+    assert fake.batches[1] == [(0, list(range(9, 19)), 10)]
+    assert end(got).draft_tokens > 0
+
+
 @pytest.mark.parametrize("fixed_length", [False, True])  # the CPU's adaptive proposals, the GPU's stretches
 def test_the_draft_path_ends_exactly_where_plain_decoding_would(fixed_length):
     for kw in ({"max_tokens": 5}, {"max_tokens": 30, "stop": ("mn",)}, {"max_tokens": 40}):

@@ -280,7 +280,12 @@ class Scheduler:
         if config.fixed_length:
             if spec.stretch.steps:
                 return n, False
-            spec.hits = spec.hits + 1 if spec.shadow == slot.last_token else 0  # the last shadow guess came true
+            came_true = spec.shadow == slot.last_token
+            if not came_true and spec.shadow >= 0 and self.proposer is not None and self.proposer.costly:
+                # a draft model's guess costs a decode a step: after a wrong one it rests before guessing again
+                spec.pause = COSTLY_SHADOW_REST
+                return 0, False
+            spec.hits = spec.hits + 1 if came_true else 0  # the last shadow guess came true
             if spec.hits < config.shadow_hits or self.step_costs.step is None:
                 return 1, True
             spec.hits = 0
@@ -655,6 +660,7 @@ class Scheduler:
 
 Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, that token's logprob if asked for
 
+COSTLY_SHADOW_REST = 8  # steps without shadow guesses after a draft model's wrong one (its guesses are decodes)
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick
 MIN_SUFFIX = 2  # prompt tokens always computed, never taken from the cache (see Scheduler._place)
