@@ -141,3 +141,29 @@ async def test_a_worker_with_a_draft_model_reports_proposals_in_its_end_event_an
         assert loaded["ctx_size"] == 512 and loaded["architecture"] == "llama"
     finally:
         w.stop()
+
+
+async def test_two_sequences_speculate_together_through_one_batch_of_draft_decodes(model):
+    """Two jobs at once: the draft's catch-ups and proposals for both go through shared decodes (each sequence in
+    its own KV stream of the draft), and each text is still the model's."""
+    draft = DraftModel(Model.load(embedded_model_path(), ref="draft", fmt="gguf", gpu_layers=0), n_ctx_seq=1024,
+                       n_seq=2, n_batch=512, threads=1, flash_attn="off")
+    plain, spec = build(model, 1, None), build(model, 2, SpecConfig(gate=False), draft)
+    decodes: list[int] = []  # sequences per draft decode
+    decode = draft.decode
+    draft.decode = lambda parts: (decodes.append(len(parts)), decode(parts))[1]  # type: ignore[method-assign]
+    for e in (plain, spec):
+        e.start(asyncio.get_running_loop())
+    try:
+        prompts = [COPY, QUOTES[1]]
+        references = [await generate(plain, model, p, f"ref{i}", logprobs=2) for i, p in enumerate(prompts)]
+        outs = await asyncio.gather(*(generate(spec, model, p, f"two{i}") for i, p in enumerate(prompts)))
+        for reference, out in zip(references, outs, strict=True):
+            near_tie = divergence_gap(reference, text(out))
+            assert near_tie is None or near_tie < 0.15, (near_tie, text(reference), text(out))
+            assert out[-1].draft_tokens > 0 and out[-1].acceptance_rate > 0.8  # type: ignore[union-attr]
+        assert max(decodes) == 2  # both sequences in one draft decode
+    finally:
+        plain.close()
+        spec.close()
+        draft.close()
