@@ -126,7 +126,8 @@ class Settings(BaseSettings):
     spec_draft_n_min: int = Field(1, ge=1, le=32, description="a shorter proposal is not verified")
     spec_max_load: int = Field(
         4, ge=1, description="running + waiting requests above which nobody speculates: with many sequences a step "
-        "is no longer memory-bound and verifying proposals costs what it saves")
+        "is no longer memory-bound and verifying proposals costs what it saves (on a GPU only a lone sequence "
+        "speculates: several would keep changing the step's shape)")
     reasoning_format: Literal["split", "inline"] = Field(
         "split", description="a reasoning model's <think>…</think>: split out as reasoning_content (as llama-server, "
         "vLLM and SGLang do), or inline, left in the content; a request can ask otherwise (reasoning_format)")
