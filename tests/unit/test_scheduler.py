@@ -421,6 +421,23 @@ def test_the_next_turn_reuses_the_prompt_and_recomputes_the_reply():
     assert third[0].cached_tokens == len(turn2)
 
 
+def test_on_a_gpu_the_next_turn_reuses_the_reply_too_and_computes_one_token():
+    """Without exact prefixes (a GPU) every cell is reused, as llama-server does, and one prompt token is computed:
+    the step of a cache hit has a decode step's shape."""
+    core, ctx = engine(parallel=1, prefix_cache=True, offloaded=True)
+    turn1 = [1, 2, 3, 4]
+    got = submit(core, "a", turn1, max_tokens=3)  # cells hold 1 2 3 4 5 6 (7 was never decoded)
+    run(core)
+    turn2 = turn1 + [5, 6, 7] + [9, 9]
+    again = submit(core, "b", turn2, max_tokens=2)
+    run(core)
+    assert text(got) == "fgh" and again[0].cached_tokens == 6  # the reply's cells too: 7 and the message computed
+    same = submit(core, "c", turn2, max_tokens=2)
+    run(core)
+    assert same[0].cached_tokens == len(turn2) - 1
+    assert [len(b[0].tokens) for b in ctx.batches][-2:] == [1, 1]  # its prompt step is one token, as decoding
+
+
 def test_a_job_goes_to_the_slot_that_holds_its_conversation():
     core, _ = engine(parallel=3, prefix_cache=True)
     conversations = [[c] * 30 for c in (1, 2, 3)]

@@ -106,7 +106,7 @@ class EngineCore:
         self.kv_cells_total = ctx_size * parallel  # every slot's own ctx_size cells
         self.scheduler = Scheduler(n_slots=parallel, batch_size=batch_size, resources=ctx, vocab=vocab,
                                    in_graph_sampling=in_graph_sampling, chain_idle_s=chain_idle_s,
-                                   prefix_cache=prefix_cache, metrics=metrics,
+                                   prefix_cache=prefix_cache, exact_prefixes=not offloaded, metrics=metrics,
                                    guides=grammars.guide if grammars is not None else None,
                                    prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation,
                                    proposer=proposer)

@@ -149,6 +149,7 @@ class Scheduler:
         in_graph_sampling: bool = False,
         chain_idle_s: float = 1.0,
         prefix_cache: bool = True,
+        exact_prefixes: bool = True,
         metrics: SchedulerMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
         guides: Callable[[Constraint], Guide] | None = None,
@@ -160,6 +161,13 @@ class Scheduler:
         # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
         # longest prefix of its prompt, or has that prefix copied in from another slot.
         self.prefix_cache = prefix_cache
+        # Exact prefixes (the CPU): a cache hit gives the text a fresh run gives, bit for bit, so only cells computed
+        # in prompt steps are reused and a prompt's last two tokens are always computed (a lone query rounds
+        # otherwise than a batch). On a GPU a fresh run's prompt is computed by other kernels than any short suffix,
+        # so exactness is not on offer there: every cell is reused (a conversation's last reply too) and one token
+        # is computed, as llama-server does, which keeps a cache hit's step the shape of a decode step.
+        self.exact_prefixes = exact_prefixes
+        self.min_suffix = 2 if exact_prefixes else 1
         self.batch_size = batch_size
         self.resources = resources
         self.vocab = vocab
@@ -380,9 +388,8 @@ class Scheduler:
     def _place(self, job: Job, held: dict[int, int]) -> tuple[Slot, int]:
         """A free slot for the job and how many of its prompt's tokens are already in that slot's KV: the free slot
         that holds the longest prefix of the prompt; or, when another slot (busy or not) holds a much longer one,
-        the least useful free slot with that prefix copied in. At least the prompt's last two tokens are computed:
-        the last one's logits give the first token, and llama.cpp's attention for a lone query rounds otherwise
-        than for a batch (see _reusable_cells), so a suffix of one token would change greedy text."""
+        the least useful free slot with that prefix copied in. At least the prompt's last `min_suffix` tokens are
+        computed (see exact_prefixes)."""
         free = [slot for slot in self.slots if slot.job is None]
         if not self.prefix_cache or job.prompt_logprobs is not None:  # the prompt's logprobs need its logits
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
@@ -414,9 +421,11 @@ class Scheduler:
         slot.prompt_cells = n
 
     def _reusable_cells(self, slot: Slot) -> int:
-        """Cells another prompt may take from this slot: those computed in prompt steps. A generated token's cell
-        was computed alone, and llama.cpp's attention for one query rounds otherwise than for a batch (measured on
-        the CPU: logits off by 0.69), so reusing it would change greedy text against a fresh run."""
+        """Cells another prompt may take from this slot: with exact prefixes, those computed in prompt steps (a
+        generated token's cell was computed alone, and llama.cpp's attention for one query rounds otherwise than for
+        a batch: measured on the CPU, logits off by 0.69); else all of them."""
+        if not self.exact_prefixes:
+            return len(slot.kv_tokens)
         job = slot.job
         if job is None:
             return slot.prompt_cells
@@ -434,17 +443,17 @@ class Scheduler:
         prefilling = [slot for slot in self.slots if slot.job is not None and not slot.decoding]
         if not (self.prefix_cache and prefilling) or job.prompt_logprobs is not None:
             return False
-        prompt = job.prompt_tokens[:-MIN_SUFFIX]
+        prompt = job.prompt_tokens[: -self.min_suffix]
         shared = max(_common_prefix(slot.job.prompt_tokens, prompt) for slot in prefilling if slot.job)
         # waiting costs at most that prefill's remaining steps
         return shared >= MIN_SHARED_PREFILL and all(n < shared for n in held.values())
 
     def _held_by_slot(self, job: Job) -> dict[int, int]:
-        """seq_id → how much of the job's prompt (all but its last MIN_SUFFIX tokens) the slot's reusable cells
+        """seq_id → how much of the job's prompt (all but its last min_suffix tokens) the slot's reusable cells
         hold; computed once per admission attempt."""
         if not self.prefix_cache:
             return {}
-        prompt = job.prompt_tokens[:-MIN_SUFFIX]
+        prompt = job.prompt_tokens[: -self.min_suffix]
         return {slot.seq_id: _common_prefix(slot.kv_tokens, prompt, self._reusable_cells(slot))
                 for slot in self.slots}
 
@@ -663,7 +672,6 @@ Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, 
 COSTLY_SHADOW_REST = 8  # steps without shadow guesses after a draft model's wrong one (its guesses are decodes)
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick
-MIN_SUFFIX = 2  # prompt tokens always computed, never taken from the cache (see Scheduler._place)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
