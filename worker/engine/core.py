@@ -307,7 +307,8 @@ class EngineCore:
             # A step of a new shape is built afresh and runs without CUDA graphs: its time says nothing of the next
             seconds = time.perf_counter() - t0
             shape = tuple(len(p.tokens) for p in plan.parts)
-            if shape == self._last_shape:
+            # (on the CPU a new shape costs little against a step, and proposals change length: every step counts)
+            if shape == self._last_shape or not self.scheduler.speculation.fixed_length:
                 self.scheduler.step_costs.record(seconds, sum(p.n_draft for p in plan.parts))
             self._last_shape = shape
             if self.scheduler.speculation.fixed_length:

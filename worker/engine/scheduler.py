@@ -300,9 +300,13 @@ class Scheduler:
             return n, False
         if self.step_costs.step is None and self.proposer is not None and self.proposer.costly:
             return 0, False  # a plain step first: what a costly proposal adds is measured against it
+        if spec.probe:  # after a pause the gate imposed: one proposal regardless, so its cost is measured anew
+            spec.probe = False
+            return n, False
         if not self.step_costs.worth(spec.recent_rate, self.n_running):
             # then try again, later each time it does not pay: the costs and the rate change with the text and load
             spec.pause = spec.backoff = min(2 * spec.backoff, 256)
+            spec.probe = True
             return 0, False
         return n, False
 

@@ -250,6 +250,9 @@ class SlotSpeculation:
     accepted: int = 0
     pause: int = 0  # steps left without proposing, after a run of misses or while it does not pay
     backoff: int = 4  # the pause after the cost gate last said no (doubled each time it says no in a row)
+    # the next proposal is made whatever the gate says: a gate that only measures the steps it lets through would
+    # stay shut for good after one noisy measurement
+    probe: bool = False
     recent_rate: float = 0.5  # accepted / proposed, recent steps weighing most
     stretch: Stretch = field(default_factory=lambda: Stretch())  # fixed-length speculation's current stretch
     # Between stretches, proposals are made in the shadow and checked against the token that came: a stretch
