@@ -288,11 +288,11 @@ class Scheduler:
         if config.fixed_length:
             if spec.stretch.steps:
                 return n, False
+            if self.proposer is not None and self.proposer.costly:
+                # a draft model's shadow guess would cost a decode every step (measured: a self-draft at 0.6x):
+                # it goes straight to a stretch, judged after COSTLY_TRIAL_STEPS, and the pauses do the backing off
+                return (n, False) if self.step_costs.step is not None else (0, False)
             came_true = spec.shadow == slot.last_token
-            if not came_true and spec.shadow >= 0 and self.proposer is not None and self.proposer.costly:
-                # a draft model's guess costs a decode a step: after a wrong one it rests before guessing again
-                spec.pause = COSTLY_SHADOW_REST
-                return 0, False
             spec.hits = spec.hits + 1 if came_true else 0  # the last shadow guess came true
             if spec.hits < config.shadow_hits or self.step_costs.step is None:
                 return 1, True
@@ -339,7 +339,8 @@ class Scheduler:
                 continue
             # the cells kept (its accepted tokens + its own) for the step's time, its proposing (a draft model's) too
             spec.stretch.add(slot.n_past - part.pos, seconds + self._proposing_s)
-            if spec.stretch.steps >= config.trial_steps:
+            costly = self.proposer is not None and self.proposer.costly
+            if spec.stretch.steps >= (COSTLY_TRIAL_STEPS if costly else config.trial_steps):
                 spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running)
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
@@ -673,7 +674,7 @@ class Scheduler:
 
 Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, that token's logprob if asked for
 
-COSTLY_SHADOW_REST = 8  # steps without shadow guesses after a draft model's wrong one (its guesses are decodes)
+COSTLY_TRIAL_STEPS = 4  # a draft model's stretch is judged sooner: each of its steps costs proposing decodes
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick
 
