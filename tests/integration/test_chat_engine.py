@@ -119,7 +119,11 @@ async def test_generic_auto_answers_with_a_call_or_a_reply(models):
     model = models["smollm2"]
     plan = plan_for("smollm2", model)
     assert plan.constraint is not None and plan.constraint.trigger is None
-    for deltas, parser, _ in await answers(model, plan, range(2), max_tokens=120):
+    results = await answers(model, plan, range(2), max_tokens=300)
+    assert any(stop == StopReason.EOS for _, _, stop in results)  # at least one answer completed its grammar
+    for deltas, parser, stop in results:
+        if stop != StopReason.EOS:  # cut by max_tokens at a hot temperature: a call's arguments end where it was cut
+            continue
         if parser.called:
             assert_valid_calls(call_arguments(deltas))
         else:  # a reply: its text, never the JSON around it
