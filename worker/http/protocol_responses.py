@@ -30,7 +30,7 @@ from worker.engine.sampling import (
 from worker.http.chat_path import ChatInputs
 from worker.http.errors import ApiError
 from worker.http.protocol_native import WireModel
-from worker.http.protocol_openai import SAMPLING_FIELDS, JsonSchemaFormat, Strict, neutral_only
+from worker.http.protocol_openai import SAMPLING_FIELDS, FunctionDefinition, JsonSchemaFormat, Strict, neutral_only
 
 # ---- requests ----------------------------------------------------------------------------------------------------
 
@@ -111,13 +111,10 @@ InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | 
 _ITEMS = ("message", "function_call", "function_call_output", "reasoning")
 
 
-class FunctionTool(Strict):
+class FunctionTool(FunctionDefinition):
+    """Chat's function definition, with its type beside it rather than around it."""
+
     type: Literal["function"]
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="a JSON schema; the call's arguments are "
-                                              "constrained to it")
-    strict: bool | None = None  # enforced either way
 
 
 class NamedFunctionChoice(Strict):
