@@ -46,6 +46,17 @@ def test_a_plain_response_has_one_message_and_usage(client):
     assert u.input_tokens_details.cached_tokens >= 0 and u.output_tokens_details.reasoning_tokens == 0
     if r.status == "incomplete":
         assert r.incomplete_details.reason == "max_output_tokens" and u.output_tokens == 24
+    assert r.output[-1].status == r.status  # a cut answer's last item is incomplete too, as OpenAI's
+
+
+def test_an_answer_cut_by_max_output_tokens_is_incomplete_down_to_its_last_item(client):
+    kw = dict(model="m", input="Write a long story about the sea.", temperature=0, max_output_tokens=5)
+    r = client.responses.create(**kw)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[-1].status == "incomplete"
+    events = list(client.responses.create(stream=True, **kw))
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert done[-1].item.status == "incomplete" and events[-1].type == "response.incomplete"
 
 
 def test_the_prefix_cache_shows_as_cached_tokens(client):

@@ -70,6 +70,11 @@ class ResponseWriter:
     def __init__(self, shell: Response, blocks: AnswerBlocks) -> None:
         self.shell, self.blocks = shell, blocks
         self.sequence = 0
+        self.cut = False  # the answer ended before its end (max_output_tokens, a timeout): its last item is incomplete
+
+    def status_of(self, block: Block) -> ItemStatus:
+        last = bool(self.blocks.blocks) and block is self.blocks.blocks[-1]
+        return "incomplete" if self.cut and last else "completed"
 
     def item_id(self, block: Block) -> str:
         return f"{_ID_PREFIX[block.kind]}_{self.shell.id.removeprefix('resp_')}_{block.index}"
@@ -115,11 +120,11 @@ class ResponseWriter:
                                                          arguments=b.text))
                 if b.kind != "tool_call":
                     out.append(ContentPartDone(item_id=iid, output_index=at, part=self._part(b, b.text)))
-                out.append(OutputItemDone(output_index=b.index, item=self.item(b, "completed")))
+                out.append(OutputItemDone(output_index=b.index, item=self.item(b, self.status_of(b))))
         return out
 
     def finished(self, end: Finished) -> Response:
-        incomplete = end.stop_reason in _INCOMPLETE
+        incomplete = self.cut = end.stop_reason in _INCOMPLETE
         usage = ResponseUsage(input_tokens=end.prompt_tokens,
                               input_tokens_details=InputTokensDetails(cached_tokens=end.cached_tokens),
                               output_tokens=end.tokens_out,
@@ -129,7 +134,7 @@ class ResponseWriter:
         return self.shell.model_copy(update={
             "status": "incomplete" if incomplete else "completed",
             "incomplete_details": IncompleteDetails(reason="max_output_tokens") if incomplete else None,
-            "output": [self.item(b, "completed") for b in self.blocks.blocks], "usage": usage})
+            "output": [self.item(b, self.status_of(b)) for b in self.blocks.blocks], "usage": usage})
 
     def failed(self, out: Failed) -> Response:
         return self.shell.model_copy(update={"status": "failed",
@@ -170,6 +175,7 @@ async def _stream(request: web.Request, jobs: JobStream, writer: ResponseWriter)
                 if isinstance(out, TokenText):
                     add(*writer.events(writer.blocks.feed(out.text)))
                 elif isinstance(out, Finished):
+                    writer.cut = out.stop_reason in _INCOMPLETE
                     add(*writer.events(writer.blocks.finish()))
                     response = writer.finished(out)
                     add(ResponseIncomplete(response=response) if response.status == "incomplete"
