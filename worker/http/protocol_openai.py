@@ -59,9 +59,12 @@ class Strict(BaseModel):
         for name, info in type(self).model_fields.items():
             extra = info.json_schema_extra
             if isinstance(extra, dict) and extra.get("x-neutral"):
-                if not _is_neutral(getattr(self, name), list(extra["enum"])):  # type: ignore[arg-type]
+                neutral = list(extra["enum"])  # type: ignore[arg-type]
+                if not _is_neutral(getattr(self, name), neutral):
+                    accepted = " or ".join(["null", *(json.dumps(n) for n in neutral if n is not None)])
                     raise ApiError(400, "unsupported_parameter",
-                                   f"'{name}' is not supported by this worker; leave it out or null", field=name)
+                                   f"'{name}' is not supported by this worker; leave it out, or send {accepted}",
+                                   field=name)
 
 
 # ---- requests ----------------------------------------------------------------------------------------------------
