@@ -57,6 +57,7 @@ class FakeContext:
         self._last: dict[int, int] = {}  # batch index → token there
         self._logits: dict[int, np.ndarray] = {}
         self.cpu_sampled: list[int] = []
+        self.chain_in_graph: dict[int, bool] = {}  # seq → its chain samples in the decode graph
 
     @property
     def kv(self) -> dict[int, set[int]]:
@@ -74,6 +75,8 @@ class FakeContext:
         assert not reuse or self.chains.get(seq_id) == params
         self.chain_ops.append(("reuse" if reuse else "build", seq_id))
         self.chains[seq_id] = params
+        if not reuse:
+            self.chain_in_graph[seq_id] = not on_cpu
 
     def drop_chain(self, seq_id: int) -> None:
         self.chain_ops.append(("drop", seq_id))
@@ -356,6 +359,30 @@ def test_idle_in_graph_chains_are_detached_and_that_makes_the_next_step_unsteady
     assert ctx.chains == {} and ctx.chain_ops[-1] == ("drop", 0)
     sched.add(Job("b", [1], SamplingParams(), 1, deliver=lambda outs: None))
     assert not sched.schedule(2.1).steady
+
+
+def test_new_in_graph_chains_wait_for_the_first_tokens_of_jobs_that_arrive_together():
+    core, ctx = engine(parallel=3, in_graph_sampling=True, overlap=True)
+    a = submit(core, "a", [1, 2, 3], max_tokens=6, params=SamplingParams(temperature=0))
+    b = submit(core, "b", [4, 5], max_tokens=6, params=SamplingParams(temperature=0.7, top_k=5))
+    core.step()  # both prompts; their first tokens sampled by numpy from the logits read on the CPU
+    assert ctx.chain_in_graph == {0: False, 1: False}
+    c = submit(core, "c", [7], max_tokens=6, params=SamplingParams(temperature=0))
+    core.step()  # another arrival: the chains wait for it too
+    assert ctx.chain_in_graph == {0: False, 1: False, 2: False}
+    core.step()  # nobody new: all three join the graph in one step (one re-reservation)
+    assert ctx.chain_in_graph == {0: True, 1: True, 2: True}
+    run(core)
+    assert text(a) == "efghij" and text(c) == "ijklmn" and end(b).tokens_out == 6
+
+
+def test_a_seeded_job_samples_in_the_graph_from_its_first_token():
+    core, ctx = engine(in_graph_sampling=True)
+    got = submit(core, "a", [1, 2, 3], max_tokens=3, params=SamplingParams(temperature=0.7, seed=3))
+    core.step()
+    assert ctx.chain_in_graph == {0: True}  # its tokens must not depend on when its chain joined
+    run(core)
+    assert end(got).tokens_out == 3
 
 
 def test_outputs_come_in_order_and_the_metrics_see_every_token():

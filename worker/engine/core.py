@@ -360,8 +360,8 @@ class EngineCore:
     def _sample(self, slot: Slot, index: int) -> Sampled:
         job = slot.job
         assert job is not None
-        if not job.reads_logits:
-            return slot, self._pick(slot, index) if slot.spec is not None else self.ctx.sample(slot.seq_id, index), None
+        if not job.reads_logits:  # numpy's where it samples the job (speculation, a chain not yet attached)
+            return slot, self._pick(slot, index), None
         # A job that reads its logits: logprobs taken from the model's own values, then the tokens the constraint
         # allows, then the job's sampler draws from those. The logits are read, never written: llama.cpp's buffer
         # is left as the model made it.

@@ -83,6 +83,7 @@ class Slot:
     job: Job | None = None
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
     chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
+    attach_pending: bool = False  # the job's chain joins the decode graph once arrivals settle (_attach_pending)
     guide: Guide | None = None  # the job's constraint
     sampler: CpuSampler | None = None  # samples the logits the job reads on the CPU (numpy), unless penalized
     spec: SlotSpeculation | None = None  # the job speculates
@@ -202,9 +203,10 @@ class Scheduler:
         step runs (flush_text after the decode is queued); otherwise it is done here, before the parts are planned,
         so that a job its text ends takes no part in the step."""
         self._expire_waiting(now)
-        self._admit()
+        admitted = self._admit()
         if self.in_graph_sampling:
             self._detach_idle_chains(now)
+            self._attach_pending(settled=not admitted)
         for slot in self.slots:
             job = slot.job
             if job is not None and (job.cancel_reason or (job.deadline and now >= job.deadline)):
@@ -366,10 +368,28 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is None and slot.chain_params is not None and now - slot.idle_since > self.chain_idle_s:
                 self.resources.drop_chain(slot.seq_id)
+                self._chains_changed |= not slot.chain_on_cpu
                 slot.chain_params = None
-                self._chains_changed = True
+                slot.chain_on_cpu = False
 
-    def _admit(self) -> None:
+    def _attach_pending(self, *, settled: bool) -> None:
+        """Attach the chains of jobs that sample on the CPU until then (_start: deferred), once they have their first
+        token: all in one step (each step whose chains changed, llama.cpp re-reserves its graph: ~30 ms on an H200,
+        whatever the number), when a step admitted nobody (requests that arrive together are all in), or when one
+        has waited ATTACH_AFTER_TOKENS tokens (arrivals that never settle)."""
+        ready = [slot for slot in self.slots if slot.attach_pending and slot.job is not None and slot.tokens_out > 0]
+        if not ready or not (settled or any(slot.tokens_out >= ATTACH_AFTER_TOKENS for slot in ready)):
+            return
+        for slot in ready:
+            assert slot.job is not None
+            self.resources.use_chain(slot.seq_id, slot.job.params, reuse=False)
+            slot.chain_on_cpu = slot.attach_pending = False
+            slot.sampler = None
+        self._chains_changed = True
+
+    def _admit(self) -> bool:
+        """Whether some job was given a slot."""
+        admitted = False
         deferred: list[Job] = []
         while self.waiting and any(slot.job is None for slot in self.slots):
             job = self.waiting.popleft()
@@ -378,6 +398,7 @@ class Scheduler:
                 deferred.append(job)  # another job is prefilling this one's prefix: share it once it is there
                 continue
             slot, cached = self._place(job, held)
+            admitted = True
             try:
                 self._start(slot, job, cached)
             except Exception as exc:  # e.g. a sampler chain llama.cpp refused: end this job, keep serving
@@ -387,6 +408,7 @@ class Scheduler:
                     self._drop_sequence(slot)
                     self._end_unstarted(job, StopReason.CANCELLED)
         self.waiting.extendleft(reversed(deferred))
+        return admitted
 
     # ---- the prefix cache ------------------------------------------------------------------------------------
 
@@ -486,12 +508,20 @@ class Scheduler:
         # here, once a job
         on_cpu = self.in_graph_sampling and (job.reads_logits or slot.spec is not None)
         reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu
+        # A new chain in the decode graph costs a graph re-reservation, and the step that pays it holds up the new
+        # job's first token and everyone else's next one. Deferred: the job samples on the CPU until its chain can
+        # be attached with those of the others that arrived with it, in one step after their first tokens. Not
+        # with a seed (its tokens must not depend on when the chain joined), nor penalized (numpy has no history).
+        deferred = (self.in_graph_sampling and not on_cpu and not reuse and job.params.seed is None
+                    and CpuSampler.applies(job.params) and (slot.chain_params is None or slot.chain_on_cpu))
+        on_cpu = on_cpu or deferred
+        attached_before = slot.chain_params is not None and not slot.chain_on_cpu
         slot.chain_params = None  # until the context has the chain
-        if not reuse and self.in_graph_sampling:
+        if not reuse and self.in_graph_sampling and (attached_before or not on_cpu):
             self._chains_changed = True
         self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu)
-        slot.chain_params, slot.chain_on_cpu = job.params, on_cpu
-        reads_logits = job.reads_logits or slot.spec is not None
+        slot.chain_params, slot.chain_on_cpu, slot.attach_pending = job.params, on_cpu, deferred
+        reads_logits = job.reads_logits or slot.spec is not None or deferred
         slot.sampler = CpuSampler(job.params) if reads_logits and CpuSampler.applies(job.params) else None
         if job.constraint is not None:
             if self.guides is None:
@@ -676,6 +706,7 @@ Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, 
 
 COSTLY_TRIAL_STEPS = 4  # a draft model's stretch is judged sooner: each of its steps costs proposing decodes
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
+ATTACH_AFTER_TOKENS = 16  # a deferred chain waits at most this many tokens for arrivals to settle
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick
 
 
