@@ -126,9 +126,9 @@ class Context:
     def __init__(
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
         flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
-        cache_type_k: str = "f16", cache_type_v: str = "f16",
+        cache_type_k: str = "f16", cache_type_v: str = "f16", kv_unified: bool = False,
     ) -> None:
-        """n_ctx cells, n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
+        """n_ctx cells: one pool (kv_unified), or n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -142,11 +142,13 @@ class Context:
         params.n_outputs_max = self.n_outputs
         params.n_threads = threads
         params.n_threads_batch = threads_batch or threads
-        # A stream of cells per sequence, not one unified pool. In the pool every token attends, masked, over the
-        # cells of all sequences (32 streams: -20 % tokens/s), and where a sequence's cells sit changes the order of
-        # llama.cpp's sums, so greedy text changed with what else was cached. In its own stream a sequence's cells
-        # are where a fresh run puts them, and a prefix copied from another stream keeps its places.
-        params.kv_unified = False
+        # One pool for all sequences, or a stream of cells per sequence. In the pool every token attends, masked,
+        # over the cells of all sequences, and where a sequence's cells sit changes the order of llama.cpp's sums
+        # (greedy text changed with what else was cached, on the CPU). In its own stream a sequence's cells are
+        # where a fresh run puts them, and a prefix copied from another stream keeps its places; but llama.cpp
+        # splits a step over streams into ubatches of consecutive sequence ids with equal tokens each, so a step of
+        # unequal prompt chunks, or of sequences with idle ones between them, is several graph evaluations.
+        params.kv_unified = kv_unified
         params.flash_attn_type = {
             "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
             "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -282,8 +284,8 @@ class Context:
         lc.llama_memory_seq_rm(self._mem, seq_id, n, -1)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """`dst`'s cells become `src`'s first n positions. Across streams llama.cpp copies whole buffers (on the
-        device, before the next decode), then the tail is freed."""
+        """`dst`'s cells become `src`'s first n positions. In one pool the cells are only tagged; across streams
+        llama.cpp copies whole buffers (on the device, before the next decode), then the tail is freed."""
         lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         lc.llama_memory_seq_rm(self._mem, dst, n, -1)
 
