@@ -252,3 +252,17 @@ def test_hundreds_of_random_jobs_with_a_small_ram_budget_keep_the_accounting_exa
         assert cache.bytes <= 4 * 300
     run(core)
     assert metrics.saved and metrics.restored and metrics.evicted  # every path was taken
+
+
+def test_on_a_gpu_the_reply_is_saved_too_and_one_prompt_token_is_computed():
+    core, ctx, cache, _ = ram_engine(offloaded=True)
+    first = submit(core, "a1", A, max_tokens=3)  # cells hold A and 2 of its 3 tokens (the last was never decoded)
+    run(core)
+    submit(core, "b", B, max_tokens=3)
+    run(core)
+    assert [len(e.tokens) for e in cache] == [302]
+    reply = [A[-1] + 1, A[-1] + 2]  # the fake model's next tokens
+    assert text(first).startswith("".join(chr(ord("a") + t % 26) for t in reply))
+    turn2 = submit(core, "a2", A + reply + [9, 9], max_tokens=2)
+    run(core)
+    assert turn2[0].cached_tokens == 302
