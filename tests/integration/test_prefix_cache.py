@@ -216,3 +216,39 @@ async def test_gemma_keeps_nothing_in_ram_and_answers_the_same(gemma, http):
     values = await metric_values(http, cached.url)
     assert values["llm_worker_prefix_cache_ram_saved_total"] == 0
     assert values["llm_worker_prefix_cache_ram_entries"] == 0
+
+
+def test_a_sequence_restored_from_ram_gives_the_logits_of_cells_computed_in_place():
+    """The RAM tier's mechanism, exactly: a sequence saved (llama_state_seq_get_data_ext) and restored into another,
+    emptied sequence decodes the last token to the very logits of the sequence that computed the cells; a damaged
+    state is refused (False), never a crash, and leaves the sequence empty."""
+    import numpy as np
+
+    from worker.llamacpp import Context, Model
+    from worker.models.resolve import embedded_model_path
+
+    model = Model.load(embedded_model_path(), ref="embedded", fmt="gguf", gpu_layers=0)
+    ctx = Context(model, n_ctx=2 * 1024, n_seq=2, n_batch=512, threads=1)
+    try:
+        tokens = model.tokenize("The capital of France is Paris, and the capital of Spain is " * 20)
+        n = len(tokens)
+
+        def last_logits(seq: int) -> np.ndarray:
+            assert ctx.decode([(seq, tokens[-1:], n - 1, True, False, 0)]) == 0
+            out = ctx.logits(0).copy()
+            ctx.keep_prefix(seq, n - 1)
+            return out
+
+        assert ctx.decode([(0, tokens[:-1], 0, False, False, 0)]) == 0
+        computed = last_logits(0)
+        state = ctx.save_sequence(0)
+        assert state is not None and state.nbytes > 20_000 * (n - 1)  # SmolLM2: 23,052 bytes a cell
+        assert ctx.restore_sequence(1, state)
+        assert np.array_equal(last_logits(1), computed)
+        ctx.forget(1)
+        assert not ctx.restore_sequence(1, state[: state.nbytes // 2])
+        assert ctx.decode([(0, tokens[:1], 0, True, False, 0)]) != 0  # a sequence holding cells takes no position 0
+        assert ctx.decode([(1, tokens[:1], 0, True, False, 0)]) == 0  # the refused one is empty
+    finally:
+        ctx.close()
+        model.close()
