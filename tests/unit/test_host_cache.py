@@ -80,7 +80,7 @@ class RamContext(FakeContext):
 
     def __init__(self, pool: int) -> None:
         super().__init__(pool)
-        self.fail_restore = False
+        self.fail_restore: bool | str = False
         self.saved: list[int] = []  # lengths of the sequences saved
         self.restored: list[int] = []
 
@@ -92,6 +92,8 @@ class RamContext(FakeContext):
 
     def restore_sequence(self, seq_id: int, state: np.ndarray) -> bool:
         assert seq_id not in self.kv, "restored into a sequence that holds cells"
+        if self.fail_restore == "raise":
+            raise MemoryError("no room")
         if self.fail_restore:
             return False
         tokens = state.view(np.int32).tolist()
@@ -175,13 +177,14 @@ def test_a_zero_budget_saves_nothing_and_the_prompt_is_computed():
     assert len(cache) == 0 and metrics.saved == [] and again[0].cached_tokens == 0
 
 
-def test_a_failed_restore_drops_the_entry_and_computes_the_prompt():
+@pytest.mark.parametrize("failure", [True, "raise"])
+def test_a_failed_restore_drops_the_entry_and_computes_the_prompt(failure):
     core, ctx, cache, metrics = ram_engine()
     first = submit(core, "a1", A, max_tokens=3)
     run(core)
     submit(core, "b", B, max_tokens=3)
     run(core)
-    ctx.fail_restore = True
+    ctx.fail_restore = failure
     again = submit(core, "a2", A, max_tokens=3)
     run(core)
     assert again[0].cached_tokens == 0 and text(again) == text(first)

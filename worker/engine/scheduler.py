@@ -520,18 +520,17 @@ class Scheduler:
         self._drop_sequence(slot)
         started = self.clock()
         try:
-            restored = self.resources.restore_sequence(slot.seq_id, entry.state)
+            restored, why = self.resources.restore_sequence(slot.seq_id, entry.state), "llama.cpp refused it"
         except Exception as exc:
-            narrate("prefix_restore_failed", f"Restoring {len(entry.tokens)} tokens from RAM raised "
-                    f"{type(exc).__name__}: {exc}", actor="engine", target=f"slot:{slot.seq_id}", level="warning")
-            restored = False
+            restored, why = False, f"{type(exc).__name__}: {exc}"
         if not restored:
             cache.discard(entry)
             self.metrics.ram_evicted(entry.size)
             self._drop_sequence(slot)
             held[slot.seq_id] = 0
-            self._narrate(job, "prefix_restore_failed", f"llama.cpp refused a RAM-cached prefix of {n} tokens: the "
-                          "prompt is computed.", slot=slot.seq_id, tokens=n, level="warning")
+            self._narrate(job, "prefix_restore_failed", f"Could not restore a RAM-cached prefix of {n} tokens ({why}): "
+                          "the entry is dropped and the prompt computed.", slot=slot.seq_id, tokens=n, reason=why,
+                          level="warning")
             return None
         if n < len(entry.tokens):
             self.resources.keep_prefix(slot.seq_id, n)
