@@ -54,6 +54,17 @@ class Metrics:
                                         "prompt", registry=r)
         self.prefix_evicted_cells = Counter(p + "prefix_cache_evicted_cells", "cached tokens dropped for new prompts",
                                             registry=r)
+        self.ram_bytes = Gauge(p + "prefix_cache_ram_bytes", "bytes of KV state the host-memory tier keeps "
+                               "(--cache-ram)", registry=r)
+        self.ram_entries = Gauge(p + "prefix_cache_ram_entries", "sequences the host-memory tier keeps", registry=r)
+        self.ram_saves = Counter(p + "prefix_cache_ram_saved", "sequences saved to host memory before a slot dropped "
+                                 "them", registry=r)
+        self.ram_restores = Counter(p + "prefix_cache_ram_restored", "sequences restored from host memory into a "
+                                    "slot", registry=r)
+        self.ram_restored_token_count = Counter(p + "prefix_cache_ram_restored_tokens", "prompt tokens restored "
+                                                "from host memory instead of computed", registry=r)
+        self.ram_evictions = Counter(p + "prefix_cache_ram_evicted", "sequences dropped from host memory (over the "
+                                   "budget, held by a longer one, or refused by llama.cpp)", registry=r)
         self.spec_draft = Counter(p + "spec_draft_tokens", "tokens proposed by speculative decoding", registry=r)
         self.spec_accepted = Counter(p + "spec_accepted_tokens", "proposed tokens the model accepted", registry=r)
         self.load_seconds = Gauge(p + "model_load_seconds", "seconds the model took to load", registry=r)
@@ -77,6 +88,11 @@ class Metrics:
         self.kv_pool_cells.set(kv_cells_total)
         self.kv_pool_used.set_function(lambda: kv_cells()[0])
         self.kv_pool_cached.set_function(lambda: kv_cells()[1])
+
+    def bind_host_cache(self, used: Callable[[], tuple[int, int]]) -> None:
+        """The host-memory tier's (bytes, entries), read at scrape time."""
+        self.ram_bytes.set_function(lambda: used()[0])
+        self.ram_entries.set_function(lambda: used()[1])
 
     def bind_connections(self, count: Callable[[], int]) -> None:
         self.connections.set_function(count)
@@ -116,6 +132,16 @@ class Metrics:
     def draft_verified(self, proposed: int, accepted: int) -> None:
         self.spec_draft.inc(proposed)
         self.spec_accepted.inc(accepted)
+
+    def ram_saved(self, tokens: int, size: int) -> None:
+        self.ram_saves.inc()
+
+    def ram_restored(self, tokens: int) -> None:
+        self.ram_restores.inc()
+        self.ram_restored_token_count.inc(tokens)
+
+    def ram_evicted(self, size: int) -> None:
+        self.ram_evictions.inc()
 
 
 def _used_on(used: Callable[[], dict[str, int]], device: str) -> float:

@@ -16,6 +16,7 @@ from loguru import logger
 from worker.config import UNQUANTIZED_KV, Settings
 from worker.engine.constraints import Grammars
 from worker.engine.core import EngineCore
+from worker.engine.host_cache import HostCache
 from worker.engine.speculative import DraftProposer, SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.llamacpp.draft import DraftModel, check_draft_compatible
@@ -151,6 +152,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
                                 speculation=speculation if s.spec_type != "none" else None,
                                 proposer=DraftProposer(draft) if draft is not None else None,
+                                host_cache=host_cache(s) if prefix_cache else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()
@@ -168,10 +170,17 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     narrate("model_load_complete", f"Model ready on {where.device} in {load_s:.2f} s: "
             f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
-            slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
+            slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache, cache_ram_mib=s.cache_ram,
             backend_sampling=in_graph, vram_bytes=vram, threads=s.threads, threads_batch=s.threads_batch,
             cute="Ready to tell stories!")
     return Runtime(model, engine, where, vram, load_s, draft)
+
+
+def host_cache(s: Settings) -> HostCache | None:
+    """The prefix cache's host-memory tier of --cache-ram (MiB; -1: no limit, 0: none)."""
+    if s.cache_ram == 0:
+        return None
+    return HostCache(None if s.cache_ram == -1 else s.cache_ram * 2**20)
 
 
 def load_draft(s: Settings, where: Placement, target: Model, ctx_size: int) -> DraftModel:
@@ -204,6 +213,8 @@ def _bind_metrics(m: Metrics, engine: EngineCore, model: Model, where: Placement
     m.bind_engine(slots=engine.n_slots, running=lambda: engine.busy, waiting=lambda: engine.waiting,
                   kv_usage=engine.kv_usage, kv_cells=engine.kv_cells, kv_cells_total=engine.kv_cells_total)
     m.bind_device_memory(gpu_memory_used)
+    if (ram := engine.scheduler.host_cache) is not None:
+        m.bind_host_cache(lambda: (ram.bytes, len(ram)))
     m.load_seconds.set(load_s)
     m.model_size.set(info.size_bytes)
     # /metrics is open: the model's public id, never the host path of its file

@@ -148,3 +148,107 @@ def test_copied_prefix_cells_give_the_logits_of_cells_computed_in_place():
     finally:
         ctx.close()
         model.close()
+
+
+# ---- the host-memory tier (--cache-ram) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_slot():
+    """One slot, so that each long prompt takes the other's cells: with the RAM tier (the default) and without."""
+    args = ["--parallel", "1", "--ctx-size", "2048", "--log-level", "debug"]
+    pair = [WorkerProcess(args).start(wait_ready=False), WorkerProcess([*args, "--cache-ram", "0"]).start(False)]
+    try:
+        for w in pair:
+            w.wait_for("model_load_complete", 60)
+        yield pair
+    finally:
+        for w in pair:
+            w.stop()
+
+
+async def metric_values(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                    if line.startswith("llm_worker_") and " " in line)}
+
+
+async def test_a_conversation_evicted_from_its_slot_comes_back_from_ram(one_slot, http):
+    """A's cells go to RAM when B takes the only slot; A again is restored from there: its prompt counts as cached,
+    its first token comes far sooner, and its greedy text is the text A got first and the text of a worker without
+    the tier."""
+    ram, plain = one_slot
+    a = "You are a helpful assistant for a lighthouse museum. " * 90 + "\nUser: When was it built?\nAssistant:"
+    b = "List of the ships that called at the harbour, by year: " * 90 + "\nUser: Which came first?\nAssistant:"
+    before = await metric_values(http, ram.url)
+    first, end1 = await generate(http, ram.url, a)
+    _, end_b = await generate(http, ram.url, b)
+    again, end2 = await generate(http, ram.url, a)
+    fresh, _ = await generate(http, plain.url, a)
+    assert end1["prompt_tokens"] > 900 and end_b["cached_tokens"] == 0
+    assert end2["cached_tokens"] == end2["prompt_tokens"] - 2  # all but the last two tokens, as a slot hit
+    assert again == first == fresh
+    ratio = end2["ttft_ms"] / end1["ttft_ms"]
+    print(f"TTFT first {end1['ttft_ms']:.0f} ms, restored from RAM {end2['ttft_ms']:.0f} ms: {ratio:.3f}")
+    assert ratio < 0.5
+    after = await metric_values(http, ram.url)
+    moved = {name: after[f"llm_worker_prefix_cache_ram_{name}"] - before.get(f"llm_worker_prefix_cache_ram_{name}", 0)
+             for name in ("saved_total", "restored_total", "restored_tokens_total")}
+    assert moved["saved_total"] >= 2  # A for B, then B for A again
+    assert moved["restored_total"] == 1 and moved["restored_tokens_total"] == end2["cached_tokens"]
+    assert after["llm_worker_prefix_cache_ram_bytes"] > 0 and after["llm_worker_prefix_cache_ram_entries"] >= 1
+    assert "prefix_restored_from_ram" in ram.actions() and "prefix_saved_to_ram" in ram.actions()
+    plain_metrics = await metric_values(http, plain.url)
+    assert plain_metrics["llm_worker_prefix_cache_ram_saved_total"] == 0
+
+
+async def test_gemma_keeps_nothing_in_ram_and_answers_the_same(gemma, http):
+    """A sliding-window model's cells are not reusable (Context.reusable), so the tier saves nothing for it: the
+    evicted prompt is computed again, with the same greedy text."""
+    cached, _ = gemma
+    a = ", ".join(str(i) for i in range(1, 300)) + ","
+    b = ", ".join(str(i) for i in range(1000, 1300, 2)) + ","
+    first, _ = await generate(http, cached.url, a)
+    await generate(http, cached.url, b)
+    again, end = await generate(http, cached.url, a)
+    assert again == first and end["cached_tokens"] == 0
+    values = await metric_values(http, cached.url)
+    assert values["llm_worker_prefix_cache_ram_saved_total"] == 0
+    assert values["llm_worker_prefix_cache_ram_entries"] == 0
+
+
+def test_a_sequence_restored_from_ram_gives_the_logits_of_cells_computed_in_place():
+    """The RAM tier's mechanism, exactly: a sequence saved (llama_state_seq_get_data_ext) and restored into another,
+    emptied sequence decodes the last token to the very logits of the sequence that computed the cells; a damaged
+    state is refused (False), never a crash, and leaves the sequence empty."""
+    import numpy as np
+
+    from worker.llamacpp import Context, Model
+    from worker.models.resolve import embedded_model_path
+
+    model = Model.load(embedded_model_path(), ref="embedded", fmt="gguf", gpu_layers=0)
+    ctx = Context(model, n_ctx=2 * 1024, n_seq=2, n_batch=512, threads=1)
+    try:
+        tokens = model.tokenize("The capital of France is Paris, and the capital of Spain is " * 20)
+        n = len(tokens)
+
+        def last_logits(seq: int) -> np.ndarray:
+            assert ctx.decode([(seq, tokens[-1:], n - 1, True, False, 0)]) == 0
+            out = ctx.logits(0).copy()
+            ctx.keep_prefix(seq, n - 1)
+            return out
+
+        assert ctx.decode([(0, tokens[:-1], 0, False, False, 0)]) == 0
+        computed = last_logits(0)
+        state = ctx.save_sequence(0)
+        assert state is not None and state.nbytes > 20_000 * (n - 1)  # SmolLM2: 23,052 bytes a cell
+        assert ctx.restore_sequence(1, state)
+        assert np.array_equal(last_logits(1), computed)
+        ctx.forget(1)
+        assert not ctx.restore_sequence(1, state[: state.nbytes // 2])
+        assert ctx.decode([(0, tokens[:1], 0, True, False, 0)]) != 0  # a sequence holding cells takes no position 0
+        assert ctx.decode([(1, tokens[:1], 0, True, False, 0)]) == 0  # the refused one is empty
+    finally:
+        ctx.close()
+        model.close()

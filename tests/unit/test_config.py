@@ -36,9 +36,21 @@ def test_gpu_layers_and_tensor_split():
     assert s.gpu_layers == 12 and s.tensor_split_values == [3.0, 1.0]
 
 
+def test_cache_ram_is_mib_with_llama_servers_default_and_conventions():
+    from worker.runtime import host_cache
+
+    assert load_settings([]).cache_ram == 8192
+    default = host_cache(load_settings([]))
+    assert default is not None and default.budget == 8192 * 2**20
+    unlimited = host_cache(load_settings(["--cache-ram", "-1"]))
+    assert unlimited is not None and unlimited.budget is None
+    assert host_cache(load_settings(["--cache-ram", "0"])) is None
+
+
 @pytest.mark.parametrize("argv", [
     ["--parallel", "0"], ["--gpu-layers", "-2"], ["--tensor-split", "a,b"], ["--backend", "tpu"],
     ["--worker-id", "has space"], ["--host", "10.1.2.3"], ["--log-format", "xml"], ["--request-timeout", "0"],
+    ["--cache-ram", "-2"], ["--cache-ram", "1.5"],
 ])
 def test_bad_settings_raise_one_line(argv):
     with pytest.raises(ConfigError) as err:

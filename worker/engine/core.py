@@ -22,6 +22,7 @@ import numpy as np
 from loguru import logger
 
 from worker.engine.constraints import Grammars
+from worker.engine.host_cache import HostCache
 from worker.engine.logprobs import Ranked
 from worker.engine.outputs import (
     Constraint,
@@ -92,6 +93,7 @@ class EngineCore:
         grammars: Grammars | None = None,
         speculation: SpecConfig | None = None,
         proposer: Proposer | None = None,
+        host_cache: HostCache | None = None,
     ) -> None:
         self.ctx = ctx
         self.vocab = vocab
@@ -109,7 +111,7 @@ class EngineCore:
                                    prefix_cache=prefix_cache, exact_prefixes=not offloaded, metrics=metrics,
                                    guides=grammars.guide if grammars is not None else None,
                                    prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation,
-                                   proposer=proposer)
+                                   proposer=proposer, host_cache=host_cache)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []

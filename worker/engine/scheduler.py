@@ -24,6 +24,8 @@ import numpy as np
 
 from worker.engine.constraints import Guide
 from worker.engine.cpu_sampling import CpuSampler
+from worker.engine.host_cache import HostCache, HostEntry
+from worker.engine.host_cache import common_prefix as _common_prefix
 from worker.engine.outputs import (
     Constraint,
     Failed,
@@ -52,6 +54,10 @@ class SlotResources(Protocol):
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
     def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
     def reusable(self, src: int, n: int) -> bool: ...
+    # the host-memory tier (Scheduler's host_cache): a sequence's state out to RAM (None: nothing saved), and back
+    # into an empty sequence (False: llama.cpp refused it, the sequence is left empty)
+    def save_sequence(self, seq_id: int) -> np.ndarray | None: ...
+    def restore_sequence(self, seq_id: int, state: np.ndarray) -> bool: ...
 
 
 class Vocab(Protocol):
@@ -66,6 +72,9 @@ class SchedulerMetrics(Protocol):
     def job_failed(self, code: str) -> None: ...
     def prefix_evicted(self, cells: int) -> None: ...
     def draft_verified(self, proposed: int, accepted: int) -> None: ...
+    def ram_saved(self, tokens: int, size: int) -> None: ...
+    def ram_restored(self, tokens: int) -> None: ...
+    def ram_evicted(self, size: int) -> None: ...
 
 
 class NoMetrics:
@@ -75,6 +84,9 @@ class NoMetrics:
     def job_failed(self, code: str) -> None: ...
     def prefix_evicted(self, cells: int) -> None: ...
     def draft_verified(self, proposed: int, accepted: int) -> None: ...
+    def ram_saved(self, tokens: int, size: int) -> None: ...
+    def ram_restored(self, tokens: int) -> None: ...
+    def ram_evicted(self, size: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -157,11 +169,15 @@ class Scheduler:
         prompt_logits_per_step: int = 0,
         speculation: SpecConfig | None = None,
         proposer: Proposer | None = None,
+        host_cache: HostCache | None = None,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
         # longest prefix of its prompt, or has that prefix copied in from another slot.
         self.prefix_cache = prefix_cache
+        # The host-memory tier: a long sequence a slot is about to drop is saved to RAM first, and a later prompt it
+        # prefixes has it restored into a slot (see _save_to_ram, _restore_from_ram).
+        self.host_cache = host_cache if prefix_cache else None
         # Exact prefixes (the CPU): a cache hit gives the text a fresh run gives, bit for bit, so only cells computed
         # in prompt steps are reused and a prompt's last two tokens are always computed (a lone query rounds
         # otherwise than a batch). On a GPU a fresh run's prompt is computed by other kernels than any short suffix,
@@ -415,13 +431,16 @@ class Scheduler:
     def _place(self, job: Job, held: dict[int, int]) -> tuple[Slot, int]:
         """A free slot for the job and how many of its prompt's tokens are already in that slot's KV: the free slot
         that holds the longest prefix of the prompt; or, when another slot (busy or not) holds a much longer one,
-        the least useful free slot with that prefix copied in. At least the prompt's last `min_suffix` tokens are
+        the least useful free slot with that prefix copied in; or, when the host cache does, restored from RAM
+        (checked first: it holds a longer one than any slot then). At least the prompt's last `min_suffix` tokens are
         computed (see exact_prefixes)."""
         free = [slot for slot in self.slots if slot.job is None]
         if not self.prefix_cache or job.prompt_logprobs is not None:  # the prompt's logprobs need its logits
             slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
             self._keep(slot, 0)
             return slot, 0
+        if (restored := self._restore_from_ram(job, held, free)) is not None:
+            return restored
         # the longest own prefix; then a slot whose sampler chain fits; then the one idle longest
         slot = max(free, key=lambda s: (held[s.seq_id], s.chain_params == job.params, -s.idle_since))
         src = max(self.slots, key=lambda s: held[s.seq_id])
@@ -459,11 +478,92 @@ class Scheduler:
         return min(len(slot.kv_tokens), len(job.prompt_tokens))
 
     def _discard(self, slot: Slot, n: int) -> None:
+        """The slot's sequence is about to be cut to its first n positions (or overwritten, n = 0): counted, and
+        saved to the host cache first when worth it."""
         dropped = len(slot.kv_tokens) - n
         if dropped > 0:
+            self._save_to_ram(slot, n)
             self.metrics.prefix_evicted(dropped)
             narrate("prefix_evicted", f"Dropped {dropped} cached tokens of slot {slot.seq_id} for a new prompt.",
                     actor="engine", target=f"slot:{slot.seq_id}", cells=dropped, level="debug")
+
+    def _save_to_ram(self, slot: Slot, n: int) -> None:
+        """An idle slot's sequence, about to be cut to n positions, goes to the host cache first: its reusable cells
+        (cut to those first, the slot is losing the rest anyway), when there are at least RAM_MIN_TOKENS of them, the
+        cut loses at least MIN_COPY of them, and no cache entry or other slot holds them all already."""
+        cache = self.host_cache
+        keep = self._reusable_cells(slot)
+        if cache is None or slot.job is not None or keep < RAM_MIN_TOKENS or keep - n < MIN_COPY:
+            return
+        tokens = slot.kv_tokens[:keep]
+        if not self.resources.reusable(slot.seq_id, keep) or cache.covering(tokens) is not None or any(
+                other is not slot and _common_prefix(other.kv_tokens, tokens, self._reusable_cells(other)) == keep
+                for other in self.slots):
+            return
+        if keep < len(slot.kv_tokens):  # generated cells (the CPU): not reusable, not saved
+            self.resources.keep_prefix(slot.seq_id, keep)
+            slot.kv_tokens = tokens
+        started = self.clock()
+        try:
+            state = self.resources.save_sequence(slot.seq_id)
+        except Exception as exc:  # e.g. no memory for the buffer: the cells are dropped as without the tier
+            narrate("prefix_save_failed", f"Could not save slot {slot.seq_id}'s {keep} cached tokens to RAM: "
+                    f"{type(exc).__name__}: {exc}", actor="engine", target=f"slot:{slot.seq_id}", level="warning")
+            return
+        if state is None or not cache.fits(state.nbytes):
+            return
+        entry = HostEntry(tokens, state, state.nbytes)
+        replaced, evicted = cache.put(entry)
+        self.metrics.ram_saved(keep, entry.size)
+        narrate("prefix_saved_to_ram", f"Saved slot {slot.seq_id}'s {keep} cached tokens to RAM "
+                f"({entry.size / 2**20:.1f} MiB) before dropping them.", actor="engine", target=f"slot:{slot.seq_id}",
+                tokens=keep, bytes=entry.size, ms=round((self.clock() - started) * 1000, 2),
+                ram_bytes=cache.bytes, ram_entries=len(cache), level="debug")
+        for old, reason in [*((e, "covered") for e in replaced), *((e, "budget") for e in evicted)]:
+            self.metrics.ram_evicted(old.size)
+            narrate("prefix_evicted_from_ram", f"Dropped a RAM-cached prefix of {len(old.tokens)} tokens "
+                    f"({'a longer entry holds it' if reason == 'covered' else 'over the --cache-ram budget'}).",
+                    actor="engine", target="cache_ram", tokens=len(old.tokens), bytes=old.size, reason=reason,
+                    level="debug")
+
+    def _restore_from_ram(self, job: Job, held: dict[int, int], free: list[Slot]) -> tuple[Slot, int] | None:
+        """When a host cache entry holds a longer prefix of the prompt than any slot (by MIN_COPY at least): the free
+        slot worth least to this job, its own sequence saved if worth it, restored from the entry and cut to the
+        shared prefix, and the tokens it now holds. None when no entry is worth it, or llama.cpp refused the state
+        (the entry is dropped and the slot left empty: the prompt is computed)."""
+        cache = self.host_cache
+        if cache is None or not len(cache):
+            return None
+        entry, n = cache.longest_prefix(job.prompt_tokens[: -self.min_suffix])
+        if entry is None or n - max(held.values(), default=0) < MIN_COPY:
+            return None
+        slot = min(free, key=lambda s: (held[s.seq_id], s.idle_since))
+        self._discard(slot, 0)
+        self._drop_sequence(slot)
+        started = self.clock()
+        try:
+            restored, why = self.resources.restore_sequence(slot.seq_id, entry.state), "llama.cpp refused it"
+        except Exception as exc:
+            restored, why = False, f"{type(exc).__name__}: {exc}"
+        if not restored:
+            cache.discard(entry)
+            self.metrics.ram_evicted(entry.size)
+            self._drop_sequence(slot)
+            held[slot.seq_id] = 0
+            self._narrate(job, "prefix_restore_failed", f"Could not restore a RAM-cached prefix of {n} tokens ({why}): "
+                          "the entry is dropped and the prompt computed.", slot=slot.seq_id, tokens=n, reason=why,
+                          level="warning")
+            return None
+        if n < len(entry.tokens):
+            self.resources.keep_prefix(slot.seq_id, n)
+        slot.kv_tokens = entry.tokens[:n]
+        slot.prompt_cells = n
+        cache.touch(entry)
+        ms = (self.clock() - started) * 1000
+        self.metrics.ram_restored(n)
+        self._narrate(job, "prefix_restored_from_ram", f"Restored {n} prompt tokens of job {job.job_id} from RAM "
+                      f"into slot {slot.seq_id} in {ms:.1f} ms.", slot=slot.seq_id, tokens=n, ms=round(ms, 2))
+        return slot, n
 
     def _prefix_in_flight(self, job: Job, held: dict[int, int]) -> bool:
         """Whether a running job is still prefilling a longer prefix of this job's prompt than any slot holds."""
@@ -708,21 +808,5 @@ COSTLY_TRIAL_STEPS = 4  # a draft model's stretch is judged sooner: each of its 
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 ATTACH_AFTER_TOKENS = 16  # a deferred chain waits at most this many tokens for arrivals to settle
 MIN_COPY = 64  # a copy moves a slot's whole KV buffer: for fewer tokens, computing them is as quick
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
-    """How many leading tokens two sequences share (at most `limit`). Compared a block at a time (list slices compare
-    at C speed): prompts run to thousands of tokens, and this runs for every slot at every admission."""
-    n = min(len(a), len(b), len(a) if limit is None else limit)
-    i = 0
-    while i < n and a[i : i + _BLOCK] == b[i : i + _BLOCK]:
-        i += _BLOCK
-    if i >= n:
-        return n
-    end = min(i + _BLOCK, n)
-    while i < end and a[i] == b[i]:
-        i += 1
-    return i
-
-
-_BLOCK = 256
+# Shorter sequences are not saved to RAM: computing them again is quick, and each entry is compared with every prompt
+RAM_MIN_TOKENS = 256

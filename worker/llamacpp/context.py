@@ -298,6 +298,28 @@ class Context:
             return False
         return True
 
+    def save_sequence(self, seq_id: int) -> np.ndarray | None:
+        """A sequence's state (its KV cells, their positions), copied into host memory (from the device on a GPU); None
+        when llama.cpp wrote nothing. Its size per token is the model's K and V rows of all layers."""
+        size = lc.llama_state_seq_get_size_ext(self.ptr, seq_id, lc.LLAMA_STATE_SEQ_FLAGS_NONE)
+        if size == 0:
+            return None
+        buf = np.empty(size, dtype=np.uint8)
+        written = lc.llama_state_seq_get_data_ext(self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size,
+                                                  seq_id, lc.LLAMA_STATE_SEQ_FLAGS_NONE)
+        return buf[:written] if written else None
+
+    def restore_sequence(self, seq_id: int, state: np.ndarray) -> bool:
+        """An empty sequence takes a state save_sequence gave (of any sequence); False when llama.cpp refused it (no
+        room in the sequence's cells, a state of another model), and then the sequence is left empty."""
+        state = np.ascontiguousarray(state, dtype=np.uint8)
+        read = lc.llama_state_seq_set_data_ext(self.ptr, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                               state.nbytes, seq_id, lc.LLAMA_STATE_SEQ_FLAGS_NONE)
+        if read == 0:
+            self.forget(seq_id)
+            return False
+        return True
+
     def clear(self) -> None:
         lc.llama_memory_clear(self._mem, True)
 
