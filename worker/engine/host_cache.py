@@ -115,3 +115,10 @@ def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
 
 
 _BLOCK = 256
+
+
+def shared_length(a: np.ndarray, b: np.ndarray, limit: int | None = None) -> int:
+    """common_prefix for token arrays."""
+    n = min(len(a), len(b), len(a) if limit is None else limit)
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
+
+import numpy as np
 
 from worker.engine.sampling import SamplingParams
 
@@ -148,6 +151,11 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel_reason: StopReason | None = None  # set from the loop; read by the scheduler between steps
     done: bool = False
+
+    @functools.cached_property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt as int32, for the prefix cache's comparisons (made once, on the engine thread)."""
+        return np.asarray(self.prompt_tokens, dtype=np.int32)
 
     @property
     def deadline(self) -> float | None:
