@@ -677,6 +677,30 @@ def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_c
     assert e.draft_tokens > 0 and 0 < e.accepted_tokens < e.draft_tokens and e.acceptance_rate is not None
 
 
+def test_on_the_gpu_only_a_lone_greedy_job_speculates_and_it_stops_for_good_when_others_come():
+    config = SpecConfig(n_max=4, fixed_length=True)
+    core, ctx = engine(parallel=2, in_graph_sampling=True, overlap=True, speculation=config)
+    hot = submit(core, "hot", REPEATING, max_tokens=4, params=SamplingParams(temperature=0.8))
+    core.step()
+    assert core.scheduler.slots[0].spec is None  # a sampled job: its chain stays in the graph
+    run(core)
+    greedy = submit(core, "greedy", REPEATING, max_tokens=30)
+    core.step()
+    slot = next(s for s in core.scheduler.slots if s.job is not None)
+    assert slot.spec is not None and not ctx.chain_in_graph[slot.seq_id]  # alone: sampled on the CPU, speculating
+    other = submit(core, "other", [1, 2], max_tokens=30)
+    for _ in range(4):
+        core.step()
+    assert slot.spec.stopped and ctx.chain_in_graph[slot.seq_id]  # company: its chain joined the graph
+    drafted = sum(p.n_draft for batch in ctx.batches for p in batch if p.seq_id == slot.seq_id)
+    run(core)
+    assert sum(p.n_draft for batch in ctx.batches for p in batch if p.seq_id == slot.seq_id) == drafted
+    plain_core, _ = engine()
+    plain = submit(plain_core, "greedy", REPEATING, max_tokens=30)
+    run(plain_core)
+    assert text(greedy) == text(plain) and end(other).tokens_out > 0 and end(hot).tokens_out == 4
+
+
 def test_speculation_ends_exactly_where_plain_decoding_would():
     for kw in ({"max_tokens": 5}, {"max_tokens": 30, "stop": ("ij",)}, {"max_tokens": 40}):
         plain_core, _ = engine()
@@ -756,6 +780,9 @@ def test_a_stretch_of_speculation_goes_on_while_it_pays_and_pauses_longer_each_t
     # with others running, its gain must outweigh what the longer step costs them: 5 tokens a step for one of
     # four sequences is 8 tokens in 3.4 ms against 4 in 1.2 ms
     assert stretch_of(5, 0.0034).judge(plain_step, 4) > 0
+    # a draft model's stretch that does not pay: the longest pause at once
+    assert stretch_of(1, 0.0027).judge(plain_step, 1, costly=True) == Stretch.MAX_PAUSE
+    assert stretch_of(5, 0.0034).judge(plain_step, 1, costly=True) == 0
 
 
 def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():

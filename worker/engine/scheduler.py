@@ -251,6 +251,7 @@ class Scheduler:
         admitted = self._admit()
         if self.in_graph_sampling:
             self._detach_idle_chains(now)
+            self._stop_speculating()
             self._attach_pending(settled=not admitted)
         for slot in self.slots:
             job = slot.job
@@ -323,6 +324,8 @@ class Scheduler:
         between fixed-length stretches, one token, guessed and checked against the token that comes."""
         spec, job, config = slot.spec, slot.job, self.speculation
         assert spec is not None and job is not None and config is not None
+        if spec.stopped:
+            return 0, False
         if spec.pause > 0:
             spec.pause -= 1
             spec.shadow, spec.hits = -1, 0
@@ -388,7 +391,7 @@ class Scheduler:
             spec.stretch.add(slot.n_past - part.pos, seconds + self._proposing_s)
             costly = self.proposer is not None and self.proposer.costly
             if spec.stretch.steps >= (COSTLY_TRIAL_STEPS if costly else config.trial_steps):
-                spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running)
+                spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running, costly)
 
     def accept_draft(self, slot: Slot, part: Part, accepted: int) -> None:
         """Of the part's proposals, the first `accepted` matched the target: the cells of the rest are freed."""
@@ -416,6 +419,21 @@ class Scheduler:
                 self._chains_changed |= not slot.chain_on_cpu
                 slot.chain_params = None
                 slot.chain_on_cpu = False
+
+    def _stop_speculating(self) -> None:
+        """Where chains sample in the decode graph, speculation ends for good once a job has company (more running
+        or waiting than the load limit): its logits, read on the CPU, make llama.cpp copy every output row's
+        logits to the host at every step (16 MB at 32 streams of a 128k vocabulary), and its neighbours pay for
+        that. Its chain joins the graph with the next attachments."""
+        config = self.speculation
+        if config is None or self.n_running + len(self.waiting) <= config.load_limit:
+            return
+        for slot in self.slots:
+            spec = slot.spec
+            if spec is not None and not spec.stopped and slot.job is not None and not slot.job.reads_logits:
+                spec.stopped = True
+                if slot.chain_on_cpu:
+                    slot.attach_pending = True
 
     def _attach_pending(self, *, settled: bool) -> None:
         """Attach the chains of jobs that sample on the CPU until then (_start: deferred), once they have their first
@@ -630,8 +648,12 @@ class Scheduler:
         slot.cached = cached
         slot.logprobs, slot.prompt_logprobs = [], []
         config = self.speculation
+        # Where chains sample in the decode graph (a GPU), a speculating job samples on the CPU from logits read for
+        # the whole batch: greedy jobs only, where that is an argmax (a job at temperature 0.8 ran at 0.67x with
+        # prompt lookup on an H200, its numpy draw and the logits' copy every token for proposals rarely taken)
         slot.spec = SlotSpeculation(n=config.n_max) if (
             config is not None and job.speculate and not job.reads_logits
+            and (job.params.greedy or not self.in_graph_sampling)
             and self.n_running + len(self.waiting) <= config.load_limit) else None
         # A job that reads its logits on the CPU (a mask, logprobs, proposals to verify) samples there: decided
         # here, once a job
