@@ -126,6 +126,25 @@ async def test_a_reused_chain_is_as_good_as_new(model, backend_sampling):
     assert greedy  # the chain swap back to greedy works
 
 
+async def test_greedy_in_the_graph_is_greedy_on_the_cpu(model):
+    """In the graph a greedy chain is temperature 0 then a draw (llama.cpp copies the logits a sampler leaves to the
+    host every step: greedy leaves the whole row); a new job's first tokens are numpy's argmax until its chain is
+    attached. The text is the CPU chain's."""
+    texts = []
+    for backend_sampling in (False, True):
+        engine = make_engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1,
+                             backend_sampling=backend_sampling)
+        engine.start(asyncio.get_running_loop())
+        try:
+            texts.append([text_of(await run_job(engine, model.tokenize(p), job_id=p, max_tokens=24))
+                          for p in ("The sky is", "def fibonacci(n):")])
+            if backend_sampling:
+                assert all(not s.chain_on_cpu for s in engine.scheduler.slots if s.chain_params is not None)
+        finally:
+            engine.close()
+    assert texts[0] == texts[1] and all(texts[0])
+
+
 def without_timings(events: list[dict]) -> list[dict]:
     drop = {"ttft_ms", "decode_time_ms", "tokens_per_sec", "started_at"}
     return [{k: v for k, v in e.items() if k not in drop} for e in events]

@@ -58,14 +58,22 @@ class SamplerChain:
     llama_set_sampler; the same chain also samples on the CPU through llama_sampler_sample.
     """
 
-    def __init__(self, params: ChainParams, n_vocab: int) -> None:
+    def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False) -> None:
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
-        if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        if penalized:
             add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
                                                 params.frequency_penalty, params.presence_penalty))
         if params.temperature == 0.0:
-            add(lc.llama_sampler_init_greedy())
+            if in_graph and not penalized:
+                # The same first maximum, but in the graph llama.cpp copies each sampler's logits to the host at
+                # every step: after greedy the whole row (512 KB a sequence for a 128k vocabulary), after
+                # temperature 0 the one kept (dist then draws it: the only finite one)
+                add(lc.llama_sampler_init_temp(0.0))
+                add(lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED))
+            else:
+                add(lc.llama_sampler_init_greedy())
             return
         if params.top_k > 0:
             add(lc.llama_sampler_init_top_k(params.top_k))
@@ -186,8 +194,9 @@ class Context:
             chain.reset()
             return
         self.drop_chain(seq_id)
-        chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab)
-        if self.in_graph_sampling and not on_cpu:
+        in_graph = self.in_graph_sampling and not on_cpu
+        chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph)
+        if in_graph:
             lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
             self._attached.add(seq_id)
 
