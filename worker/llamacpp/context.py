@@ -61,7 +61,8 @@ class SamplerChain:
     def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False) -> None:
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
-        penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                     or params.frequency_penalty != 0.0)
         if penalized:
             add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
                                                 params.frequency_penalty, params.presence_penalty))
