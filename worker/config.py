@@ -116,13 +116,14 @@ class Settings(BaseSettings):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp flash attention; auto = on when the model is on a GPU, off on the CPU"
     )
-    kv_unified: Literal["auto", "on", "off"] = Field(
-        "auto", description="one KV pool for every slot (llama.cpp's kv_unified, llama-server's --kv-unified) "
-        "instead of a stream per slot; auto = on when the model is on a GPU, off on the CPU. Over streams llama.cpp "
-        "splits a step into runs of consecutive slots with equal tokens each: a step that prefilled six "
-        "conversations' turns took 33.6 ms against 16.8 ms in one pool, and four decoding slots with idle ones "
-        "between them 7.8 against 2.1 ms (H200, 1B shape, bench.prefill_shapes_probe). On the CPU streams keep a "
-        "cache hit's text bit for bit a fresh run's",
+    kv_unified: Literal["on", "off"] = Field(
+        "off", description="one KV pool for every slot (llama.cpp's kv_unified, llama-server's --kv-unified) "
+        "instead of a stream per slot. Over streams llama.cpp splits a step into runs of consecutive slots with "
+        "equal tokens each: in one pool a step that prefilled six conversations' turns took 16.8 ms against 33.6, "
+        "and four decoding slots with idle ones between them 2.1 against 7.8 ms; but every token attends over the "
+        "whole pool's cells: 32 independent streams gave 27% fewer tokens/s (H200, 1B shape, "
+        "bench.prefill_shapes_probe and bench/gpu.sh). On the CPU streams also keep a cache hit's text bit for bit "
+        "a fresh run's",
     )
     spec_type: Literal["none", "ngram", "draft"] = Field(
         "none", description="speculative decoding (llama-server's --spec-type): ngram proposes tokens from the "

@@ -136,7 +136,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                                                    quantized_v=s.cache_type_v not in UNQUANTIZED_KV),
                       cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
                       in_graph_sampling=in_graph,
-                      kv_unified=s.kv_unified == "on" or (s.kv_unified == "auto" and where.offloaded))
+                      kv_unified=s.kv_unified == "on")
         grammars = Grammars(model.guidance_tokenizer, lambda token: model.piece(token, special=True), info.n_vocab)
         draft = None
         try:
