@@ -85,13 +85,16 @@ class Settings(BaseSettings):
         "on", description="slots keep their sequence's KV after a request, and a new request takes the slot (or a "
         "copy of the slot) holding the longest prefix of its prompt, so resent conversations and shared system "
         "prompts are not computed again; off: every prompt is computed from its first token")
-    cache_ram: int = Field(
-        8192, ge=-1, description="MiB of host memory for the prefix cache's RAM tier (llama-server's --cache-ram): a "
+    cache_ram: int | None = Field(
+        None, ge=-1, description="MiB of host memory for the prefix cache's RAM tier (llama-server's --cache-ram): a "
         "slot about to drop a sequence of 256 tokens or more for a new prompt saves it there first, and a later "
-        "prompt it prefixes (a conversation resent after other traffic took its slot) is restored in milliseconds "
-        "instead of computed again; least recently used entries go first. Default 8192 as llama-server: memory is "
-        "taken only by what is saved (SmolLM2 135M: 22.5 KiB a token), and restoring beats computing on every "
-        "backend; -1: no limit; 0: off. Unused with --prefix-cache off and for sliding-window or recurrent models")
+        "prompt it prefixes (a conversation resent after other traffic took its slot) is restored instead of "
+        "computed again; least recently used entries go first. -1: no limit; 0: off. Default: 8192 (llama-server's) "
+        "on the CPU, where restoring 1,000 SmolLM2 tokens took 4 ms against 9 s to compute them; off on a GPU, where "
+        "saving a 5k-token sequence of a 1B model holds every slot up for ~70 ms and computing it again takes "
+        "~130 ms (32 conversations on 8 slots took 13.8 s with it against 5.1 s without, H200). Memory is taken only "
+        "by what is saved (SmolLM2: 22.5 KiB a token). Unused with --prefix-cache off and for sliding-window or "
+        "recurrent models")
     max_queue: int = Field(64, ge=0, description="requests that may wait for a slot; beyond it 503 overloaded")
     batch_size: int = Field(512, ge=32, description="most tokens in one llama_decode (prompt chunks + decodes)")
     threads: int = Field(

@@ -152,7 +152,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                                 prefix_cache=prefix_cache, metrics=metrics, grammars=grammars,
                                 speculation=speculation if s.spec_type != "none" else None,
                                 proposer=DraftProposer(draft) if draft is not None else None,
-                                host_cache=host_cache(s) if prefix_cache else None,
+                                host_cache=host_cache(s, offloaded=model.offloaded) if prefix_cache else None,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()
@@ -170,17 +170,26 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
     narrate("model_load_complete", f"Model ready on {where.device} in {load_s:.2f} s: "
             f"{s.parallel} slots of {ctx_size} tokens, prefix cache {s.prefix_cache}.", target=resolved.ref,
             duration_ms=round(load_s * 1000, 1), backend=where.backend, device=where.device,
-            slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache, cache_ram_mib=s.cache_ram,
+            slots=s.parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
+            cache_ram_mib=cache_ram_mib(s, offloaded=model.offloaded),
             backend_sampling=in_graph, vram_bytes=vram, threads=s.threads, threads_batch=s.threads_batch,
             cute="Ready to tell stories!")
     return Runtime(model, engine, where, vram, load_s, draft)
 
 
-def host_cache(s: Settings) -> HostCache | None:
+def cache_ram_mib(s: Settings, *, offloaded: bool) -> int:
+    """--cache-ram, its default decided by where the model runs (see the setting)."""
+    if s.cache_ram is not None:
+        return s.cache_ram
+    return 0 if offloaded else 8192
+
+
+def host_cache(s: Settings, *, offloaded: bool = False) -> HostCache | None:
     """The prefix cache's host-memory tier of --cache-ram (MiB; -1: no limit, 0: none)."""
-    if s.cache_ram == 0:
+    mib = cache_ram_mib(s, offloaded=offloaded)
+    if mib == 0:
         return None
-    return HostCache(None if s.cache_ram == -1 else s.cache_ram * 2**20)
+    return HostCache(None if mib == -1 else mib * 2**20)
 
 
 def load_draft(s: Settings, where: Placement, target: Model, ctx_size: int) -> DraftModel:

@@ -39,9 +39,12 @@ def test_gpu_layers_and_tensor_split():
 def test_cache_ram_is_mib_with_llama_servers_default_and_conventions():
     from worker.runtime import host_cache
 
-    assert load_settings([]).cache_ram == 8192
+    assert load_settings([]).cache_ram is None  # decided by where the model runs
     default = host_cache(load_settings([]))
     assert default is not None and default.budget == 8192 * 2**20
+    assert host_cache(load_settings([]), offloaded=True) is None  # off on a GPU unless asked for
+    asked = host_cache(load_settings(["--cache-ram", "1024"]), offloaded=True)
+    assert asked is not None and asked.budget == 1024 * 2**20
     unlimited = host_cache(load_settings(["--cache-ram", "-1"]))
     assert unlimited is not None and unlimited.budget is None
     assert host_cache(load_settings(["--cache-ram", "0"])) is None
