@@ -483,13 +483,13 @@ class Scheduler:
         computed (see exact_prefixes)."""
         free = [slot for slot in self.slots if slot.job is None]
         if not self.prefix_cache or job.prompt_logprobs is not None:  # the prompt's logprobs need its logits
-            slot = min(free, key=lambda s: (s.chain_params != job.params, s.chain_params is None))
+            slot = max(free, key=lambda s: (self._chain_fits(s, job), s.chain_params is not None))
             self._keep(slot, 0)
             return slot, 0
         if (restored := self._restore_from_ram(job, held, free)) is not None:
             return restored
         # the longest own prefix; then a slot whose sampler chain fits; then the one idle longest
-        slot = max(free, key=lambda s: (held[s.seq_id], s.chain_params == job.params, -s.idle_since))
+        slot = max(free, key=lambda s: (held[s.seq_id], self._chain_fits(s, job), -s.idle_since))
         src = max(self.slots, key=lambda s: held[s.seq_id])
         if held[src.seq_id] - held[slot.seq_id] >= MIN_COPY and self.resources.reusable(src.seq_id,
                                                                                         held[src.seq_id]):
@@ -504,6 +504,11 @@ class Scheduler:
         n = held[slot.seq_id] if self.resources.reusable(slot.seq_id, held[slot.seq_id]) else 0
         self._keep(slot, n)
         return slot, n
+
+    def _chain_fits(self, slot: Slot, job: Job) -> bool:
+        """The slot's chain serves the job as it is (reset, not built): its parameters, and in the decode graph or
+        out of it as the job samples (a chain still on the CPU awaiting attachment would be built anew)."""
+        return slot.chain_params == job.params and slot.chain_on_cpu == (self.in_graph_sampling and job.reads_logits)
 
     def _keep(self, slot: Slot, n: int) -> None:
         """Cut the slot's sequence back to its first n positions."""
