@@ -508,18 +508,23 @@ def test_a_failed_job_leaves_nothing_cached_and_others_reuse_what_is_good():
     assert good[0].cached_tokens == 0 and end(good).tokens_out == 2
 
 
-def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact():
+@pytest.mark.parametrize("where", ["cpu", "gpu"])
+def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact(where):
     import random
 
     rng = random.Random(3)
-    core, ctx = engine(parallel=3, batch_size=16, max_queue=1000, prefix_cache=True)
+    gpu = dict(in_graph_sampling=True, overlap=True, offloaded=True,
+               speculation=SpecConfig(n_max=3, fixed_length=True)) if where == "gpu" else {}
+    core, ctx = engine(parallel=3, batch_size=16, max_queue=1000, prefix_cache=True, **gpu)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=0.7, seed=1)]
     prompts = [[rng.randrange(1, 20) for _ in range(rng.randrange(1, 120))] for _ in range(12)]
     live: list[str] = []
     for i in range(300):
         base = rng.choice(prompts)
         prompt = base[: rng.randrange(1, len(base) + 1)] + [rng.randrange(1, 20) for _ in range(rng.randrange(3))]
         submit(core, f"j{i}", prompt, max_tokens=rng.randrange(1, 30), stop=("xyz",) if rng.random() < 0.2 else (),
-               timeout=0.0 if rng.random() < 0.05 else None)
+               timeout=0.0 if rng.random() < 0.05 else None, params=rng.choice(params))
         live.append(f"j{i}")
         for _ in range(rng.randrange(4)):
             core.step()
@@ -531,6 +536,11 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact():
     sched = core.scheduler
     assert core.busy == 0 and not sched.waiting
     assert sched.cells_cached() == sched.kv_cells_used() == len(ctx.cells) > 0
+    for slot in sched.slots:  # each slot's chain is where the scheduler thinks it is
+        if slot.chain_params is not None:
+            assert ctx.chains[slot.seq_id] == slot.chain_params
+            if where == "gpu":
+                assert ctx.chain_in_graph[slot.seq_id] == (not slot.chain_on_cpu)
 
 
 # ---- logits read on the CPU: logprobs, the prompt's logprobs, constraints ------------------------------------
