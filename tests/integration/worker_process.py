@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,27 @@ class WorkerProcess:
         threading.Thread(target=self._read, daemon=True).start()
         if wait_ready:
             self.wait_for("model_load_complete", timeout)
+            self._wait_ready(timeout)
         return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """model_load_complete is narrated just before the app marks itself ready: wait for /v1/ready to say so."""
+        deadline = time.monotonic() + timeout
+        if not self._listening.wait(timeout):
+            raise TimeoutError(f"the worker never said where it listens:\n{''.join(self.lines)}")
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/ready", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503:  # 503: still loading; anything else is for the test to see
+                    return
+            except OSError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    return  # it exited (a failed callback, say): the test reads why
+            time.sleep(0.02)
+        raise TimeoutError(f"/v1/ready did not answer 200 within {timeout}s:\n{''.join(self.lines)}")
 
     def _read(self) -> None:
         assert self.proc and self.proc.stderr
