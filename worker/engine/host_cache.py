@@ -8,7 +8,8 @@ module only keeps the entries under a byte budget, least recently used first out
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -26,6 +27,11 @@ class HostEntry:
     state: np.ndarray  # the context's saved sequence (llama.cpp's state of it, bytes)
     size: int  # bytes of state
     entry_id: int = field(default_factory=lambda: next(_ids))
+
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        """The tokens as int32: every admission compares the prompt with every entry (hundreds, at 8 GiB)."""
+        return np.asarray(self.tokens, dtype=np.int32)
 
 
 class HostCache:
@@ -48,11 +54,12 @@ class HostCache:
         """Whether an entry of this size can be kept at all (evicting every other one if need be)."""
         return self.budget is None or size <= self.budget
 
-    def covering(self, tokens: list[int]) -> HostEntry | None:
+    def covering(self, tokens: Sequence[int] | np.ndarray) -> HostEntry | None:
         """An entry that holds all of these tokens (they are a prefix of its own), if any."""
-        n = len(tokens)
+        wanted = np.asarray(tokens, dtype=np.int32)
+        n = len(wanted)
         for entry in self._entries.values():
-            if len(entry.tokens) >= n and entry.tokens[:n] == tokens:
+            if len(entry.tokens) >= n and shared_length(entry.array, wanted, n) == n:
                 return entry
         return None
 
@@ -62,7 +69,7 @@ class HostCache:
         if not self.fits(entry.size):
             return [], []
         replaced = [e for e in self._entries.values()
-                    if len(e.tokens) <= len(entry.tokens) and entry.tokens[: len(e.tokens)] == e.tokens]
+                    if len(e.tokens) <= len(entry.tokens) and shared_length(e.array, entry.array) == len(e.tokens)]
         for old in replaced:
             self._remove(old)
         evicted = []
@@ -74,12 +81,14 @@ class HostCache:
         self.bytes += entry.size
         return replaced, evicted
 
-    def longest_prefix(self, prompt: list[int], limit: int | None = None) -> tuple[HostEntry | None, int]:
+    def longest_prefix(self, prompt: Sequence[int] | np.ndarray,
+                       limit: int | None = None) -> tuple[HostEntry | None, int]:
         """The entry sharing the longest prefix with the prompt (at most `limit` tokens of it) and that length;
         (None, 0) when none shares a token. A hit is not yet a use: touch() it once it is restored."""
+        wanted = np.asarray(prompt, dtype=np.int32)
         best, best_n = None, 0
         for entry in self._entries.values():
-            n = common_prefix(entry.tokens, prompt, limit)
+            n = shared_length(entry.array, wanted, limit)
             if n > best_n:
                 best, best_n = entry, n
         return best, best_n
@@ -99,26 +108,9 @@ class HostCache:
         self.bytes -= entry.size
 
 
-def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
-    """How many leading tokens two sequences share (at most `limit`). Compared a block at a time (list slices compare
-    at C speed): prompts run to thousands of tokens, and this runs for every slot at every admission."""
-    n = min(len(a), len(b), len(a) if limit is None else limit)
-    i = 0
-    while i < n and a[i : i + _BLOCK] == b[i : i + _BLOCK]:
-        i += _BLOCK
-    if i >= n:
-        return n
-    end = min(i + _BLOCK, n)
-    while i < end and a[i] == b[i]:
-        i += 1
-    return i
-
-
-_BLOCK = 256
-
-
 def shared_length(a: np.ndarray, b: np.ndarray, limit: int | None = None) -> int:
-    """common_prefix for token arrays."""
+    """How many leading tokens two token arrays share (at most `limit`): a vectorised compare, microseconds for
+    thousands of tokens, as this runs for every slot and entry at every admission."""
     n = min(len(a), len(b), len(a) if limit is None else limit)
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n

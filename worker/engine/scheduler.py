@@ -549,7 +549,7 @@ class Scheduler:
             return
         held = slot.kv_view[:keep]
         tokens = held.tolist()
-        if not self.resources.reusable(slot.seq_id, keep) or cache.covering(tokens) is not None or any(
+        if not self.resources.reusable(slot.seq_id, keep) or cache.covering(held) is not None or any(
                 other is not slot and shared_length(other.kv_view, held, self._reusable_cells(other)) == keep
                 for other in self.slots):
             return
@@ -587,7 +587,7 @@ class Scheduler:
         cache = self.host_cache
         if cache is None or not len(cache):
             return None
-        entry, n = cache.longest_prefix(job.prompt_tokens[: -self.min_suffix])
+        entry, n = cache.longest_prefix(job.prompt_array[: -self.min_suffix])
         gain = n - max(held.values(), default=0)
         # On a GPU a prompt token is computed in ~25 us and restored in ~2 (a 1B model's 32 KB at ~15 GB/s), and a
         # restore moves the whole entry: it pays where it saves computing more than an eighth of what it moves.
