@@ -18,6 +18,8 @@ from typing import Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from worker.engine.host_cache import shared_length
+
 
 @dataclass(frozen=True)
 class SpecConfig:
@@ -177,7 +179,7 @@ class DraftProposer:
         """Cut the sequence's draft cells to their common prefix with history (the last token always decoded
         again: its logits give the first proposal); how many are kept."""
         seq = self._seqs.setdefault(seq_id, _DraftSeq())
-        keep = _common_prefix(seq.held, history[:-1])
+        keep = shared_length(np.asarray(seq.held, dtype=np.int32), np.asarray(history[:-1], dtype=np.int32))
         if keep < len(seq.held) - seq.proposed:  # more than its last proposal: another job's tokens
             seq.proposed = 0
         if keep < len(seq.held):
@@ -232,13 +234,6 @@ class DraftProposer:
     def _forget(self, seq_id: int) -> None:
         self.ctx.forget(seq_id)
         self._seqs.pop(seq_id, None)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    arr_a, arr_b = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(arr_a != arr_b)
-    return int(diff[0]) if len(diff) else n
 
 
 @dataclass
