@@ -210,3 +210,45 @@ async def test_a_constrained_stream_keeps_most_of_the_unconstrained_speed(engine
     ratio = max(constrained) / max(free)  # the best of each: a busy neighbour slows one run, not the method
     print(f"constrained/unconstrained tokens/s: {ratio:.2f} ({max(constrained):.1f} vs {max(free):.1f})")
     assert ratio >= 0.8
+
+
+async def test_logits_read_beside_chains_in_the_graph_are_the_models(model: Model, grammars: Grammars):
+    """Where chains sample in the decode graph (a GPU), a job that reads its logits gets an in-graph sampler that
+    hands them over as they are, so that llama.cpp copies its row alone: the values, masks and tokens must be those
+    of the plain CPU path. The prompt's logprobs (echo: many rows of one sequence a step, which llama.cpp's in-graph
+    samplers do not take) are read without one."""
+
+    def summary(out: list[Output]) -> tuple:
+        prompt = next((o.tokens for o in out if isinstance(o, PromptLogprobs)), ())
+        generated = [lp for o in out if isinstance(o, TokenText) for lp in o.logprobs]
+        return (text(out), [lp.token for lp in generated],
+                np.array([lp.logprob for lp in generated] + [lp.logprob for lp in prompt if lp is not None]),
+                [[t.token for t in lp.top] for lp in generated])
+
+    results = []
+    for backend_sampling in (False, True):
+        eng = make_engine(model, ctx_size=512, parallel=2, max_queue=8, batch_size=256, threads=2,
+                          backend_sampling=backend_sampling)
+        eng.grammars = grammars
+        eng.scheduler.guides = grammars.guide
+        eng.start(asyncio.get_running_loop())
+        try:
+            # a plain job first: its chain is in the graph, and stays there while the next ones run beside it
+            await generate(eng, model, "The capital of France is", "plain", max_tokens=24, ignore_eos=True)
+            for job_id, echo in (("read", None), ("echo", 2)):
+                both = await asyncio.gather(
+                    generate(eng, model, "The capital of France is", f"plain-{job_id}", max_tokens=24,
+                             ignore_eos=True),
+                    generate(eng, model, "My phone number is", job_id, max_tokens=12, logprobs=3, prompt_logprobs=echo,
+                             constraint=Constraint("regex", r"[0-9]{3}-[0-9]{4}")))
+                results.append((backend_sampling, text(both[0]), summary(both[1])))
+                slots = eng.scheduler.slots
+                if backend_sampling:
+                    assert [s.logits_row for s in slots].count(True) == (echo is None)
+                    assert [s.chain_params is not None and not s.chain_on_cpu for s in slots].count(True) == 1
+        finally:
+            eng.close()
+    for (_, plain_cpu, cpu), (_, plain_graph, graph) in zip(results[:2], results[2:], strict=True):
+        assert plain_cpu == plain_graph
+        assert cpu[0] == graph[0] and cpu[1] == graph[1] and cpu[3] == graph[3]
+        assert len(cpu[2]) >= 8 and np.allclose(cpu[2], graph[2], atol=1e-4)

@@ -58,6 +58,8 @@ class FakeContext:
         self._logits: dict[int, np.ndarray] = {}
         self.cpu_sampled: list[int] = []
         self.chain_in_graph: dict[int, bool] = {}  # seq → its chain samples in the decode graph
+        self.logits_row: dict[int, bool] = {}  # seq → a sampler in the graph hands its logits over as they are
+        self.graph_changed = False  # the graph's samplers, since the last decode (llama.cpp re-reserves)
 
     @property
     def kv(self) -> dict[int, set[int]]:
@@ -71,16 +73,28 @@ class FakeContext:
     def tokens(self, seq: int) -> list[int]:
         return [tok for _, tok, seqs in sorted(self.cells, key=lambda c: c[0]) if seq in seqs]
 
-    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False) -> None:
+    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False,
+                  logits_row: bool = False) -> None:
         assert not reuse or self.chains.get(seq_id) == params
+        assert not logits_row or on_cpu, "a logits row is for a chain on the CPU"
         self.chain_ops.append(("reuse" if reuse else "build", seq_id))
         self.chains[seq_id] = params
+        before = self._graph_sampler(seq_id)
         if not reuse:
             self.chain_in_graph[seq_id] = not on_cpu
+        self.logits_row[seq_id] = logits_row
+        self.graph_changed |= before != self._graph_sampler(seq_id) or (not reuse and not on_cpu)
+
+    def _graph_sampler(self, seq_id: int) -> str | None:
+        if seq_id not in self.chains:
+            return None
+        return "chain" if self.chain_in_graph.get(seq_id) else "row" if self.logits_row.get(seq_id) else None
 
     def drop_chain(self, seq_id: int) -> None:
         self.chain_ops.append(("drop", seq_id))
+        self.graph_changed |= self._graph_sampler(seq_id) is not None
         del self.chains[seq_id]
+        self.logits_row.pop(seq_id, None)
 
     def forget(self, seq_id: int) -> None:
         for _, _, seqs in self.cells:
@@ -106,6 +120,7 @@ class FakeContext:
         if any(t >= BAD for part in parts for t in part.tokens):
             return 1  # llama_decode leaves the KV cache as it was
         self.batches.append(list(parts))
+        self.graph_changed = False
         self._last.clear()
         self._logits.clear()
         held = self.kv
@@ -144,7 +159,7 @@ class FakeContext:
         return np.stack([self.logits(i) for i in range(index, index + count)])
 
     def quiet_log(self, quiet: bool) -> None:
-        pass
+        assert not (quiet and self.graph_changed), "a step after the graph's samplers changed is not steady"
 
     def close(self) -> None:
         pass
@@ -376,6 +391,27 @@ def test_new_in_graph_chains_wait_for_the_first_tokens_of_jobs_that_arrive_toget
     assert text(a) == "efghij" and text(c) == "ijklmn" and end(b).tokens_out == 6
 
 
+def test_a_job_that_reads_its_logits_beside_chains_in_the_graph_gets_its_own_logits_row():
+    """Without a sampler in the graph, llama.cpp copies every output row's logits for the one job that reads its own;
+    a logits row keeps that copy to the job's row. The next such job (any parameters) takes that slot, and the
+    graph's samplers stay as they were: no re-reservation."""
+    ctx = FakeContext()
+    sched = Scheduler(n_slots=2, batch_size=16, resources=ctx, vocab=FakeVocab(), in_graph_sampling=True,
+                      clock=lambda: 0.0)
+    sched.add(Job("a", [1], SamplingParams(temperature=0.7), 1, deliver=lambda outs: None, logprobs=1))
+    sched.schedule(0.0)
+    assert ctx.graph_changed and ctx.logits_row == {0: True} and ctx.chain_in_graph == {0: False}
+    ctx.decode([])
+    sched.update([(sched.slots[0], 5, None)], 0.0)  # max_tokens 1: ended; the row stays with the slot
+    sched.add(Job("b", [1], SamplingParams(temperature=0), 1, deliver=lambda outs: None, logprobs=0))
+    plan = sched.schedule(0.1)
+    assert plan.slots == [sched.slots[0]] and not ctx.graph_changed and ctx.logits_row == {0: True}
+    sched.update([(sched.slots[0], 5, None)], 0.1)
+    sched.add(Job("c", [1], SamplingParams(temperature=0), 1, deliver=lambda outs: None))
+    sched.schedule(0.2)  # a plain job there samples on the CPU, its row kept, until its chain is attached
+    assert not ctx.graph_changed and ctx.logits_row == {0: True} and sched.slots[0].attach_pending
+
+
 def test_a_seeded_job_samples_in_the_graph_from_its_first_token():
     core, ctx = engine(in_graph_sampling=True)
     got = submit(core, "a", [1, 2, 3], max_tokens=3, params=SamplingParams(temperature=0.7, seed=3))
@@ -524,7 +560,8 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact(where):
         base = rng.choice(prompts)
         prompt = base[: rng.randrange(1, len(base) + 1)] + [rng.randrange(1, 20) for _ in range(rng.randrange(3))]
         submit(core, f"j{i}", prompt, max_tokens=rng.randrange(1, 30), stop=("xyz",) if rng.random() < 0.2 else (),
-               timeout=0.0 if rng.random() < 0.05 else None, params=rng.choice(params))
+               timeout=0.0 if rng.random() < 0.05 else None, params=rng.choice(params),
+               logprobs=2 if rng.random() < 0.15 else None)  # read on the CPU: a logits row in the graph
         live.append(f"j{i}")
         for _ in range(rng.randrange(4)):
             core.step()
@@ -541,6 +578,7 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact(where):
             assert ctx.chains[slot.seq_id] == slot.chain_params
             if where == "gpu":
                 assert ctx.chain_in_graph[slot.seq_id] == (not slot.chain_on_cpu)
+                assert ctx.logits_row[slot.seq_id] == slot.logits_row
 
 
 # ---- logits read on the CPU: logprobs, the prompt's logprobs, constraints ------------------------------------

@@ -47,7 +47,8 @@ from worker.narration import narrate
 class SlotResources(Protocol):
     """What the scheduler asks of the llama.cpp context, per sequence."""
 
-    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False) -> None: ...
+    def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False,
+                  logits_row: bool = False) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
     def forget(self, seq_id: int) -> None: ...
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
@@ -94,6 +95,7 @@ class Slot:
     job: Job | None = None
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
     chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
+    logits_row: bool = False  # with a sampler in the graph that hands the logits over as they are (Context.use_chain)
     attach_pending: bool = False  # the job's chain joins the decode graph once arrivals settle (_attach_pending)
     guide: Guide | None = None  # the job's constraint
     sampler: CpuSampler | None = None  # samples the logits the job reads on the CPU (numpy), unless penalized
@@ -116,6 +118,11 @@ class Slot:
     idle_since: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+
+    @property
+    def in_graph(self) -> bool:
+        """The sequence has a sampler in the decode graph (its chain, or a logits row)."""
+        return self.chain_params is not None and (not self.chain_on_cpu or self.logits_row)
 
     @property
     def decoding(self) -> bool:
@@ -416,9 +423,9 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is None and slot.chain_params is not None and now - slot.idle_since > self.chain_idle_s:
                 self.resources.drop_chain(slot.seq_id)
-                self._chains_changed |= not slot.chain_on_cpu
+                self._chains_changed |= slot.in_graph
                 slot.chain_params = None
-                slot.chain_on_cpu = False
+                slot.chain_on_cpu = slot.logits_row = False
 
     def _stop_speculating(self) -> None:
         """Where chains sample in the decode graph, speculation ends for good once a job has company (more running
@@ -446,7 +453,7 @@ class Scheduler:
         for slot in ready:
             assert slot.job is not None
             self.resources.use_chain(slot.seq_id, slot.job.params, reuse=False)
-            slot.chain_on_cpu = slot.attach_pending = False
+            slot.chain_on_cpu = slot.attach_pending = slot.logits_row = False
             slot.sampler = None
         self._chains_changed = True
 
@@ -506,8 +513,11 @@ class Scheduler:
         return slot, n
 
     def _chain_fits(self, slot: Slot, job: Job) -> bool:
-        """The slot's chain serves the job as it is (reset, not built): its parameters, and in the decode graph or
-        out of it as the job samples (a chain still on the CPU awaiting attachment would be built anew)."""
+        """The slot's chain serves the job without changing the decode graph's samplers (which makes llama.cpp
+        re-reserve it): its own chain with the job's parameters for a job sampled in the graph (a chain still on
+        the CPU awaiting attachment would be built anew); a logits row for a job that reads its logits."""
+        if self.in_graph_sampling and job.reads_logits:
+            return slot.logits_row == (job.prompt_logprobs is None)
         return slot.chain_params == job.params and slot.chain_on_cpu == (self.in_graph_sampling and job.reads_logits)
 
     def _keep(self, slot: Slot, n: int) -> None:
@@ -676,12 +686,21 @@ class Scheduler:
         deferred = (self.in_graph_sampling and not on_cpu and not reuse and job.params.seed is None
                     and CpuSampler.applies(job.params) and (slot.chain_params is None or slot.chain_on_cpu))
         on_cpu = on_cpu or deferred
-        attached_before = slot.chain_params is not None and not slot.chain_on_cpu
+        # Read on the CPU beside chains in the graph, a job's logits row is its own (else llama.cpp copies every
+        # row, and its neighbours wait for that): always for a job that reads its logits; for one that samples
+        # there until its chain is attached, where the slot has that row already (attaching one would cost what
+        # deferring saves). Not where a step reads several rows of the sequence (llama.cpp's in-graph samplers take
+        # one output a sequence): the prompt's logprobs, speculation (alone anyway: no neighbours to slow).
+        logits_row = (on_cpu and slot.spec is None and job.prompt_logprobs is None
+                      and (job.reads_logits or (deferred and slot.logits_row)))
+        graph_before = slot.in_graph, slot.logits_row
         slot.chain_params = None  # until the context has the chain
-        if not reuse and self.in_graph_sampling and (attached_before or not on_cpu):
-            self._chains_changed = True
-        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu)
+        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu, logits_row=logits_row)
         slot.chain_params, slot.chain_on_cpu, slot.attach_pending = job.params, on_cpu, deferred
+        slot.logits_row = logits_row
+        if self.in_graph_sampling and (graph_before != (slot.in_graph, slot.logits_row)
+                                       or (not reuse and not on_cpu)):
+            self._chains_changed = True
         reads_logits = job.reads_logits or slot.spec is not None or deferred
         slot.sampler = CpuSampler(job.params) if reads_logits and CpuSampler.applies(job.params) else None
         if job.constraint is not None:

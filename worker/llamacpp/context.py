@@ -96,6 +96,20 @@ class SamplerChain:
             self.ptr = None
 
 
+class LogitsRow:
+    """An in-graph sampler that samples nothing: llama.cpp hands the sequence's logits over as they are, copying only
+    that row to the host (llama_get_logits_ith reads it). A chain of one "empty" sampler: temperature 1."""
+
+    def __init__(self) -> None:
+        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_temp(1.0))
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
 class Batch:
     """A llama_batch over numpy arrays, so a prompt chunk is filled by slicing, not per-token ctypes calls."""
 
@@ -181,33 +195,60 @@ class Context:
         self._mem = lc.llama_get_memory(self.ptr)
         self._batch = Batch(n_batch)
         self._chains: dict[int, SamplerChain] = {}
-        self._attached: set[int] = set()  # sequences whose chain samples in the decode graph
+        self._attached: dict[int, SamplerChain | LogitsRow] = {}  # each sequence's sampler in the decode graph
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
 
-    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool, on_cpu: bool = False) -> None:
+    def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool, on_cpu: bool = False,
+                  logits_row: bool = False) -> None:
         """Give a sequence its chain: the one it has, reset (reuse), or a new one built from params. In the decode
         graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not. An
-        `on_cpu` chain stays out of the graph: it samples logits read (and masked) on the CPU."""
+        `on_cpu` chain stays out of the graph: it samples logits read (and masked) on the CPU.
+
+        `logits_row` (an on_cpu chain, chains in the graph): the sequence gets an in-graph sampler that leaves its
+        logits as they are, kept while it keeps asking for one. Without any, llama.cpp copies every output row's
+        logits to the host at each step (`needs_raw_logits`: 4 MB at 8 streams of a 128k vocabulary) for the one
+        that reads its own; with it, that row alone."""
         chain = self._chains.get(seq_id)
+        row = logits_row and on_cpu and self.in_graph_sampling
         if reuse and chain is not None:
             chain.reset()
-            return
-        self.drop_chain(seq_id)
-        in_graph = self.in_graph_sampling and not on_cpu
-        chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph)
-        if in_graph:
-            lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
-            self._attached.add(seq_id)
+        else:
+            self._drop_cpu_chain(seq_id)
+            in_graph = self.in_graph_sampling and not on_cpu
+            chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph)
+            if in_graph:
+                self._detach(seq_id)
+                lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
+                self._attached[seq_id] = chain
+                return
+        if row and not isinstance(self._attached.get(seq_id), LogitsRow):
+            self._detach(seq_id)
+            passthrough = LogitsRow()
+            lc.llama_set_sampler(self.ptr, seq_id, passthrough.ptr)
+            self._attached[seq_id] = passthrough
+        elif not row and on_cpu:
+            self._detach(seq_id)
 
     def drop_chain(self, seq_id: int) -> None:
+        self._detach(seq_id)
+        self._drop_cpu_chain(seq_id)
+
+    def _drop_cpu_chain(self, seq_id: int) -> None:
         chain = self._chains.pop(seq_id, None)
         if chain is not None:
-            if seq_id in self._attached:
-                lc.llama_set_sampler(self.ptr, seq_id, None)
-                self._attached.discard(seq_id)
+            if self._attached.get(seq_id) is chain:
+                self._detach(seq_id)
             chain.close()
+
+    def _detach(self, seq_id: int) -> None:
+        """The sequence's in-graph sampler off the graph (llama.cpp re-reserves at the next decode)."""
+        attached = self._attached.pop(seq_id, None)
+        if attached is not None:
+            lc.llama_set_sampler(self.ptr, seq_id, None)
+            if isinstance(attached, LogitsRow):
+                attached.close()
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
