@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from worker.engine.constraints import Grammars
-from worker.engine.core import EngineCore
+from worker.engine.core import EngineCore, StepStats
 from worker.engine.outputs import Constraint, Finished, Job, Output
 from worker.engine.sampling import SamplingParams
 from worker.llamacpp import Context, Model
@@ -37,7 +37,7 @@ async def run_round(engine: EngineCore, prompt: list[int], streams: int, tokens:
                     tag: str) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     done: dict[str, asyncio.Future] = {}
-    engine.stats.steps, engine.stats.step_s = 0, 0.0
+    engine.stats = StepStats()
     for i in range(streams):
         kw = special if (special is not None and i == 0) else {}
         fut = done[f"{tag}-{i}"] = loop.create_future()
@@ -54,7 +54,8 @@ async def run_round(engine: EngineCore, prompt: list[int], streams: int, tokens:
                           max_tokens=tokens, ignore_eos=True, deliver=deliver, **kw))
     ends = [await fut for fut in done.values()]
     return {"special": ends[0].tokens_per_sec, "others": statistics.mean(e.tokens_per_sec for e in ends[1:])
-            if len(ends) > 1 else 0.0, "ms_per_step": engine.stats.step_s / max(engine.stats.steps, 1) * 1000}
+            if len(ends) > 1 else 0.0} | {f"{name}_ms": getattr(engine.stats, f"{name}_s") / max(engine.stats.steps, 1) * 1000
+                                          for name in ("step", "wait", "sample")}
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -91,8 +92,9 @@ async def main_async(args: argparse.Namespace) -> None:
                     row |= {"others_plain_tps": round(best(plain, "others"), 1),
                             "others_with_special_tps": round(best(special, "others"), 1),
                             "others_ratio": round(best(special, "others") / best(plain, "others"), 3)}
-                row["plain_ms_per_step"] = round(min(r["ms_per_step"] for r in plain), 3)
-                row["special_ms_per_step"] = round(min(r["ms_per_step"] for r in special), 3)
+                for name in ("step", "wait", "sample"):  # a step's time; waiting for the GPU; sampling after
+                    row[f"plain_{name}_ms"] = round(min(r[f"{name}_ms"] for r in plain), 3)
+                    row[f"special_{name}_ms"] = round(min(r[f"{name}_ms"] for r in special), 3)
                 print(json.dumps(row))
                 results.append(row)
     finally:

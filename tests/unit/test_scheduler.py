@@ -158,6 +158,9 @@ class FakeContext:
     def logits_rows(self, index: int, count: int) -> np.ndarray:
         return np.stack([self.logits(i) for i in range(index, index + count)])
 
+    def synchronize(self) -> None:
+        pass
+
     def quiet_log(self, quiet: bool) -> None:
         assert not (quiet and self.graph_changed), "a step after the graph's samplers changed is not steady"
 
@@ -649,6 +652,9 @@ class EvenTokens:
         if self.allow_none:
             return np.arange(0)
         return np.array([t for t in range(0, VOCAB, 2) if t != EOG])  # no end before the grammar is complete
+
+    def allows(self, token: int) -> bool:
+        return token in self.allowed()
 
     def consume(self, token: int) -> None:
         self.consumed.append(token)

@@ -228,3 +228,20 @@ def test_the_draft_path_ends_exactly_where_plain_decoding_would(fixed_length):
         assert (end(got).stop_reason, end(got).tokens_out) == (end(plain).stop_reason, end(plain).tokens_out), kw
         if kw["max_tokens"] > 5:
             assert end(got).draft_tokens > 0, kw
+
+
+def test_a_draft_that_did_not_pay_rests_for_the_next_jobs_too():
+    """A draft-model stretch that does not pay pauses the job; the jobs that come after wait that pause out too,
+    rather than each paying a trial stretch of its own (what made a useless draft cost 4-14% a request)."""
+    core, ctx, fake = draft_engine(fixed_length=True)
+    fake.wrong = {t: (t + 2) % VOCAB for t in range(VOCAB)}  # every proposal misses
+    first = submit(core, "a", REPEATING, max_tokens=30)
+    run(core)
+    trial = sum(1 for batch in ctx.batches if batch[0].n_draft)
+    assert end(first).draft_tokens > 0 and end(first).accepted_tokens == 0 and trial <= 4
+    before = len(ctx.batches)
+    for i in range(3):  # one at a time: alone, each could speculate
+        got = submit(core, f"b{i}", REPEATING, max_tokens=30)
+        run(core)
+        assert text(got) == text(first) and end(got).draft_tokens == 0
+    assert not any(batch[0].n_draft for batch in ctx.batches[before:])

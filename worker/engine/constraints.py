@@ -108,6 +108,7 @@ class Guide:
         self.n_vocab = n_vocab
         self._seen = b""  # a lazy guide's output so far (what the trigger is looked for in)
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._words = self._bits.view(np.uint32)
         self._ready = False  # _bits hold the mask for the next token
 
     @property
@@ -134,6 +135,13 @@ class Guide:
         self.prepare()
         allowed = np.flatnonzero(np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little"))
         return allowed if not self.matcher.is_error() else allowed[:0]
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows this token next: one bit of the mask."""
+        if not self.armed:
+            return True
+        self.prepare()
+        return bool((int(self._words[token >> 5]) >> (token & 31)) & 1) and not self.matcher.is_error()
 
     def mask(self, logits: np.ndarray) -> bool:
         """Tokens the grammar does not allow next get -inf logits (in place). False: it allows none (an error)."""

@@ -56,6 +56,7 @@ class EngineContext(SlotResources, Protocol):
     def logits(self, index: int) -> np.ndarray: ...
     def logits_rows(self, index: int, count: int) -> np.ndarray: ...
     def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int: ...
+    def synchronize(self) -> None: ...  # until the queued step is done
 
     @property
     def n_outputs(self) -> int: ...  # logits rows one batch may ask for
@@ -65,12 +66,14 @@ class EngineContext(SlotResources, Protocol):
 
 @dataclass
 class StepStats:
-    """Where a step's time goes: queueing it (llama_decode), waiting for its tokens, and the Python around them."""
+    """Where a step's time goes: queueing it (llama_decode), waiting for it to be done, reading its results and
+    sampling on the CPU, and the Python around them."""
 
     steps: int = 0
     step_s: float = 0.0
     queue_s: float = 0.0
     wait_s: float = 0.0
+    sample_s: float = 0.0
 
 
 class EngineCore:
@@ -288,6 +291,8 @@ class EngineCore:
                 slot.guide.prepare()
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
+        self.ctx.synchronize()
+        t3 = time.perf_counter()
         self._read_prompt_logprobs(plan)
         # A job sampled on the CPU holds the step up by its logprobs, mask and chain (0.3-2 ms on a 128k
         # vocabulary, measured on an H200). Letting it sit out every other step and sampling it while the next one
@@ -303,7 +308,8 @@ class EngineCore:
                 sampled.append(self._sample(slot, index))
         now = time.perf_counter()  # the first read of a sampled token waited for the step
         self.stats.queue_s += t1 - t0
-        self.stats.wait_s += now - t2
+        self.stats.wait_s += t3 - t2
+        self.stats.sample_s += now - t3
         self.scheduler.update(sampled, now)
         if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
             # A step of a new shape is built afresh and runs without CUDA graphs: its time says nothing of the next
@@ -369,16 +375,26 @@ class EngineCore:
         # is left as the model made it.
         logits = self.ctx.logits(index)
         ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
-        allowed = slot.guide.allowed() if slot.guide is not None else None
-        if allowed is not None and not len(allowed):
-            assert slot.guide is not None
-            self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {slot.guide.error}")
-            return slot, -1, None
-        if slot.sampler is not None:
-            token = slot.sampler.sample(logits, allowed)
-        elif allowed is not None:  # a penalized chain, over the allowed tokens alone (a narrow mask sorts few)
-            token = self.ctx.sample_candidates(slot.seq_id, allowed, logits[allowed])
-        else:
+        guide = slot.guide
+        token = -1
+        if slot.sampler is not None and (guide is None or slot.sampler.params.greedy):
+            # Greedy, the maximum first, kept where the grammar allows it (llama.cpp's rule, common_sampler_sample):
+            # one pass over the logits, where listing the allowed ids (120k inside a JSON string) and taking the
+            # maximum among them is three. A draw at a temperature gains nothing that way: measured with SmolLM2
+            # here, it drew a token the grammar refused a third of the time, and then both were paid.
+            token = slot.sampler.sample(logits)
+            if guide is None or guide.allows(token):
+                guide = None  # nothing more to choose
+        if guide is not None:
+            allowed = guide.allowed()
+            if allowed is not None and not len(allowed):
+                self.scheduler.fail(slot, "constraint_failed", f"the constraint allows no token here: {guide.error}")
+                return slot, -1, None
+            if slot.sampler is not None:
+                token = slot.sampler.sample(logits, allowed)
+            elif allowed is not None:  # a penalized chain, over the allowed tokens alone (a narrow mask sorts few)
+                token = self.ctx.sample_candidates(slot.seq_id, allowed, logits[allowed])
+        if token < 0:
             token = self.ctx.sample(slot.seq_id, index)
         if slot.guide is not None:
             slot.guide.consume(token)

@@ -18,6 +18,7 @@ import numpy as np
 from worker.engine.sampling import SamplingParams
 
 _BLOCK = 1024  # the draw finds its block by block sums, then its token by one block's cumulative sum
+_NARROW = 256  # candidates few enough to sort or partition as they are
 
 
 class CpuSampler:
@@ -59,20 +60,27 @@ class CpuSampler:
 
 
 def _near(values: np.ndarray, top: float, enough: Callable[[np.ndarray], bool]) -> np.ndarray:
-    """The tokens in the narrowest band under the maximum (4, 8, 16, ... wide, then halved towards the edge a few
-    times) that holds `enough`: selecting by a band is linear, where sorting the whole vocabulary is not."""
+    """The tokens in a narrow band under the maximum that holds `enough`: a band 4 wide, doubled until it does, then
+    bisected towards its edge over the tokens already in it while more than NARROW are: selecting by a band is
+    linear, where sorting the whole vocabulary is not. (Flat logits put most of a 128k vocabulary within 4 of the
+    maximum: partitioning all of it took 1.4 ms, on this project's CPU.)"""
     band = 4.0
-    while True:
-        near = np.flatnonzero(values >= top - band)
-        if len(near) == len(values) or enough(near):
-            break
+    near = np.flatnonzero(values >= top - band)
+    widened = False
+    while len(near) < len(values) and not enough(near):
         band *= 2
-    low, high = band / 2, band
-    for _ in range(4 if band > 4.0 else 0):
+        widened = True
+        near = np.flatnonzero(values >= top - band)
+    low, high = (band / 2 if widened else 0.0), band
+    held = values if len(near) == len(values) else values[near]  # the values of `near`
+    for _ in range(12):
+        if len(near) <= _NARROW:
+            break
         middle = (low + high) / 2
-        candidate = np.flatnonzero(values >= top - middle)
+        inside = held >= top - middle
+        candidate = near[inside]
         if enough(candidate):
-            near, high = candidate, middle
+            near, held, high = candidate, held[inside], middle
         else:
             low = middle
     return near

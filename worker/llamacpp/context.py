@@ -257,6 +257,10 @@ class Context:
         self._batch.fill(parts)
         return int(lc.llama_decode(self.ptr, self._batch.struct))
 
+    def synchronize(self) -> None:
+        """Until the queued step is done (on a GPU, decode only queues it)."""
+        lc.llama_synchronize(self.ptr)
+
     def sample(self, seq_id: int, index: int) -> int:
         """The token sampled for the output at batch position `index` (in the graph, or here on the CPU from the
         logits logits() gives, as changed there)."""
