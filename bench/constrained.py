@@ -53,9 +53,10 @@ async def run_round(engine: EngineCore, prompt: list[int], streams: int, tokens:
         engine.submit(Job(job_id=f"{tag}-{i}", prompt_tokens=prompt, params=SamplingParams(temperature=0.8, seed=i),
                           max_tokens=tokens, ignore_eos=True, deliver=deliver, **kw))
     ends = [await fut for fut in done.values()]
+    per_step = {f"{name}_ms": getattr(engine.stats, f"{name}_s") / max(engine.stats.steps, 1) * 1000
+                for name in ("step", "wait", "sample")}
     return {"special": ends[0].tokens_per_sec, "others": statistics.mean(e.tokens_per_sec for e in ends[1:])
-            if len(ends) > 1 else 0.0} | {f"{name}_ms": getattr(engine.stats, f"{name}_s") / max(engine.stats.steps, 1) * 1000
-                                          for name in ("step", "wait", "sample")}
+            if len(ends) > 1 else 0.0} | per_step
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -93,7 +93,8 @@ class Runtime:
                     f"waiting for them, {per_step(st.sample_s):.2f} ms reading and sampling their results.",
                     actor="engine", steps=st.steps, step_ms=round(per_step(st.step_s), 3),
                     queue_ms=round(per_step(st.queue_s), 3), wait_ms=round(per_step(st.wait_s), 3),
-                    sample_ms=round(per_step(st.sample_s), 3), llama_share=round((st.queue_s + st.wait_s) / st.step_s, 3))
+                    sample_ms=round(per_step(st.sample_s), 3),
+                    llama_share=round((st.queue_s + st.wait_s) / st.step_s, 3))
 
 
 def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.AbstractEventLoop,
