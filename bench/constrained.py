@@ -68,7 +68,8 @@ async def main_async(args: argparse.Namespace) -> None:
     assert ctx.warm_up() == 0
     grammars = Grammars(model.guidance_tokenizer, lambda t: model.piece(t, special=True), model.n_vocab)
     engine = EngineCore(ctx, model, ctx_size=1024, parallel=args.max_streams, max_queue=64, batch_size=512,
-                        in_graph_sampling=offloaded, offloaded=offloaded, prefix_cache=False, grammars=grammars)
+                        in_graph_sampling=offloaded, offloaded=offloaded, prefix_cache=False, grammars=grammars,
+                        profile_path=args.profile)
     engine.start(asyncio.get_running_loop())
     prompt = model.prompt_tokens("Write a long story about a dragon who learns to count.")
     for kind in args.kinds.split(","):
@@ -117,6 +118,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--kinds", default="regex,json,logprobs")
     p.add_argument("--out")
+    p.add_argument("--profile", help="write the engine thread's cProfile stats here (pstats)")
     asyncio.run(main_async(p.parse_args()))
 
 

@@ -275,3 +275,27 @@ async def test_ggml_log_is_dropped_only_in_steady_gpu_steps(model, monkeypatch):
         assert routed == [False, True, False, True, False]
     finally:
         engine.close()
+
+
+async def test_tokens_sampled_in_the_graph_are_read_without_a_log_line_each(model):
+    """llama_sampler_sample logs a DEBUG line for every token a chain sampled in the graph; each line calls our log
+    callback from inside llama.cpp, which must take the GIL from the event loop's thread. The engine reads those
+    tokens itself, and the text is the same."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG")
+    try:
+        texts = []
+        for backend_sampling in (False, True):
+            engine = make_engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1,
+                                 backend_sampling=backend_sampling)
+            engine.start(asyncio.get_running_loop())
+            try:
+                texts.append(text_of(await run_job(engine, model.tokenize("The sky is"), job_id="a", max_tokens=24)))
+            finally:
+                engine.close()
+    finally:
+        logger.remove(sink)
+    assert texts[0] == texts[1] and texts[0]
+    assert lines and not [line for line in lines if "Backend sampler selected token" in line]

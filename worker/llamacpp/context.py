@@ -264,7 +264,16 @@ class Context:
     def sample(self, seq_id: int, index: int) -> int:
         """The token sampled for the output at batch position `index` (in the graph, or here on the CPU from the
         logits logits() gives, as changed there)."""
-        return int(lc.llama_sampler_sample(self._chains[seq_id].ptr, self.ptr, index))
+        chain = self._chains[seq_id]
+        if self._attached.get(seq_id) is chain:
+            # What llama_sampler_sample does with a token sampled in the graph, without its DEBUG line: each line
+            # calls our log callback, which takes the GIL from inside llama.cpp (a wait for the event loop's thread
+            # at every sequence's every token; 8.6 lines a step at 8 streams, measured on an H200)
+            token = lc.llama_get_sampled_token_ith(self.ptr, index)
+            if token != lc.LLAMA_TOKEN_NULL:
+                lc.llama_sampler_accept(chain.ptr, token)
+                return int(token)
+        return int(lc.llama_sampler_sample(chain.ptr, self.ptr, index))
 
     def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
         """The token the sequence's chain picks from these candidates (token ids and their logits, read and perhaps
