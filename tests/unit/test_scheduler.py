@@ -645,7 +645,7 @@ class EvenTokens:
     def stopped(self) -> bool:
         return len(self.consumed) == 3
 
-    def prepare(self) -> None:
+    def prepare(self, *, listed: bool = False) -> None:
         self.prepared += 1
 
     def allowed(self) -> np.ndarray:

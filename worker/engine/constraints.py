@@ -110,6 +110,7 @@ class Guide:
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
         self._words = self._bits.view(np.uint32)
         self._ready = False  # _bits hold the mask for the next token
+        self._allowed: np.ndarray | None = None  # the mask's ids, once listed
 
     @property
     def stopped(self) -> bool:
@@ -120,21 +121,25 @@ class Guide:
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
-    def prepare(self) -> None:
+    def prepare(self, *, listed: bool = False) -> None:
         """The mask for the next token: computed once its previous token is consumed (on a GPU, while the step that
-        needs it computes)."""
+        needs it computes); `listed`: its ids too (allowed(): 0.35 ms on a 128k vocabulary, on an H200's host)."""
         if self.armed and not self._ready:
             self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
             self._ready = True
+            self._allowed = None
+        if listed and self.armed and self._allowed is None:
+            bits = np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little")
+            self._allowed = np.flatnonzero(bits)
 
     def allowed(self) -> np.ndarray | None:
         """The ids of the tokens the grammar allows next, ascending; None before a lazy guide's trigger (all are).
         Empty: it allows none (an error)."""
         if not self.armed:
             return None
-        self.prepare()
-        allowed = np.flatnonzero(np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little"))
-        return allowed if not self.matcher.is_error() else allowed[:0]
+        self.prepare(listed=True)
+        assert self._allowed is not None
+        return self._allowed if not self.matcher.is_error() else self._allowed[:0]
 
     def allows(self, token: int) -> bool:
         """Whether the grammar allows this token next: one bit of the mask."""

@@ -287,8 +287,8 @@ class EngineCore:
             return self._isolate_failure(plan, status)
         self.scheduler.decoded(zip(plan.slots, plan.parts, strict=True))  # its cells are taken now
         for slot, part in zip(plan.slots, plan.parts, strict=True):  # the masks the step's samples need, meanwhile
-            if part.logits and slot.guide is not None:
-                slot.guide.prepare()
+            if part.logits and slot.guide is not None:  # (listed where the draw is among the allowed tokens alone)
+                slot.guide.prepare(listed=slot.sampler is None or not slot.sampler.params.greedy)
         self._flush_text()  # in a steady GPU step, while it computes
         t2 = time.perf_counter()
         self.ctx.synchronize()
