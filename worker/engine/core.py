@@ -23,7 +23,7 @@ from loguru import logger
 
 from worker.engine.constraints import Grammars
 from worker.engine.host_cache import HostCache
-from worker.engine.logprobs import Ranked
+from worker.engine.logprobs import LogprobOf, Ranked
 from worker.engine.outputs import (
     Constraint,
     ConstraintError,
@@ -374,7 +374,6 @@ class EngineCore:
         # allows, then the job's sampler draws from those. The logits are read, never written: llama.cpp's buffer
         # is left as the model made it.
         logits = self.ctx.logits(index)
-        ranked = Ranked(logits, job.logprobs) if job.logprobs is not None else None
         guide = slot.guide
         token = -1
         if slot.sampler is not None and (guide is None or slot.sampler.params.greedy):
@@ -398,7 +397,9 @@ class EngineCore:
             token = self.ctx.sample(slot.seq_id, index)
         if slot.guide is not None:
             slot.guide.consume(token)
-        return slot, token, ranked.of(logits, token, self.vocab.piece) if ranked is not None else None
+        if job.logprobs is None:
+            return slot, token, None
+        return slot, token, LogprobOf(logits, job.logprobs, token, self.vocab.piece)
 
     def _read_prompt_logprobs(self, plan: StepPlan) -> None:
         """For parts that read every position's logits: the logprob of each prompt token that position predicts."""

@@ -25,6 +25,7 @@ import numpy as np
 from worker.engine.constraints import Guide
 from worker.engine.cpu_sampling import CpuSampler
 from worker.engine.host_cache import HostCache, HostEntry, shared_length
+from worker.engine.logprobs import LogprobOf, resolved
 from worker.engine.outputs import (
     Constraint,
     Failed,
@@ -111,7 +112,7 @@ class Slot:
     kv_len: int = 0
     prompt_cells: int = 0  # how many of them were computed in prompt steps (the ones the cache reuses)
     pending: list[tuple[int, float]] = field(default_factory=list)  # sampled, their text not yet done (flush_text)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not out yet
+    logprobs: list[TokenLogprob | LogprobOf] = field(default_factory=list)  # of tokens whose text is not out yet
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     tokens_out: int = 0
     admitted_at: float = 0.0
@@ -782,7 +783,7 @@ class Scheduler:
             slot.last_token_at = at
             text = slot.text.feed(self.vocab.piece(token, job.special_text))
             if text:
-                self._emit(job, TokenText(text, first + i, tuple(slot.logprobs)))
+                self._emit(job, TokenText(text, first + i, resolved(slot.logprobs)))
                 slot.logprobs = []
             if slot.text.matched is not None:
                 slot.tokens_out = first + i + 1
@@ -798,7 +799,7 @@ class Scheduler:
         assert job is not None and text is not None
         tail = text.finish()
         if tail or slot.logprobs:
-            self._emit(job, TokenText(tail, max(slot.tokens_out - 1, 0), tuple(slot.logprobs)))
+            self._emit(job, TokenText(tail, max(slot.tokens_out - 1, 0), resolved(slot.logprobs)))
         end_at = self.clock()
         first = slot.first_token_at or end_at
         end = Finished(
@@ -890,7 +891,7 @@ class Scheduler:
         return sum(slot.kv_len for slot in self.slots if slot.job is None)
 
 
-Sampled = tuple[Slot, int, "TokenLogprob | None"]  # a slot, its sampled token, that token's logprob if asked for
+Sampled = tuple[Slot, int, "TokenLogprob | LogprobOf | None"]  # a slot, its sampled token, its logprob if asked for
 
 COSTLY_TRIAL_STEPS = 4  # a draft model's stretch is judged sooner: each of its steps costs proposing decodes
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
