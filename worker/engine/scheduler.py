@@ -240,9 +240,9 @@ class Scheduler:
         self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
         self.step_costs = StepCosts()
         self._proposing_s = 0.0  # what this step's proposals took to find (a draft model's decodes)
-        # decode steps left of the pause the last draft-model stretch that did not pay imposed: a new job waits them
-        # out too, rather than paying a trial stretch of its own (a draft that does not pay on this traffic would
-        # cost every request its trial: 0.86-0.96x over 128 tokens on an H200, measured)
+        # decode steps left of the pause the last draft-model stretch that did not pay imposed: new jobs do not
+        # speculate until it is over, rather than each paying a trial stretch of its own (a draft that does not pay
+        # on this traffic would cost every request its trial: 0.86-0.96x over 128 tokens on an H200, measured)
         self._draft_rest = 0
         self.waiting: collections.deque[Job] = collections.deque()
         self.n_running = 0
@@ -679,9 +679,11 @@ class Scheduler:
         # Where chains sample in the decode graph (a GPU), a speculating job samples on the CPU from logits read for
         # the whole batch: greedy jobs only, where that is an argmax (a job at temperature 0.8 ran at 0.67x with
         # prompt lookup on an H200, its numpy draw and the logits' copy every token for proposals rarely taken)
-        costly = self.proposer is not None and self.proposer.costly
-        slot.spec = SlotSpeculation(n=config.n_max, pause=self._draft_rest if costly else 0) if (
-            config is not None and job.speculate and not job.reads_logits
+        # While a draft model rests (the last stretch of it did not pay), a new job does not speculate at all: a
+        # speculating job samples on the CPU from logits copied every step, paused or not (8% of a step, H200).
+        resting = self.proposer is not None and self.proposer.costly and self._draft_rest > 0
+        slot.spec = SlotSpeculation(n=config.n_max) if (
+            config is not None and job.speculate and not job.reads_logits and not resting
             and (job.params.greedy or not self.in_graph_sampling)
             and self.n_running + len(self.waiting) <= config.load_limit) else None
         # A job that reads its logits on the CPU (a mask, logprobs, proposals to verify) samples there: decided
