@@ -83,3 +83,43 @@ def test_a_seed_gives_the_same_tokens():
 def test_penalized_sampling_is_left_to_llama_cpps_chain():
     assert CpuSampler.applies(SamplingParams(temperature=0.8))
     assert not CpuSampler.applies(SamplingParams(temperature=0.8, presence_penalty=0.5))
+
+
+def prepared_draws(params: SamplingParams, values: np.ndarray, n: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    sampler = CpuSampler(params)
+    out = []
+    for _ in range(n):
+        sampler.prepare(len(values), allowed)
+        assert sampler.prepared
+        out.append(sampler.sample(values))
+        assert not sampler.prepared  # each draw its own noise
+    return np.array(out)
+
+
+def test_a_prepared_draw_follows_the_distribution_at_the_temperature():
+    values = np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+    got = np.bincount(prepared_draws(SamplingParams(temperature=0.5, seed=1), values, 20_000), minlength=4) / 20_000
+    want = np.array([0.1, 0.2, 0.3, 0.4]) ** 2
+    assert np.allclose(got, want / want.sum(), atol=0.015)
+
+
+def test_a_prepared_draw_takes_only_what_its_mask_allows_and_the_rest_in_proportion():
+    values = logits(6, scale=0.5)
+    allowed = [3, 1024, 1025, 70_000, VOCAB - 1]
+    values[allowed] = np.log([1.0, 2.0, 3.0, 4.0, 10.0])
+    mask = np.zeros(VOCAB, dtype=np.uint8)
+    mask[allowed] = 1
+    got = np.bincount(prepared_draws(SamplingParams(temperature=1.0, seed=2), values, 5000, mask), minlength=VOCAB)
+    assert got.sum() == got[allowed].sum() == 5000
+    assert np.allclose(got[allowed] / 5000, np.array([1, 2, 3, 4, 10]) / 20, atol=0.03)
+
+
+def test_only_a_draw_with_nothing_to_cut_is_prepared_and_a_seed_repeats_it():
+    values = logits(7)
+    for params in (SamplingParams(temperature=0), SamplingParams(top_k=40), SamplingParams(top_p=0.9),
+                   SamplingParams(min_p=0.05)):
+        sampler = CpuSampler(params)
+        sampler.prepare(VOCAB)
+        assert not sampler.prepared
+    params = SamplingParams(temperature=0.8, seed=9)
+    assert prepared_draws(params, values, 20).tolist() == prepared_draws(params, values, 20).tolist()

@@ -36,6 +36,8 @@ VOCAB = 26
 
 
 class FakeVocab:
+    n_vocab = VOCAB
+
     def piece(self, token: int, special: bool = False) -> bytes:
         return bytes([ord("a") + token % 26])
 
@@ -656,6 +658,11 @@ class EvenTokens:
     def allows(self, token: int) -> bool:
         return token in self.allowed()
 
+    def mask_bits(self) -> np.ndarray:
+        bits = np.zeros(VOCAB, dtype=np.uint8)
+        bits[self.allowed()] = 1
+        return bits
+
     def consume(self, token: int) -> None:
         self.consumed.append(token)
 
@@ -670,10 +677,15 @@ class FakeGrammars:
         return self.guides[-1]
 
 
-def test_a_constrained_job_samples_only_what_its_grammar_allows_and_ends_when_it_is_complete():
+# greedy: the maximum kept where allowed; at a temperature: a draw prepared with the mask in its noise
+CONSTRAINED_SAMPLING = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=1)]
+
+
+@pytest.mark.parametrize("params", CONSTRAINED_SAMPLING, ids=["greedy", "drawn"])
+def test_a_constrained_job_samples_only_what_its_grammar_allows_and_ends_when_it_is_complete(params):
     grammars = FakeGrammars()
     core, _ = engine(grammars=grammars)
-    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"))
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"), params=params)
     free = submit(core, "b", [1, 2, 3], max_tokens=3)
     run(core)
     assert all(t % 2 == 0 for t in grammars.guides[0].consumed) and len(grammars.guides[0].consumed) == 3
@@ -681,9 +693,10 @@ def test_a_constrained_job_samples_only_what_its_grammar_allows_and_ends_when_it
     assert text(free) == "efg"  # its neighbour in the batch is not constrained
 
 
-def test_a_constraint_that_allows_nothing_fails_its_job_alone():
+@pytest.mark.parametrize("params", CONSTRAINED_SAMPLING, ids=["greedy", "drawn"])
+def test_a_constraint_that_allows_nothing_fails_its_job_alone(params):
     core, _ = engine(grammars=FakeGrammars(allow_none=True))
-    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"))
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"), params=params)
     free = submit(core, "b", [1, 2, 3], max_tokens=3)
     run(core)
     assert isinstance(got[-1], Failed) and got[-1].code == "constraint_failed"

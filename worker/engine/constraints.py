@@ -132,6 +132,13 @@ class Guide:
             bits = np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little")
             self._allowed = np.flatnonzero(bits)
 
+    def mask_bits(self) -> np.ndarray | None:
+        """The mask as a 0/1 per token (uint8); None before a lazy guide's trigger (all are allowed)."""
+        if not self.armed:
+            return None
+        self.prepare()
+        return np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little")
+
     def allowed(self) -> np.ndarray | None:
         """The ids of the tokens the grammar allows next, ascending; None before a lazy guide's trigger (all are).
         Empty: it allows none (an error)."""

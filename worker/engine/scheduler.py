@@ -62,6 +62,8 @@ class SlotResources(Protocol):
 
 
 class Vocab(Protocol):
+    n_vocab: int
+
     def piece(self, token: int, special: bool = False) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
 
