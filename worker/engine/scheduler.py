@@ -241,7 +241,6 @@ class Scheduler:
         # who proposes: a draft model where one is given, else prompt lookup
         self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
         self.step_costs = StepCosts()
-        self._proposing_s = 0.0  # what this step's proposals took to find (a draft model's decodes)
         # decode steps left of the pause the last draft-model stretch that did not pay imposed: new jobs do not
         # speculate until it is over, rather than each paying a trial stretch of its own (a draft that does not pay
         # on this traffic would cost every request its trial: 0.86-0.96x over 128 tokens on an H200, measured)
@@ -310,7 +309,6 @@ class Scheduler:
     def _drafts(self, decoding: list[Slot], budget: int, logits_budget: int) -> dict[int, list[int]]:
         """The proposals the speculating sequences verify this step (seq_id → tokens), asked of the proposer all at
         once; what proposing cost is recorded per proposed token (a draft model's decodes are not free)."""
-        self._proposing_s = 0.0
         if self.proposer is None:
             return {}
         room = min(budget - len(decoding), logits_budget)  # every decoding sequence's own token comes first
@@ -324,7 +322,6 @@ class Scheduler:
         if not asks:
             return {}
         proposals = self.proposer.propose_all([ask for _, ask, _ in asks])
-        self._proposing_s = self.proposer.spent
         self.step_costs.record_proposing(self.proposer.spent, sum(len(p) for p in proposals.values()))
         out = {}
         for slot, ask, shadow in asks:
@@ -402,8 +399,8 @@ class Scheduler:
             spec = slot.spec
             if spec is None or not part.n_draft or slot.job is None:
                 continue
-            # the cells kept (its accepted tokens + its own) for the step's time, its proposing (a draft model's) too
-            spec.stretch.add(slot.n_past - part.pos, seconds + self._proposing_s)
+            # the cells kept (its accepted tokens + its own) for the step's whole time (its proposing included)
+            spec.stretch.add(slot.n_past - part.pos, seconds)
             costly = self.proposer is not None and self.proposer.costly
             if spec.stretch.steps >= (COSTLY_TRIAL_STEPS if costly else config.trial_steps):
                 spec.pause = spec.stretch.judge(self.step_costs.step, self.n_running, costly)
