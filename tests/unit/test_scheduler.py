@@ -555,7 +555,7 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact(where):
 
     rng = random.Random(3)
     gpu = dict(in_graph_sampling=True, overlap=True, offloaded=True,
-               speculation=SpecConfig(n_max=3, fixed_length=True)) if where == "gpu" else {}
+               speculation=SpecConfig(n_max=3, fixed_length=True, settle_steps=1)) if where == "gpu" else {}
     core, ctx = engine(parallel=3, batch_size=16, max_queue=1000, prefix_cache=True, **gpu)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5),
               SamplingParams(temperature=0.7, seed=1)]
@@ -745,7 +745,7 @@ def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_c
 
 
 def test_on_the_gpu_only_a_lone_greedy_job_speculates_and_it_stops_for_good_when_others_come():
-    config = SpecConfig(n_max=4, fixed_length=True)
+    config = SpecConfig(n_max=4, fixed_length=True, settle_steps=1)
     core, ctx = engine(parallel=2, in_graph_sampling=True, overlap=True, speculation=config)
     hot = submit(core, "hot", REPEATING, max_tokens=4, params=SamplingParams(temperature=0.8))
     core.step()
@@ -805,7 +805,7 @@ def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
 
 
 def test_a_fixed_length_proposal_keeps_the_steps_shape():
-    core, ctx = engine(speculation=SpecConfig(n_max=6, fixed_length=True))
+    core, ctx = engine(speculation=SpecConfig(n_max=6, fixed_length=True, settle_steps=1))
     plain_core, _ = engine()
     plain = submit(plain_core, "a", REPEATING, max_tokens=20)
     run(plain_core)
@@ -818,7 +818,7 @@ def test_a_fixed_length_proposal_keeps_the_steps_shape():
 
 
 def test_fixed_length_speculation_starts_only_after_its_shadow_guesses_came_true():
-    core, ctx = engine(speculation=SpecConfig(n_max=4, fixed_length=True))
+    core, ctx = engine(speculation=SpecConfig(n_max=4, fixed_length=True, settle_steps=1))
     # every 3 tokens the model will write were followed by 20 in the prompt: a proposal every step, never right
     prompt = [t for start in range(2, 12) for t in (start, start + 1, start + 2, 20)] + [2, 3]
     got = submit(core, "a", prompt, max_tokens=12)

@@ -240,7 +240,7 @@ class Scheduler:
         self.speculation = speculation
         # who proposes: a draft model where one is given, else prompt lookup
         self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
-        self.step_costs = StepCosts()
+        self.step_costs = StepCosts(settle_steps=speculation.settle_steps if speculation is not None else 1)
         # decode steps left of the pause the last draft-model stretch that did not pay imposed: new jobs do not
         # speculate until it is over, rather than each paying a trial stretch of its own (a draft that does not pay
         # on this traffic would cost every request its trial: 0.86-0.96x over 128 tokens on an H200, measured)
@@ -352,10 +352,10 @@ class Scheduler:
             if self.proposer is not None and self.proposer.costly:
                 # a draft model's shadow guess would cost a decode every step (measured: a self-draft at 0.6x):
                 # it goes straight to a stretch, judged after COSTLY_TRIAL_STEPS, and the pauses do the backing off
-                return (n, False) if self.step_costs.step is not None else (0, False)
+                return (n, False) if self.step_costs.settled else (0, False)
             came_true = spec.shadow == slot.last_token
             spec.hits = spec.hits + 1 if came_true else 0  # the last shadow guess came true
-            if spec.hits < config.shadow_hits or self.step_costs.step is None:
+            if spec.hits < config.shadow_hits or not self.step_costs.settled:
                 return 1, True
             spec.hits = 0
             return n, False

@@ -34,6 +34,10 @@ class SpecConfig:
     # changes included, against the plain steps' rate (Stretch).
     fixed_length: bool = False
     trial_steps: int = 8  # a stretch is judged after this many steps
+    # plain steps measured before a first stretch (the median it is judged against): a new sequence's first steps
+    # on a GPU run before CUDA graphs are captured, and a median of two or three of them made a self-draft at
+    # 0.48x look as if it paid (H200)
+    settle_steps: int = 8
 
     @property
     def load_limit(self) -> int:
@@ -328,7 +332,8 @@ class StepCosts:
     where the tokens it is expected to add outweigh what it adds to everyone's step:
     `rate x step > (per_token + proposing) x running sequences`, whatever its length."""
 
-    def __init__(self, window: int = 32) -> None:
+    def __init__(self, window: int = 32, settle_steps: int = 1) -> None:
+        self.settle_steps = settle_steps
         self._steps: collections.deque[float] = collections.deque(maxlen=window)
         self._per_token: collections.deque[float] = collections.deque(maxlen=window)
         self._proposing: collections.deque[float] = collections.deque(maxlen=window)
@@ -336,6 +341,11 @@ class StepCosts:
     @property
     def step(self) -> float | None:
         return statistics.median(self._steps) if self._steps else None
+
+    @property
+    def settled(self) -> bool:
+        """Enough plain steps measured to judge a stretch against (SpecConfig.settle_steps)."""
+        return len(self._steps) >= self.settle_steps
 
     @property
     def per_token(self) -> float | None:
