@@ -28,7 +28,6 @@ T = TypeVar("T")
 
 # A text up to this many characters may take the small-text thread (a few ms of tokenizing at most).
 SMALL_TEXT_CHARS = 16 * 1024
-INLINE_CHARS = 2048  # tokenized on the loop itself (~0.1 ms at most)
 
 
 @dataclass(order=True)
@@ -52,11 +51,7 @@ class TokenizerPool:
             t.start()
 
     async def run(self, size: int, fn: Callable[[Callable[[], bool]], T]) -> T:
-        """fn(gone) on a tokenizer thread; gone() says whether the caller stopped waiting (fn may return early). A
-        text of INLINE_CHARS or fewer is tokenized here, on the loop: tens of microseconds, where handing it to a
-        thread and back costs two wake-ups (part of a lone request's time to its first token)."""
-        if size <= INLINE_CHARS and not self._closed:
-            return fn(lambda: False)
+        """fn(gone) on a tokenizer thread; gone() says whether the caller stopped waiting (fn may return early)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._cond:
