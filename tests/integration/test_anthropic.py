@@ -193,7 +193,7 @@ def test_a_thinking_models_reasoning_comes_as_a_thinking_block(qwen3):
     # thinking disabled: Qwen 3's template closes the block in the prompt, so no answer thinks
     m = client.messages.create(model="m", max_tokens=300, messages=ASK, tools=[WEATHER], tool_choice={"type": "any"},
                                thinking={"type": "disabled"}, extra_body={"temperature": 1.0, "seed": 0})
-    assert [b.type for b in m.content] == ["tool_use"] and m.stop_reason == "tool_use"
+    assert m.content and {b.type for b in m.content} == {"tool_use"} and m.stop_reason == "tool_use"
 
 
 def test_a_prefilled_assistant_turn_is_continued(worker, client):
