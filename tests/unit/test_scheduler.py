@@ -747,7 +747,8 @@ def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_c
 def test_on_the_gpu_only_a_lone_greedy_job_speculates_and_it_stops_for_good_when_others_come():
     config = SpecConfig(n_max=4, fixed_length=True, settle_steps=1)
     core, ctx = engine(parallel=2, in_graph_sampling=True, overlap=True, speculation=config)
-    hot = submit(core, "hot", REPEATING, max_tokens=4, params=SamplingParams(temperature=0.8))
+    # seeded: sampled in the graph from its first token (the fake graph continues t -> t + 1), never a random end
+    hot = submit(core, "hot", REPEATING, max_tokens=4, params=SamplingParams(temperature=0.8, seed=1))
     core.step()
     assert core.scheduler.slots[0].spec is None  # a sampled job: its chain stays in the graph
     run(core)

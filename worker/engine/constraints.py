@@ -24,6 +24,7 @@ import numpy as np
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
 
+from worker.engine.cpu_sampling import MASK_BIAS
 from worker.engine.outputs import Constraint, ConstraintError
 
 # JSON as people read it ({"a": 1, "b": 2}), and no free whitespace between tokens: with it, a model at a high
@@ -31,7 +32,6 @@ from worker.engine.outputs import Constraint, ConstraintError
 JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_JSON_OBJECT = '{"type": "object"}'
 CACHED_GRAMMARS = 64
-_MASK_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by mask bit: disallowed, allowed
 
 
 def grammar_of(constraint: Constraint) -> str:
@@ -162,7 +162,7 @@ class Guide:
         self.prepare()
         allowed = np.unpackbits(self._bits.view(np.uint8), count=len(logits), bitorder="little")
         # adding -inf or 0 by table: branch-free, 4x quicker than a boolean-indexed store on a 128k vocabulary
-        np.add(logits, _MASK_BIAS.take(allowed), out=logits)
+        np.add(logits, MASK_BIAS.take(allowed), out=logits)
         return bool(allowed.any()) and not self.matcher.is_error()
 
     def consume(self, token: int) -> None:

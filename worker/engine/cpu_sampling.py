@@ -19,7 +19,7 @@ from worker.engine.sampling import SamplingParams
 
 _BLOCK = 1024  # the draw finds its block by block sums, then its token by one block's cumulative sum
 _NARROW = 256  # candidates few enough to sort or partition as they are
-_MASK_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by mask bit: refused, allowed
+MASK_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # by mask bit: refused, allowed
 _TINY = np.float32(np.finfo(np.float32).tiny)
 
 
@@ -60,7 +60,7 @@ class CpuSampler:
         np.log(noise, out=noise)
         np.negative(noise, out=noise)
         if allowed is not None:
-            noise += _MASK_BIAS.take(allowed)
+            noise += MASK_BIAS.take(allowed)
         self._noise = noise
 
     def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
