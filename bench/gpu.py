@@ -111,6 +111,8 @@ def main() -> None:
                     help="also the chat workloads: multi-turn conversations and a shared-prefix burst, side by side "
                          "with llama-server")
     ap.add_argument("--system-tokens", type=int, default=5000)
+    ap.add_argument("--chat-workloads", default="8,32,burst",
+                    help="which chat workloads: 8 and 32 conversations, the shared-prefix burst")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
     only = set(args.only.split(","))
@@ -132,7 +134,7 @@ def main() -> None:
             "llama-server", "-m", args.model, "-ngl", "99", "-fa", "on", "-np", str(max(levels)),
             "-c", str(ctx_per_seq * max(levels)), "--port", str(port), "--no-webui"], "/health", port), "llama"),
         "worker": (lambda port: Server("llm-worker-rbee", [
-            sys.executable, "-m", "worker", "--model", args.model, "--parallel", str(max(levels)),
+            sys.executable, "-m", *worker_module(), "--model", args.model, "--parallel", str(max(levels)),
             "--ctx-size", str(ctx_per_seq), "--max-queue", "512", "--batch-size", "2048", "--flash-attn", "on",
             "--port", str(port), *args.worker_args.split()], "/v1/ready", port), "native"),
         "llama-cpp-python": (lambda port: Server("llama-cpp-python", [
@@ -157,7 +159,8 @@ def main() -> None:
 
     if args.chat:
         res["system_tokens"] = args.system_tokens
-        res["chat"] = chat_workloads(args.model, args.system_tokens, args.worker_args, out, only)
+        res["chat"] = chat_workloads(args.model, args.system_tokens, args.worker_args, out, only,
+                                     set(args.chat_workloads.split(",")))
     (out / "results.json").write_text(json.dumps(res, indent=1))
     table = render(res)
     (out / "results.md").write_text(table)
@@ -169,7 +172,14 @@ CHAT_SLOTS = 8
 CHAT_CTX = 8192  # per slot: the system prompt and four turns
 
 
-def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, only: set[str]) -> dict[str, Any]:
+def worker_module() -> list[str]:
+    """The worker's module, or the step tracer around it where STEP_TRACE names a trace file (bench/step_trace.py)."""
+    trace = os.environ.get("STEP_TRACE")
+    return ["bench.step_trace", trace, "--"] if trace else ["worker"]
+
+
+def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, only: set[str],
+                   chosen: set[str]) -> dict[str, Any]:
     """Chat traffic on 8 slots, each server with its defaults for prompt caching (llama-server: cache_prompt on,
     its --cache-ram default) and the same KV memory (8 x 8192 cells)."""
     cells = CHAT_SLOTS * CHAT_CTX
@@ -178,7 +188,7 @@ def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, 
             "llama-server", "-m", model, "-ngl", "99", "-fa", "on", "-np", str(CHAT_SLOTS), "-c", str(cells),
             "--port", str(port), "--no-webui"], "/health", port),
         "worker": lambda port: Server("llm-worker-rbee-chat", [
-            sys.executable, "-m", "worker", "--model", model, "--parallel", str(CHAT_SLOTS),
+            sys.executable, "-m", *worker_module(), "--model", model, "--parallel", str(CHAT_SLOTS),
             "--ctx-size", str(CHAT_CTX), "--max-queue", "512", "--batch-size", "2048",
             "--flash-attn", "on", "--port", str(port), *worker_args.split()], "/v1/ready", port),
     }
@@ -189,6 +199,9 @@ def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, 
                                                                     system_tokens=system_tokens),
         "32-request shared-prefix burst": lambda url: run_burst(url, requests=32, system_tokens=system_tokens),
     }
+    keys = {"8": "8 conversations x 4 turns", "32": "32 conversations x 4 turns",
+            "burst": "32-request shared-prefix burst"}
+    workloads = {name: run for name, run in workloads.items() if name in {keys[k] for k in chosen}}
     res: dict[str, Any] = {}
     for name, start in starts.items():
         if name not in only:

@@ -19,7 +19,7 @@ from worker.exit_codes import ExitCode
 from worker.http.app import create_app, drain
 from worker.http.server import raise_open_files_limit, runner_for
 from worker.http.state import STATE
-from worker.narration import configure, narrate
+from worker.narration import configure, flush_logs, narrate
 
 # What the HTTP parser accepts before a request reaches any route (aiohttp's defaults, kept explicit): a longer
 # request line or header line, or more headers, is refused with 400 and the connection closed.
@@ -139,6 +139,7 @@ def _abandon_load(settings: Settings, signal_name: str) -> None:
 
 
 def _flush_and_exit(code: int) -> None:
+    flush_logs()
     for stream in (sys.stderr, sys.stdout):
         try:
             stream.flush()

@@ -7,8 +7,10 @@ schedules a put onto the request's own loop.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -94,7 +96,55 @@ def configure(*, worker_id: str | None, log_format: str = "pretty", level: str =
     if log_format == "json":
         logger.add(_json_sink, level=level.upper(), format="{message}")
     else:
-        logger.add(sys.stderr, level=level.upper(), format=_pretty_format, colorize=False)
+        logger.add(_stderr.put, level=level.upper(), format=_pretty_format, colorize=False)
+
+
+class _LineWriter:
+    """Log lines written to stderr by a thread of their own. A write lets go of the GIL, and the thread that made
+    it must then wait to take it back: the engine thread, narrating a burst of admissions while the event loop
+    parses the requests behind them, waited up to the interpreter's switch interval (5 ms) a line."""
+
+    def __init__(self) -> None:
+        self._lines: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def put(self, line: str) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+                    self._thread.start()
+                    atexit.register(self.flush)
+        self._lines.put(str(line))
+
+    def flush(self) -> None:
+        """Until every line put so far is written (at exit, before os._exit)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        written = threading.Event()
+        self._lines.put(written)
+        written.wait(5.0)
+
+    def _write(self) -> None:
+        while True:
+            item = self._lines.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                sys.stderr.write(item)
+                if self._lines.empty():
+                    sys.stderr.flush()
+            except (OSError, ValueError):  # stderr closed: nowhere left to write
+                pass
+
+
+_stderr = _LineWriter()
+
+
+def flush_logs() -> None:
+    _stderr.flush()
 
 
 def _json_sink(message: Any) -> None:
@@ -109,8 +159,7 @@ def _json_sink(message: Any) -> None:
         }
         if _worker_id:
             event["worker_id"] = _worker_id
-    sys.stderr.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
-    sys.stderr.flush()
+    _stderr.put(json.dumps(event, ensure_ascii=False, default=str) + "\n")
 
 
 _PRETTY_SKIP = {"ts", "level", "actor", "action", "target", "human", "cute", "worker_id"}

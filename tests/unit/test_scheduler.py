@@ -296,6 +296,22 @@ def test_prompts_are_chunked_to_the_batch_and_decoding_sequences_go_first():
     assert text(first) == "cde" and text(second) == "l"
 
 
+def test_a_steps_parts_are_in_sequence_order():
+    """Over per-slot KV streams llama.cpp cuts a batch into ubatches of consecutive sequence ids, in the order each
+    first appears: a prompt on slot 0 after a decoder on slot 1 would be evaluated apart from it."""
+    core, ctx = engine(parallel=3, batch_size=64)
+    submit(core, "a", [1, 2], max_tokens=1)
+    submit(core, "b", [3, 4], max_tokens=8)
+    core.step()  # a on slot 0, b on slot 1
+    core.step()
+    core._publish()  # a ended: slot 0 is free, b decodes on slot 1
+    submit(core, "c", [5, 6, 7], max_tokens=2)
+    submit(core, "d", [8, 9], max_tokens=2)
+    core.step()
+    assert [(p.seq_id, len(p.tokens)) for p in ctx.batches[-1]] == [(0, 3), (1, 1), (2, 2)]
+    run(core)
+
+
 def test_cancel_while_waiting_ends_without_a_start_and_while_running_frees_the_slot():
     core, ctx = engine(parallel=1)
     running = submit(core, "a", [1], max_tokens=50, narration=True)

@@ -304,6 +304,13 @@ class Scheduler:
             budget -= len(chunk)
         if plan.parts:
             self._chains_changed = False
+        if plan.prefill:
+            # In sequence order: over per-slot KV streams llama.cpp evaluates a batch in ubatches of consecutive
+            # sequence ids, taken in the order each sequence first appears; decoders first and prompts after made
+            # runs like 0,1,2 | 3 | 4,5 of sequences side by side.
+            order = sorted(range(len(plan.parts)), key=lambda i: plan.parts[i].seq_id)
+            plan.parts = [plan.parts[i] for i in order]
+            plan.slots = [plan.slots[i] for i in order]
         return plan
 
     def _drafts(self, decoding: list[Slot], budget: int, logits_budget: int) -> dict[int, list[int]]:

@@ -55,6 +55,23 @@ def _libllama_dir() -> str:
     return str(os.path.dirname(lc.llama_cpp._lib._name))
 
 
+_held_lib: ctypes.PyDLL | None = None
+
+
+def gil_held(name: str) -> Any:
+    """The llama.cpp function `name`, called without letting go of the GIL: for calls that return at once.
+    ctypes lets go around every foreign call, and the thread must then take it back; while another thread runs
+    Python (the event loop writing a step's tokens, a burst of requests parsed) that wait lasts until it blocks or
+    is made to yield (sys.getswitchinterval(), 5 ms). The engine thread makes such calls per sequence per step."""
+    global _held_lib
+    if _held_lib is None:
+        _held_lib = ctypes.PyDLL(lc.llama_cpp._lib._name)  # the loaded libllama, its functions keeping the GIL
+    source = getattr(lc.llama_cpp._lib, name)
+    fn = getattr(_held_lib, name)
+    fn.argtypes, fn.restype = source.argtypes, source.restype
+    return fn
+
+
 def init_backend() -> None:
     """Route llama.cpp's log into ours (not verbose=False, which would silence the process) and init once."""
     global _backend_ready

@@ -13,7 +13,7 @@ from typing import Protocol
 import llama_cpp as lc
 import numpy as np
 
-from worker.llamacpp.backend import clear_errors, last_errors, route_ggml_log
+from worker.llamacpp.backend import clear_errors, gil_held, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
 
 PENALTY_LAST_N = 64
@@ -49,6 +49,16 @@ class ChainParams(Protocol):
     def frequency_penalty(self) -> float: ...
     @property
     def seed(self) -> int | None: ...
+
+
+# Calls that return at once, made without letting go of the GIL (see gil_held): those the engine thread makes per
+# sequence per step, or per admission. Those that read a step's results wait for it inside llama.cpp: they are made
+# only once the step is known done (Context.synchronize).
+_sampled_token_ith = gil_held("llama_get_sampled_token_ith")
+_logits_ith = gil_held("llama_get_logits_ith")
+_sampler_accept = gil_held("llama_sampler_accept")
+_sampler_reset = gil_held("llama_sampler_reset")
+_seq_rm = gil_held("llama_memory_seq_rm")
 
 
 class SamplerChain:
@@ -88,7 +98,7 @@ class SamplerChain:
 
     def reset(self) -> None:
         """As new: penalty history cleared, the seed drawn again."""
-        lc.llama_sampler_reset(self.ptr)
+        _sampler_reset(self.ptr)
 
     def close(self) -> None:
         if self.ptr:
@@ -194,6 +204,7 @@ class Context:
         self.in_graph_sampling = in_graph_sampling
         self._mem = lc.llama_get_memory(self.ptr)
         self._batch = Batch(n_batch)
+        self._computing = False  # a step is queued and not yet known done
         self._chains: dict[int, SamplerChain] = {}
         self._attached: dict[int, SamplerChain | LogitsRow] = {}  # each sequence's sampler in the decode graph
         self._ggml_quiet = False
@@ -255,11 +266,13 @@ class Context:
     def decode(self, parts: Iterable[BatchPart]) -> int:
         """One llama_decode; 0 on success. On a GPU this only queues the step: sample() waits for it."""
         self._batch.fill(parts)
+        self._computing = True
         return int(lc.llama_decode(self.ptr, self._batch.struct))
 
     def synchronize(self) -> None:
         """Until the queued step is done (on a GPU, decode only queues it)."""
         lc.llama_synchronize(self.ptr)
+        self._computing = False
 
     def sample(self, seq_id: int, index: int) -> int:
         """The token sampled for the output at batch position `index` (in the graph, or here on the CPU from the
@@ -269,9 +282,11 @@ class Context:
             # What llama_sampler_sample does with a token sampled in the graph, without its DEBUG line: each line
             # calls our log callback, which takes the GIL from inside llama.cpp (a wait for the event loop's thread
             # at every sequence's every token; 8.6 lines a step at 8 streams, measured on an H200)
-            token = lc.llama_get_sampled_token_ith(self.ptr, index)
+            if self._computing:
+                self.synchronize()
+            token = _sampled_token_ith(self.ptr, index)
             if token != lc.LLAMA_TOKEN_NULL:
-                lc.llama_sampler_accept(chain.ptr, token)
+                _sampler_accept(chain.ptr, token)
                 return int(token)
         return int(lc.llama_sampler_sample(chain.ptr, self.ptr, index))
 
@@ -293,7 +308,9 @@ class Context:
     def logits(self, index: int) -> np.ndarray:
         """The logits of the output at batch position `index`, as a writable view of llama.cpp's own buffer (on a
         GPU, reading them waits for the step). Valid until the next decode."""
-        ptr = lc.llama_get_logits_ith(self.ptr, index)
+        if self._computing:
+            self.synchronize()
+        ptr = _logits_ith(self.ptr, index)
         if not ptr:
             raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
@@ -301,8 +318,9 @@ class Context:
     def logits_rows(self, index: int, count: int) -> np.ndarray:
         """The logits of `count` consecutive batch positions from `index`, all of which output logits: one view of
         llama.cpp's buffer, a row a position (its rows are in batch order)."""
-        first = lc.llama_get_logits_ith(self.ptr, index)
-        last = lc.llama_get_logits_ith(self.ptr, index + count - 1)
+        if self._computing:
+            self.synchronize()
+        first, last = _logits_ith(self.ptr, index), _logits_ith(self.ptr, index + count - 1)
         row_bytes = self.model.n_vocab * ctypes.sizeof(ctypes.c_float)
         if not first or not last or ctypes.addressof(last.contents) - ctypes.addressof(first.contents) != (
                 count - 1) * row_bytes:
@@ -341,17 +359,17 @@ class Context:
 
     def forget(self, seq_id: int) -> None:
         """Free every KV cell of a sequence."""
-        lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        _seq_rm(self._mem, seq_id, -1, -1)
 
     def keep_prefix(self, seq_id: int, n: int) -> None:
         """Free a sequence's cells from position n on."""
-        lc.llama_memory_seq_rm(self._mem, seq_id, n, -1)
+        _seq_rm(self._mem, seq_id, n, -1)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """`dst`'s cells become `src`'s first n positions. In one pool the cells are only tagged; across streams
         llama.cpp copies whole buffers (on the device, before the next decode), then the tail is freed."""
-        lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
-        lc.llama_memory_seq_rm(self._mem, dst, n, -1)
+        lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)  # across streams ~1.4 ms (H200 host): lets go
+        _seq_rm(self._mem, dst, n, -1)
 
     def reusable(self, src: int, n: int) -> bool:
         """Whether `src`'s first n positions can seed another sequence. Recurrent and hybrid memories cannot be cut

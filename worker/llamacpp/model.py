@@ -81,6 +81,7 @@ class Model:
         self._splitters: dict[bool, SpecialSplitter] = {}
         self._splitter_lock = threading.Lock()
         self._special_piece_cache: dict[int, bytes] = {}
+        self._eog_cache: dict[int, bool] = {}
         self._guidance_tokenizer: Any = None
         self._guidance_lock = threading.Lock()
 
@@ -236,7 +237,11 @@ class Model:
         return _meta(self.ptr, key)
 
     def is_eog(self, token: int) -> bool:
-        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+        # asked of every sampled token: a dict, not a foreign call (each lets go of the GIL; see gil_held)
+        eog = self._eog_cache.get(token)
+        if eog is None:
+            eog = self._eog_cache[token] = bool(lc.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     @property
     def bos_token(self) -> int:

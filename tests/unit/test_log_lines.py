@@ -1,0 +1,36 @@
+"""Log lines leave through a writer thread of their own (a write lets go of the GIL: see narration._LineWriter)."""
+
+import ctypes
+import json
+import threading
+
+from worker import narration
+from worker.llamacpp import context
+
+
+def test_every_line_is_written_in_order_once_flushed(capsys):
+    narration.configure(worker_id="w-test", log_format="json", level="info")
+    try:
+        def lines(who: str) -> None:
+            for i in range(200):
+                narration.narrate("probe", f"{who} {i}", n=i, who=who)
+
+        threads = [threading.Thread(target=lines, args=(who,)) for who in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        narration.flush_logs()
+        events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        for who in ("a", "b"):
+            assert [e["n"] for e in events if e.get("who") == who] == list(range(200))
+    finally:
+        narration.configure(worker_id=None, log_format="pretty", level="info")
+
+
+def test_the_engine_threads_per_token_llama_cpp_calls_keep_the_gil():
+    """ctypes lets go of the GIL around a foreign call unless the function comes from a PyDLL; the calls made per
+    sequence per step must not, or each waits for the event loop's thread to yield."""
+    for fn in (context._sampled_token_ith, context._logits_ith, context._sampler_accept, context._sampler_reset,
+               context._seq_rm):
+        assert fn._flags_ & ctypes._FUNCFLAG_PYTHONAPI, fn.__name__
