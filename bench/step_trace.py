@@ -5,7 +5,7 @@ workload's time goes, step by step. Performance work only; the trace is written 
     python -m bench.step_trace --summary TRACE.json
 
 Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token llama.cpp calls let go of the GIL
-again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval. bench/gpu.py runs the worker
+again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off (worker/llamacpp/ubatches.py). bench/gpu.py runs the worker
 through this module where STEP_TRACE names the trace file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
@@ -123,6 +123,13 @@ def install(path: str) -> None:
                 name, "llama_" + name.replace("seq_", "memory_seq_"))
             setattr(context, "_" + name, getattr(lc, full))
         model_module.Model.is_eog = lambda self, token: bool(lc.llama_vocab_is_eog(self.vocab, token))
+    if os.environ.get("NO_FILLER"):  # experiment: steps as they are, never evened out with filler
+        init = context.Context.__init__
+
+        def plain_init(self: Any, *args: Any, **kw: Any) -> None:
+            init(self, *args, **{**kw, "filler": False})
+
+        context.Context.__init__ = plain_init  # type: ignore[method-assign]
     if os.environ.get("SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
     core.EngineCore.step = traced_step  # type: ignore[method-assign]

@@ -15,6 +15,7 @@ import numpy as np
 
 from worker.llamacpp.backend import clear_errors, gil_held, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
+from worker.llamacpp.ubatches import plan_filler
 
 PENALTY_LAST_N = 64
 # KV cache types by their llama-server names (--cache-type-k/-v); ggml_type numbers (BF16, 30, has no constant in
@@ -59,6 +60,7 @@ _logits_ith = gil_held("llama_get_logits_ith")
 _sampler_accept = gil_held("llama_sampler_accept")
 _sampler_reset = gil_held("llama_sampler_reset")
 _seq_rm = gil_held("llama_memory_seq_rm")
+_seq_pos_max = gil_held("llama_memory_seq_pos_max")
 
 
 class SamplerChain:
@@ -160,8 +162,13 @@ class Context:
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
         flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
         cache_type_k: str = "f16", cache_type_v: str = "f16", kv_unified: bool = False,
+        filler: bool | None = None,
     ) -> None:
-        """n_ctx cells: one pool (kv_unified), or n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1)."""
+        """n_ctx cells: one pool (kv_unified), or n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1).
+
+        `filler` (default: on a GPU, over per-slot streams): steps evened out with filler tokens where that saves
+        graph evaluations (ubatches.py). Not for sliding-window or recurrent memories, where tokens past a
+        sequence's end would push its window on or change its state."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -205,6 +212,10 @@ class Context:
         self._mem = lc.llama_get_memory(self.ptr)
         self._batch = Batch(n_batch)
         self._computing = False  # a step is queued and not yet known done
+        fillable = n_seq > 1 and not kv_unified and not model.recurrent and model.n_swa == 0
+        self.filler = fillable and (model.offloaded if filler is None else filler)
+        self._n_batch = n_batch
+        self._index_map: np.ndarray | None = None  # a padded step's batch positions, by the caller's positions
         self._chains: dict[int, SamplerChain] = {}
         self._attached: dict[int, SamplerChain | LogitsRow] = {}  # each sequence's sampler in the decode graph
         self._ggml_quiet = False
@@ -264,10 +275,56 @@ class Context:
     # ---- steps -----------------------------------------------------------------------------------------------
 
     def decode(self, parts: Iterable[BatchPart]) -> int:
-        """One llama_decode; 0 on success. On a GPU this only queues the step: sample() waits for it."""
+        """One llama_decode; 0 on success. On a GPU this only queues the step: sample() waits for it. Batch positions
+        given to the methods that read a step's results are those of `parts` as given, padded or not."""
+        parts = list(parts)
+        filler = self._filler_for(parts) if self.filler else {}
+        self._index_map = None
+        if filler:
+            parts, ends = self._padded(parts, filler)
         self._batch.fill(parts)
         self._computing = True
-        return int(lc.llama_decode(self.ptr, self._batch.struct))
+        status = int(lc.llama_decode(self.ptr, self._batch.struct))
+        for seq_id in filler:  # filler's cells freed at once: later tokens take the places, nothing attends to them
+            _seq_rm(self._mem, seq_id, ends[seq_id], -1)
+        return status
+
+    def _filler_for(self, parts: list[BatchPart]) -> dict[int, int]:
+        busy = {part[0] for part in parts}
+        if len(parts) < 2 or len(busy) < len(parts):
+            return {}
+        lo, hi = min(busy), max(busy)
+        idle = {seq: int(_seq_pos_max(self._mem, seq)) + 1 for seq in range(lo, hi + 1) if seq not in busy}
+        return plan_filler([(seq, len(tokens), pos) for seq, tokens, pos, *_ in parts], idle,
+                           room=self.n_ctx // self.n_seq, n_ubatch=self._n_batch, capacity=len(self._batch.tokens))
+
+    def _padded(self, parts: list[BatchPart], filler: dict[int, int]) -> tuple[list[BatchPart], dict[int, int]]:
+        """The step in sequence order, each sequence's filler after its part (an idle one's at its next position);
+        the index map from the given parts' batch positions to the padded batch's; where each filler begins."""
+        token = max(self.model.bos_token, 0)
+        by_seq = {part[0]: part for part in parts}
+        ends: dict[int, int] = {}
+        laid: list[BatchPart] = []
+        starts: dict[int, int] = {}
+        at = 0
+        for seq in sorted(set(by_seq) | set(filler)):
+            part = by_seq.get(seq)
+            if part is not None:
+                starts[seq] = at
+                laid.append(part)
+                at += len(part[1])
+                ends[seq] = part[2] + len(part[1])
+            else:
+                ends[seq] = int(_seq_pos_max(self._mem, seq)) + 1
+            if n := filler.get(seq, 0):
+                laid.append((seq, [token] * n, ends[seq], False, False, 0))
+                at += n
+        self._index_map = np.concatenate([np.arange(starts[p[0]], starts[p[0]] + len(p[1])) for p in parts])
+        return laid, ends
+
+    def _position(self, index: int) -> int:
+        """A caller's batch position in the batch llama.cpp was given."""
+        return index if self._index_map is None else int(self._index_map[index])
 
     def synchronize(self) -> None:
         """Until the queued step is done (on a GPU, decode only queues it)."""
@@ -284,11 +341,11 @@ class Context:
             # at every sequence's every token; 8.6 lines a step at 8 streams, measured on an H200)
             if self._computing:
                 self.synchronize()
-            token = _sampled_token_ith(self.ptr, index)
+            token = _sampled_token_ith(self.ptr, self._position(index))
             if token != lc.LLAMA_TOKEN_NULL:
                 _sampler_accept(chain.ptr, token)
                 return int(token)
-        return int(lc.llama_sampler_sample(chain.ptr, self.ptr, index))
+        return int(lc.llama_sampler_sample(chain.ptr, self.ptr, self._position(index)))
 
     def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
         """The token the sequence's chain picks from these candidates (token ids and their logits, read and perhaps
@@ -310,7 +367,7 @@ class Context:
         GPU, reading them waits for the step). Valid until the next decode."""
         if self._computing:
             self.synchronize()
-        ptr = _logits_ith(self.ptr, index)
+        ptr = _logits_ith(self.ptr, self._position(index))
         if not ptr:
             raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
@@ -320,7 +377,8 @@ class Context:
         llama.cpp's buffer, a row a position (its rows are in batch order)."""
         if self._computing:
             self.synchronize()
-        first, last = _logits_ith(self.ptr, index), _logits_ith(self.ptr, index + count - 1)
+        first = _logits_ith(self.ptr, self._position(index))
+        last = _logits_ith(self.ptr, self._position(index + count - 1))
         row_bytes = self.model.n_vocab * ctypes.sizeof(ctypes.c_float)
         if not first or not last or ctypes.addressof(last.contents) - ctypes.addressof(first.contents) != (
                 count - 1) * row_bytes:
