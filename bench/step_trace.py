@@ -5,8 +5,9 @@ workload's time goes, step by step. Performance work only; the trace is written 
     python -m bench.step_trace --summary TRACE.json
 
 Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token llama.cpp calls let go of the GIL
-again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off (worker/llamacpp/ubatches.py). bench/gpu.py runs the worker
-through this module where STEP_TRACE names the trace file.
+again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off
+(worker/llamacpp/ubatches.py). bench/gpu.py runs the worker through this module where STEP_TRACE names the trace
+file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
 queue (llama_decode), the text flushed meanwhile, wait (llama_synchronize), and the rest (sampling, update).
