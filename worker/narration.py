@@ -96,50 +96,80 @@ def configure(*, worker_id: str | None, log_format: str = "pretty", level: str =
     if log_format == "json":
         logger.add(_json_sink, level=level.upper(), format="{message}")
     else:
-        logger.add(_stderr.put, level=level.upper(), format=_pretty_format, colorize=False)
+        logger.add(_stderr.sink, level=level.upper(), format=_pretty_format, colorize=False)
 
 
 class _LineWriter:
     """Log lines written to stderr by a thread of their own. A write lets go of the GIL, and the thread that made
     it must then wait to take it back: the engine thread, narrating a burst of admissions while the event loop
-    parses the requests behind them, waited up to the interpreter's switch interval (5 ms) a line."""
+    parses the requests behind them, waited up to the interpreter's switch interval (5 ms) a line.
+
+    Warnings and errors are written at once, after the lines before them (they may be the last words before a
+    crash), as is every line once the queue is long (stderr not keeping up) or the interpreter is exiting."""
+
+    MAX_QUEUED = 10_000
 
     def __init__(self) -> None:
         self._lines: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one line at a time on stderr, from the writer or a direct write
+        self._exiting = False
+        atexit.register(self.close)  # registered at import: runs after the exit handlers registered later
 
-    def put(self, line: str) -> None:
+    def put(self, line: str, *, urgent: bool = False) -> None:
+        if urgent or self._exiting or self._lines.qsize() >= self.MAX_QUEUED:
+            self.flush()
+            self._emit(str(line))
+            return
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+                    self._thread = threading.Thread(target=self._serve, name="log-writer", daemon=True)
                     self._thread.start()
-                    atexit.register(self.flush)
         self._lines.put(str(line))
 
+    def sink(self, message: Any) -> None:
+        """A loguru sink: the formatted line, written at once from WARNING up."""
+        self.put(message, urgent=message.record["level"].no >= _WARNING)
+
     def flush(self) -> None:
-        """Until every line put so far is written (at exit, before os._exit)."""
-        if self._thread is None or not self._thread.is_alive():
+        """Until every line put so far is written."""
+        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
             return
         written = threading.Event()
         self._lines.put(written)
         written.wait(5.0)
 
-    def _write(self) -> None:
+    def close(self) -> None:
+        """At exit: what is queued written, every later line written at once."""
+        self._exiting = True
+        self.flush()
+
+    def _emit(self, line: str) -> None:
+        with self._write_lock:
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):  # stderr closed: nowhere left to write
+                pass
+
+    def _serve(self) -> None:
         while True:
             item = self._lines.get()
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            try:
-                sys.stderr.write(item)
-                if self._lines.empty():
-                    sys.stderr.flush()
-            except (OSError, ValueError):  # stderr closed: nowhere left to write
-                pass
+            with self._write_lock:
+                try:
+                    sys.stderr.write(item)
+                    if self._lines.empty():
+                        sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
 
 
+_WARNING = 30  # loguru's WARNING level number
 _stderr = _LineWriter()
 
 
@@ -159,7 +189,7 @@ def _json_sink(message: Any) -> None:
         }
         if _worker_id:
             event["worker_id"] = _worker_id
-    _stderr.put(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+    _stderr.put(json.dumps(event, ensure_ascii=False, default=str) + "\n", urgent=record["level"].no >= _WARNING)
 
 
 _PRETTY_SKIP = {"ts", "level", "actor", "action", "target", "human", "cute", "worker_id"}

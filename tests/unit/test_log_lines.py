@@ -28,6 +28,20 @@ def test_every_line_is_written_in_order_once_flushed(capsys):
         narration.configure(worker_id=None, log_format="pretty", level="info")
 
 
+def test_a_warning_is_written_at_once_after_the_lines_before_it(capsys):
+    """A warning or an error may be the last words before a crash: it is not left in the queue."""
+    narration.configure(worker_id="w-test", log_format="pretty", level="info")
+    try:
+        for i in range(50):
+            narration.narrate("probe", f"line {i}")
+        narration.narrate("probe", "something is wrong", level="warning")
+        err = capsys.readouterr().err  # no flush: the warning wrote what was queued, then itself
+        lines = [line for line in err.splitlines() if "probe:" in line]
+        assert len(lines) == 51 and "something is wrong" in lines[-1]
+    finally:
+        narration.flush_logs()
+
+
 def test_the_engine_threads_per_token_llama_cpp_calls_keep_the_gil():
     """ctypes lets go of the GIL around a foreign call unless the function comes from a PyDLL; the calls made per
     sequence per step must not, or each waits for the event loop's thread to yield."""

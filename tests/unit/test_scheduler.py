@@ -120,7 +120,12 @@ class FakeContext:
 
     def decode(self, parts: list[Part]) -> int:
         if any(t >= BAD for part in parts for t in part.tokens):
-            return 1  # llama_decode leaves the KV cache as it was
+            # llama.cpp takes back only the ubatch that failed: the parts before it (a ubatch each, here) stay
+            for part in parts:
+                if any(t >= BAD for t in part.tokens):
+                    break
+                self.cells.extend((part.pos + offset, token, {part.seq_id}) for offset, token in enumerate(part.tokens))
+            return 1
         self.batches.append(list(parts))
         self.graph_changed = False
         self._last.clear()

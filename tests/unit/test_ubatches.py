@@ -43,3 +43,7 @@ def test_no_filler_where_it_does_not_pay_or_does_not_fit():
     assert plan_filler([(0, 1, 10), (2, 1, 10)], {}, room=256, n_ubatch=BIG, capacity=BIG) == {}
     # the batch could not hold it
     assert plan_filler([(0, 1, 10), (2, 1, 10)], {1: 5}, room=256, n_ubatch=BIG, capacity=2) == {}
+    # an idle sequence longer than every busy one would widen the step's attention (a ubatch attends over as many
+    # cells as its longest stream holds)
+    assert plan_filler([(0, 1, 10), (2, 1, 10)], {1: 200}, room=256, n_ubatch=BIG, capacity=BIG) == {}
+    assert plan_filler([(0, 1, 10), (2, 1, 199)], {1: 200}, room=256, n_ubatch=BIG, capacity=BIG) == {1: 1}

@@ -335,10 +335,11 @@ class EngineCore:
                 self.scheduler.speculated(plan, seconds)
 
     def _isolate_failure(self, plan: StepPlan, status: int) -> None:
-        """A failed llama_decode leaves the KV cache as it was: each sequence is decoded on its own, and only those
-        that still fail end with an error."""
+        """Each sequence of a failed step is decoded on its own, and only those that still fail end with an error.
+        llama.cpp takes back only the ubatch that failed: cells the step's earlier ubatches wrote are cut first."""
         self.ctx.quiet_log(False)
         for slot, part in zip(plan.slots, plan.parts, strict=True):
+            self.ctx.keep_prefix(part.seq_id, part.pos)
             if slot.job is None:  # ended by a stop sequence while the failed step was queued
                 continue
             status = self.ctx.decode([part])

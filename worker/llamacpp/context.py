@@ -12,6 +12,7 @@ from typing import Protocol
 
 import llama_cpp as lc
 import numpy as np
+from loguru import logger
 
 from worker.llamacpp.backend import clear_errors, gil_held, last_errors, route_ggml_log
 from worker.llamacpp.model import Model, ModelLoadError
@@ -286,7 +287,9 @@ class Context:
         self._computing = True
         status = int(lc.llama_decode(self.ptr, self._batch.struct))
         for seq_id in filler:  # filler's cells freed at once: later tokens take the places, nothing attends to them
-            _seq_rm(self._mem, seq_id, ends[seq_id], -1)
+            if not _seq_rm(self._mem, seq_id, ends[seq_id], -1):  # no memory that takes filler refuses a cut
+                logger.warning(f"llama.cpp refused to free sequence {seq_id}'s filler: no more filler")
+                self.filler = False
         return status
 
     def _filler_for(self, parts: list[BatchPart]) -> dict[int, int]:
@@ -329,6 +332,9 @@ class Context:
     def synchronize(self) -> None:
         """Until the queued step is done (on a GPU, decode only queues it)."""
         lc.llama_synchronize(self.ptr)
+        # llama.cpp puts a step's output rows back in batch order on the first read after it, swapping whole rows
+        # (ms for large vocabularies): done here, where the GIL is let go, not in a read that keeps it
+        lc.llama_get_logits(self.ptr)
         self._computing = False
 
     def sample(self, seq_id: int, index: int) -> int:

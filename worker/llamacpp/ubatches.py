@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 # An evaluation's fixed cost in prompt tokens' compute: 1.5-3 ms a graph evaluation against ~30 us a prompt token
 # (llama-bench pp512: 33k tokens/s), H200, 1B shape.
 EVAL_TOKENS = 64
+MAX_EVEN_LENGTHS = 6
 
 
 def count_ubatches(layout: Sequence[tuple[int, int]], n_ubatch: int) -> int:
@@ -52,11 +53,20 @@ def plan_filler(parts: Sequence[tuple[int, int, int]], next_pos: Mapping[int, in
     if len(parts) < 2:
         return {}
     length = {seq: n for seq, n, _ in parts}
-    end = {seq: pos + n for seq, n, pos in parts}
-    end.update({seq: p for seq, p in next_pos.items() if seq not in length})
     lo, hi = min(length), max(length)
+    if hi - lo + 1 == len(parts) and len(set(length.values())) == 1:
+        return {}  # one run of equal parts (a steady decode step): one evaluation already
+    end = {seq: pos + n for seq, n, pos in parts}
+    # A ubatch attends over as many cells as its longest stream holds: an idle sequence longer than every busy one
+    # would widen the step's attention. Such a one is not filled.
+    widest = max(end.values())
+    end.update({seq: p for seq, p in next_pos.items() if seq not in length and p <= widest})
     longest = max(length.values())
-    spread = [seq for seq, n in length.items() if n > 1]
+    spread = sorted({n for n in length.values() if n > 1})
+    if len(spread) > MAX_EVEN_LENGTHS:  # the planning runs before each step: a few lengths to try, the longest kept
+        step = len(spread) / MAX_EVEN_LENGTHS
+        spread = sorted({spread[int(i * step)] for i in range(MAX_EVEN_LENGTHS)} | {spread[-1]})
+    prompts = [seq for seq, n in length.items() if n > 1]
 
     def targets(run: tuple[int, int], to: int) -> dict[int, int]:
         """Every sequence of the run to `to` tokens; outside it, idle ones between busy ones to one."""
@@ -68,14 +78,18 @@ def plan_filler(parts: Sequence[tuple[int, int, int]], next_pos: Mapping[int, in
         return out
 
     candidates = [targets((lo, hi), longest), targets((lo - 1, lo - 1), 0)]  # all even; only the holes filled
-    # The prompt chunks' run evened out to each of their lengths (longer chunks' rest is evaluated after),
-    # decoders outside it as they are
-    candidates += [targets((min(spread), max(spread)), to) for to in sorted({length[s] for s in spread})]
+    # The prompt chunks' run evened out to one of their lengths (longer chunks' rest is evaluated after), decoders
+    # outside it as they are
+    if prompts:
+        candidates += [targets((min(prompts), max(prompts)), to) for to in spread]
     best: dict[int, int] = {}
     best_cost = count_ubatches([(seq, n) for seq, n, _ in parts], n_ubatch) * EVAL_TOKENS
+    tried: set[tuple[int, ...]] = set()
     for target in candidates:
-        if any(seq not in end for seq in target):  # an idle sequence whose position is not known
+        key = tuple(target.values())
+        if key in tried or any(seq not in end for seq in target):  # tried, or an idle sequence not to fill
             continue
+        tried.add(key)
         filler = {seq: want - length.get(seq, 0) for seq, want in target.items() if want > length.get(seq, 0)}
         if not filler or sum(target.values()) > capacity or any(end[s] + n > room for s, n in filler.items()):
             continue
