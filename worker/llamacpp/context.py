@@ -279,10 +279,10 @@ class Context:
         """One llama_decode; 0 on success. On a GPU this only queues the step: sample() waits for it. Batch positions
         given to the methods that read a step's results are those of `parts` as given, padded or not."""
         parts = list(parts)
-        filler = self._filler_for(parts) if self.filler else {}
+        filler, idle = self._filler_for(parts) if self.filler else ({}, {})
         self._index_map = None
         if filler:
-            parts, ends = self._padded(parts, filler)
+            parts, ends = self._padded(parts, filler, idle)
         self._batch.fill(parts)
         self._computing = True
         status = int(lc.llama_decode(self.ptr, self._batch.struct))
@@ -292,16 +292,19 @@ class Context:
                 self.filler = False
         return status
 
-    def _filler_for(self, parts: list[BatchPart]) -> dict[int, int]:
+    def _filler_for(self, parts: list[BatchPart]) -> tuple[dict[int, int], dict[int, int]]:
+        """The filler for each sequence (plan_filler), and the next position of each idle one among the busy."""
         busy = {part[0] for part in parts}
         if len(parts) < 2 or len(busy) < len(parts):
-            return {}
+            return {}, {}
         lo, hi = min(busy), max(busy)
         idle = {seq: int(_seq_pos_max(self._mem, seq)) + 1 for seq in range(lo, hi + 1) if seq not in busy}
-        return plan_filler([(seq, len(tokens), pos) for seq, tokens, pos, *_ in parts], idle,
-                           room=self.n_ctx // self.n_seq, n_ubatch=self._n_batch, capacity=len(self._batch.tokens))
+        filler = plan_filler([(seq, len(tokens), pos) for seq, tokens, pos, *_ in parts], idle,
+                             room=self.n_ctx // self.n_seq, n_ubatch=self._n_batch, capacity=len(self._batch.tokens))
+        return filler, idle
 
-    def _padded(self, parts: list[BatchPart], filler: dict[int, int]) -> tuple[list[BatchPart], dict[int, int]]:
+    def _padded(self, parts: list[BatchPart], filler: dict[int, int],
+                idle: dict[int, int]) -> tuple[list[BatchPart], dict[int, int]]:
         """The step in sequence order, each sequence's filler after its part (an idle one's at its next position);
         the index map from the given parts' batch positions to the padded batch's; where each filler begins."""
         token = max(self.model.bos_token, 0)
@@ -318,7 +321,7 @@ class Context:
                 at += len(part[1])
                 ends[seq] = part[2] + len(part[1])
             else:
-                ends[seq] = int(_seq_pos_max(self._mem, seq)) + 1
+                ends[seq] = idle[seq]
             if n := filler.get(seq, 0):
                 laid.append((seq, [token] * n, ends[seq], False, False, 0))
                 at += n
