@@ -50,9 +50,14 @@ def last_errors() -> str:
     return "; ".join(_recent_errors) or "llama.cpp gave no reason"
 
 
-def _libllama_dir() -> str:
+def _libllama() -> ctypes.CDLL:
     # llama-cpp-python's private handle on libllama: the one place that reads it, to change on a pin bump.
-    return str(os.path.dirname(lc.llama_cpp._lib._name))
+    lib: ctypes.CDLL = lc.llama_cpp._lib
+    return lib
+
+
+def _libllama_dir() -> str:
+    return str(os.path.dirname(_libllama()._name))
 
 
 _held_lib: ctypes.PyDLL | None = None
@@ -65,8 +70,8 @@ def gil_held(name: str) -> Any:
     is made to yield (sys.getswitchinterval(), 5 ms). The engine thread makes such calls per sequence per step."""
     global _held_lib
     if _held_lib is None:
-        _held_lib = ctypes.PyDLL(lc.llama_cpp._lib._name)  # the loaded libllama, its functions keeping the GIL
-    source = getattr(lc.llama_cpp._lib, name)
+        _held_lib = ctypes.PyDLL(_libllama()._name)  # the loaded libllama, its functions keeping the GIL
+    source = getattr(_libllama(), name)
     fn = getattr(_held_lib, name)
     fn.argtypes, fn.restype = source.argtypes, source.restype
     return fn
