@@ -50,14 +50,9 @@ def last_errors() -> str:
     return "; ".join(_recent_errors) or "llama.cpp gave no reason"
 
 
-def _libllama() -> ctypes.CDLL:
-    # llama-cpp-python's private handle on libllama: the one place that reads it, to change on a pin bump.
-    lib: ctypes.CDLL = lc.llama_cpp._lib
-    return lib
-
-
 def _libllama_dir() -> str:
-    return str(os.path.dirname(_libllama()._name))
+    # llama-cpp-python's private handle on libllama: the one place that reads it, to change on a pin bump.
+    return str(os.path.dirname(lc.llama_cpp._lib._name))
 
 
 _held_lib: ctypes.PyDLL | None = None
@@ -70,8 +65,8 @@ def gil_held(name: str) -> Any:
     is made to yield (sys.getswitchinterval(), 5 ms). The engine thread makes such calls per sequence per step."""
     global _held_lib
     if _held_lib is None:
-        _held_lib = ctypes.PyDLL(_libllama()._name)  # the loaded libllama, its functions keeping the GIL
-    source = getattr(_libllama(), name)
+        _held_lib = ctypes.PyDLL(lc.llama_cpp._lib._name)  # the loaded libllama, its functions keeping the GIL
+    source = getattr(lc.llama_cpp._lib, name)
     fn = getattr(_held_lib, name)
     fn.argtypes, fn.restype = source.argtypes, source.restype
     return fn
