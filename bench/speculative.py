@@ -17,8 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
-from worker.engine.core import EngineCore
-from worker.engine.outputs import Finished, Job, Output, TokenText
+from worker.engine.core import EngineCore, StepStats
+from worker.engine.outputs import Failed, Finished, Job, Output, TokenText
 from worker.engine.sampling import SamplingParams
 from worker.engine.speculative import DraftProposer, SpecConfig
 from worker.llamacpp import Context, Model
@@ -60,7 +60,9 @@ async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int,
 
         def deliver(outputs, out=out, fut=fut):
             out.extend(outputs)
-            if isinstance(out[-1], Finished) and not fut.done():
+            if isinstance(out[-1], Failed) and not fut.done():
+                fut.set_exception(RuntimeError(f"a job failed: {out[-1]}"))
+            elif isinstance(out[-1], Finished) and not fut.done():
                 fut.set_result(out)
 
         engine.submit(Job(job_id=f"{tag}-{i}", prompt_tokens=model.prompt_tokens(prompt), params=params,
@@ -90,13 +92,19 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                     texts: dict[str, list[str]] = {}
                     rate: list[float] = []
                     step_ms: dict[str, list[float]] = {"plain": [], spec_kind: []}
+                    split: dict[float, dict[str, float]] = {}  # the speculating engine's rounds: ms a step by part
                     for r in range(args.rounds):
                         for kind, eng in engines.items():
-                            eng.stats.steps, eng.stats.step_s = 0, 0.0
+                            eng.stats = StepStats()
                             ends, texts[kind] = await run_round(eng, model, prompt, streams, args.tokens,
                                                                 f"{kind}{streams}{name}{r}", params)
                             tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
-                            step_ms[kind].append(eng.stats.step_s / max(eng.stats.steps, 1) * 1000)
+                            st = eng.stats
+                            step_ms[kind].append(st.step_s / max(st.steps, 1) * 1000)
+                            if kind == spec_kind:
+                                split[step_ms[kind][-1]] = {
+                                    part: round(getattr(st, f"{part}_s") / max(st.steps, 1) * 1000, 3)
+                                    for part in ("queue", "wait", "sample")}
                             rate += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
                     row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
                            f"{spec_kind}_tps": round(max(tps[spec_kind]), 1),
@@ -106,7 +114,9 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                            "plain_ms_per_step": round(min(step_ms["plain"]), 3),
                            f"{spec_kind}_ms_per_step": round(min(step_ms[spec_kind]), 3),
                            f"{spec_kind}_tokens_per_step": round(
-                               max(tps[spec_kind]) * min(step_ms[spec_kind]) / 1000 / streams, 2)}
+                               max(tps[spec_kind]) * min(step_ms[spec_kind]) / 1000 / streams, 2),
+                           # where its fastest round's steps went: llama_decode, waiting for the GPU, sampling after
+                           f"{spec_kind}_ms_split": split[min(step_ms[spec_kind])]}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:

@@ -62,6 +62,8 @@ class FakeContext:
         self.chain_in_graph: dict[int, bool] = {}  # seq → its chain samples in the decode graph
         self.logits_row: dict[int, bool] = {}  # seq → a sampler in the graph hands its logits over as they are
         self.graph_changed = False  # the graph's samplers, since the last decode (llama.cpp re-reserves)
+        self.in_graph_sampling = False  # chains not on the CPU sample in the decode graph (a GPU)
+        self._seq_at: dict[int, int] = {}  # batch index → its sequence
 
     @property
     def kv(self) -> dict[int, set[int]]:
@@ -130,6 +132,7 @@ class FakeContext:
         self.graph_changed = False
         self._last.clear()
         self._logits.clear()
+        self._seq_at.clear()
         held = self.kv
         index = -1
         for part in parts:
@@ -138,8 +141,13 @@ class FakeContext:
                 index += 1
                 self.cells.append((part.pos + offset, token, {part.seq_id}))
                 self._last[index] = token
+                self._seq_at[index] = part.seq_id
         outputs = sum(len(p.tokens) if p.all_logits else p.logits for p in parts)
         assert outputs <= self.n_outputs, "llama.cpp aborts a batch with more outputs than its context keeps"
+        for part in parts:  # llama.cpp's default (n_outputs_max_per_seq = 1): else decode returns -1
+            in_graph = self.in_graph_sampling and self._graph_sampler(part.seq_id) == "chain"
+            assert not in_graph or not part.all_logits or len(part.tokens) == 1, \
+                "more than one output of a sequence whose chain samples in the graph"
         for seq, held in self.kv.items():
             assert len(held) <= self.pool, f"sequence {seq} overflowed its {self.pool} cells"
         return 0
@@ -157,6 +165,9 @@ class FakeContext:
 
     def logits(self, index: int) -> np.ndarray:
         """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
+        # llama.cpp copies a row to the host only for a sequence without a sampler in the graph (needs_raw_logits)
+        assert not (self.in_graph_sampling and self._graph_sampler(self._seq_at[index]) == "chain"), \
+            "logits read of a chain that samples in the graph"
         if index not in self._logits:
             self._logits[index] = np.zeros(VOCAB, dtype=np.float32)
             self._logits[index][(self._last[index] + 1) % 26] = 4.0
@@ -178,6 +189,7 @@ class FakeContext:
 def engine(parallel: int = 2, max_queue: int = 4, batch_size: int = 64, prefix_cache: bool = False,
            **kw) -> tuple[EngineCore, FakeContext]:
     ctx = FakeContext(256)
+    ctx.in_graph_sampling = kw.get("in_graph_sampling", False)
     return EngineCore(ctx, FakeVocab(), ctx_size=256, parallel=parallel, max_queue=max_queue, batch_size=batch_size,
                       prefix_cache=prefix_cache, **kw), ctx
 
@@ -839,6 +851,18 @@ def test_a_fixed_length_proposal_keeps_the_steps_shape():
     assert all(p.n_draft in (0, 6) for batch in ctx.batches for p in batch)
 
 
+def test_a_stretch_that_pays_is_followed_by_the_next_at_once(monkeypatch):
+    # no one-token shadow step between stretches: each change of the step's shape costs steps without CUDA graphs
+    monkeypatch.setattr(Stretch, "pays", lambda self, plain_step, running: True)
+    core, ctx = engine(speculation=SpecConfig(n_max=3, fixed_length=True, settle_steps=1, trial_steps=2))
+    got = submit(core, "a", REPEATING, max_tokens=60)
+    run(core)
+    decodes = [p for batch in ctx.batches for p in batch if p.logits and p.pos >= len(REPEATING)]
+    first = next(i for i, p in enumerate(decodes) if p.n_draft)
+    assert [p.n_draft for p in decodes[first:-2]] == [3] * (len(decodes) - first - 2)  # the end: max_tokens
+    assert len(decodes) - first > 8 and text(got)  # several stretches
+
+
 def test_fixed_length_speculation_starts_only_after_its_shadow_guesses_came_true():
     core, ctx = engine(speculation=SpecConfig(n_max=4, fixed_length=True, settle_steps=1))
     # every 3 tokens the model will write were followed by 20 in the prompt: a proposal every step, never right
@@ -879,3 +903,26 @@ def test_the_ngram_proposer_finds_the_longest_suffix_seen_before():
     history = np.array([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3], dtype=np.int32)
     assert proposer.propose(history, 3) == [4, 9, 2]  # "1 2 3" seen at 0, not the later "2 3"
     assert proposer.propose(np.array([7, 8, 9], dtype=np.int32), 3) == []
+
+
+def test_the_ngram_index_kept_between_steps_proposes_what_a_whole_scan_does():
+    import random
+
+    rng = random.Random(5)
+    config = SpecConfig(n_max=4, ngram_max=4, ngram_min=2)
+    indexed, scan = NgramProposer(config), NgramProposer(config)
+    found = 0
+    for seq_id in range(3):
+        history = [rng.randrange(6) for _ in range(rng.randrange(1, 30))]
+        for _ in range(300):
+            event = rng.random()
+            if event < 0.25:  # proposals rejected: a few tokens cut, others follow
+                del history[max(1, len(history) - rng.randrange(1, config.n_max + 2)):]
+            elif event < 0.27:  # another job on the sequence: a shared start, or none
+                history = history[: rng.randrange(len(history))] + [rng.randrange(6) for _ in range(5)]
+            history += [rng.randrange(6) for _ in range(rng.choice((1, 1, 1, 3)))]
+            array = np.array(history, dtype=np.int32)
+            want = scan.propose(array, 4)
+            assert indexed.propose_indexed(seq_id, array, 4) == want
+            found += bool(want)
+    assert found > 300  # most lookups find something: the index is exercised, not only its misses

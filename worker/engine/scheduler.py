@@ -354,7 +354,7 @@ class Scheduler:
         if not config.gate:
             return n, False
         if config.fixed_length:
-            if spec.stretch.steps:
+            if spec.stretch.steps or spec.stretch.going:
                 return n, False
             if self.proposer is not None and self.proposer.costly:
                 # a draft model's shadow guess would cost a decode every step (measured: a self-draft at 0.6x):
@@ -387,7 +387,7 @@ class Scheduler:
             return []
         if not config.fixed_length:
             return draft if len(draft) >= config.n_min else []
-        if not spec.stretch.steps:  # a stretch starts here, with something found
+        if not spec.stretch.steps and not spec.stretch.going:  # a stretch starts here, with something found
             spec.shadow = draft[0] if draft else -1
             if not draft:
                 return []

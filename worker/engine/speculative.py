@@ -74,6 +74,15 @@ class Proposer(Protocol):
     def propose_all(self, asks: Sequence[Ask]) -> dict[int, list[int]]: ...
 
 
+@dataclass
+class _Grams:
+    """A sequence's n-grams, each to the start of its latest occurrence that ends before the history's last token."""
+
+    history: np.ndarray  # what was indexed: a prefix of the next history, unless the sequence was cut or changed
+    tokens: list[int]  # the same, as a list
+    latest: dict[tuple[int, ...], int] = field(default_factory=dict)
+
+
 class NgramProposer:
     """Prompt lookup: the sequence's last few tokens found earlier in its own prompt and output; what followed
     them there is the proposal. Pays where output quotes its input: code edits, summaries, RAG answers."""
@@ -83,6 +92,39 @@ class NgramProposer:
     def __init__(self, config: SpecConfig) -> None:
         self.config = config
         self.spent = 0.0
+        self._grams: dict[int, _Grams] = {}  # seq_id → its index
+
+    def propose_indexed(self, seq_id: int, history: np.ndarray, n: int) -> list[int]:
+        """What propose() gives, from an index of the sequence's n-grams kept between steps: a step that adds a
+        token indexes its new n-grams alone. A lone sequence guesses in the shadow at every step, and scanning its
+        whole history each time took 5 % of a 1.3 ms step (H200)."""
+        size = len(history)
+        grams = self._grams.get(seq_id)
+        done = len(grams.tokens) if grams is not None else 0
+        if grams is not None and (kept := shared_length(grams.history[:done], history)) < done:
+            if done - kept > self.config.n_max + 1:  # more than a step's proposals: another job's tokens
+                grams = None
+            else:  # rejected proposals: their n-grams' entries may be stale, which the lookup checks
+                del grams.tokens[kept:]
+                done = kept
+        if grams is None:
+            grams, done = _Grams(history, []), 0
+            self._grams[seq_id] = grams
+        tokens = grams.tokens
+        tokens += history[done:].tolist()
+        grams.history = history
+        lo, hi = self.config.ngram_min, self.config.ngram_max
+        latest = grams.latest
+        for end in range(max(done, 1), size):  # the n-grams ending before the last token, not indexed yet
+            for g in range(lo, min(hi, end) + 1):
+                latest[tuple(tokens[end - g : end])] = end - g
+        for g in range(hi, lo - 1, -1):
+            if size <= g or (start := latest.get(suffix := tuple(tokens[size - g :]))) is None:
+                continue
+            if start + g < size and tuple(tokens[start : start + g]) == suffix:
+                return tokens[start + g : start + g + n]
+            return self.propose(history, n)  # a stale entry (from cut proposals): the whole scan
+        return []
 
     def propose(self, history: np.ndarray, n: int) -> list[int]:
         """Up to n tokens that followed the latest earlier occurrence of history's longest suffix (of ngram_max
@@ -102,7 +144,7 @@ class NgramProposer:
 
     def propose_all(self, asks: Sequence[Ask]) -> dict[int, list[int]]:
         started = time.perf_counter()
-        out = {ask.seq_id: self.propose(ask.history, ask.n) for ask in asks}
+        out = {ask.seq_id: self.propose_indexed(ask.seq_id, ask.history, ask.n) for ask in asks}
         self.spent = time.perf_counter() - started
         return out
 
@@ -296,6 +338,10 @@ class Stretch:
     tokens: int = 0  # this sequence's tokens from the stretch's steps (accepted proposals + the step's own token)
     seconds: float = 0.0  # the steps' time, shape changes included
     pause: int = MIN_PAUSE  # the next pause, if this stretch does not pay
+    # the last stretch paid: the next one follows at once, with no shadow guess between them. A one-token step
+    # there changed the step's shape twice a stretch, and each change costs two steps without CUDA graphs
+    # (SmolLM2 copying its prompt on an H200: 3.8 ms a step against 2.0 for its shape held)
+    going: bool = False
 
     def add(self, tokens: int, seconds: float) -> None:
         self.steps += 1
@@ -320,6 +366,7 @@ class Stretch:
             verdict = 0 if self.pays(plain_step, running) else self.MAX_PAUSE if costly else self.pause
             self.pause = self.MIN_PAUSE if verdict == 0 else min(2 * self.pause, self.MAX_PAUSE)
         self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.going = verdict == 0
         return verdict
 
 
