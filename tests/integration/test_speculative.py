@@ -46,18 +46,24 @@ def text(out: list[Output]) -> str:
     return "".join(o.text for o in out if isinstance(o, TokenText))
 
 
+TIE_WINDOW = 8  # tokens before the texts part in which a near tie may have been taken the other way
+
+
 def divergence_gap(reference: list[Output], other: str) -> float | None:
-    """None where `other` is the reference's text; else the reference's top-2 logprob gap at the token where the
-    texts part."""
+    """None where `other` is the reference's text; else the reference's narrowest top-2 logprob gap over the
+    TIE_WINDOW tokens up to the one where the texts part. Not at that one alone: a near tie taken the other way can
+    spell the same text in other tokens ("sea" as "s" + "ea") for a few tokens, and the texts part where the model
+    was sure of its token."""
     ref = text(reference)
     if ref == other:
         return None
     at = next((i for i, (x, y) in enumerate(zip(ref, other, strict=False)) if x != y), min(len(ref), len(other)))
-    seen = b""
+    seen, gaps = b"", []
     for lp in (lp for o in reference if isinstance(o, TokenText) for lp in o.logprobs):
         seen += lp.piece
+        gaps.append(lp.top[0].logprob - lp.top[1].logprob)
         if len(seen.decode("utf-8", errors="ignore")) > at:
-            return lp.top[0].logprob - lp.top[1].logprob
+            return min(gaps[-TIE_WINDOW:])
     return 0.0
 
 
