@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -135,16 +136,20 @@ def _abandon_load(settings: Settings, signal_name: str) -> None:
     narrate("shutdown", f"Received {signal_name} while the model was loading: load abandoned"
             f"{f', {len(removed)} temp file(s) removed' if removed else ''}; exiting with code 0.",
             signal=signal_name, exit_code=0, removed=[str(p) for p in removed] or None)
-    _flush_and_exit(0)
+    # and once more at the very end: the converter runs on while the log lines are written out, and may have
+    # opened its next temp file since (a test found one left behind)
+    _flush_and_exit(0, last=lambda: remove_own_temps(cache_dir) if cache_dir.is_dir() else None)
 
 
-def _flush_and_exit(code: int) -> None:
+def _flush_and_exit(code: int, last: Callable[[], object] | None = None) -> None:
     flush_logs()
     for stream in (sys.stderr, sys.stdout):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
+    if last is not None:
+        last()
     os._exit(code)
 
 
