@@ -96,8 +96,9 @@ class NgramProposer:
 
     def propose_indexed(self, seq_id: int, history: np.ndarray, n: int) -> list[int]:
         """What propose() gives, from an index of the sequence's n-grams kept between steps: a step that adds a
-        token indexes its new n-grams alone. A lone sequence guesses in the shadow at every step, and scanning its
-        whole history each time took 5 % of a 1.3 ms step (H200)."""
+        token indexes its new n-grams alone. A lone sequence guesses in the shadow at every step: on the 2-core
+        development CPU a lookup took 35 µs this way against 227 µs for the whole scan (2,000 steps of a history
+        growing from 200 tokens)."""
         size = len(history)
         grams = self._grams.get(seq_id)
         done = len(grams.tokens) if grams is not None else 0
