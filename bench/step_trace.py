@@ -6,8 +6,8 @@ workload's time goes, step by step. Performance work only; the trace is written 
 
 Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token llama.cpp calls let go of the GIL
 again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off
-(worker/llamacpp/ubatches.py). bench/gpu.py runs the worker through this module where STEP_TRACE names the trace
-file.
+(worker/llamacpp/ubatches.py); PROMPT_BUDGET=n sets the scheduler's PROMPT_ATTENTION_BUDGET (0: none). bench/gpu.py
+runs the worker through this module where STEP_TRACE names the trace file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
 queue (llama_decode), the text flushed meanwhile, wait (llama_synchronize), and the rest (sampling, update).
@@ -131,6 +131,8 @@ def install(path: str) -> None:
             init(self, *args, **{**kw, "filler": False})
 
         context.Context.__init__ = plain_init  # type: ignore[method-assign]
+    if os.environ.get("PROMPT_BUDGET"):  # experiment: the prompt attention budget (0: every prompt that fits)
+        scheduler.PROMPT_ATTENTION_BUDGET = int(os.environ["PROMPT_BUDGET"]) or sys.maxsize
     if os.environ.get("SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
     core.EngineCore.step = traced_step  # type: ignore[method-assign]

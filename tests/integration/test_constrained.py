@@ -116,6 +116,36 @@ async def test_json_schema_output_validates_even_at_temperature_two(engine, mode
     assert len({text(out) for out in runs}) > 6  # sampled, not one forced document
 
 
+async def test_a_constrained_job_drawn_in_the_graph_validates_at_temperature_two(model, grammars):
+    """Where chains sample in the decode graph, a sampled constrained job draws there like its neighbours; its guide
+    checks each token and only a refused one is drawn again on the CPU, from the chain's own logits row."""
+    eng = make_engine(model, ctx_size=512, parallel=4, max_queue=64, batch_size=256, threads=2, backend_sampling=True)
+    eng.grammars = grammars
+    eng.scheduler.guides = grammars.guide
+    reads = []
+    logits = eng.ctx.logits
+    eng.ctx.logits = lambda index: (reads.append(index), logits(index))[1]  # type: ignore[method-assign]
+    eng.start(asyncio.get_running_loop())
+    constraint = Constraint("json_schema", json.dumps(PERSON))
+    try:
+        eng.check_constraint(constraint)
+        runs = await asyncio.gather(*(
+            generate(eng, model, chat(model, "Tell me a joke."), f"hot-{i}", constraint=constraint,
+                     params=SamplingParams(temperature=2.0, seed=i), max_tokens=160)
+            for i in range(8)))
+        assert all(s.reads_row and not s.chain_on_cpu and s.chain_params is not None for s in eng.scheduler.slots)
+    finally:
+        eng.close()
+    tokens = 0
+    for out in runs:
+        end = out[-1]
+        assert isinstance(end, Finished) and end.stop_reason.value == "eos", (text(out), end)
+        jsonschema.validate(json.loads(text(out)), PERSON)
+        tokens += end.tokens_out
+    assert len({text(out) for out in runs}) > 4  # sampled, not one forced document
+    assert 0 < len(reads) < tokens  # drawn again where refused, and only there
+
+
 async def test_json_object_regex_gbnf_and_lark_all_hold(engine, model):
     cases = [
         (Constraint("json_object"), lambda t: isinstance(json.loads(t), dict)),
@@ -183,6 +213,35 @@ async def test_logprobs_are_llama_cpps_own(engine, model):
         assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
         assert sum(np.exp(t.logprob) for t in lp.top) <= 1.0 + 1e-6
         assert lp.piece == model.piece(lp.token)
+
+
+async def test_logprobs_of_a_job_drawn_in_the_graph_are_llama_cpps_own(model, grammars):
+    """Where chains sample in the decode graph, a sampled job that asks for logprobs (constrained or not) draws
+    there, and its logprobs come from its chain's row (the logits at its temperature, scaled back)."""
+    eng = make_engine(model, ctx_size=512, parallel=2, max_queue=8, batch_size=256, threads=2, backend_sampling=True)
+    eng.grammars = grammars
+    eng.scheduler.guides = grammars.guide
+    eng.start(asyncio.get_running_loop())
+    prompt = chat(model, "What is the capital of France?")
+    try:
+        outs = await asyncio.gather(
+            generate(eng, model, prompt, "free", logprobs=3, max_tokens=12,
+                     params=SamplingParams(temperature=0.7, seed=1)),
+            generate(eng, model, prompt, "digits", logprobs=3, max_tokens=12,
+                     params=SamplingParams(temperature=0.7, seed=2), constraint=Constraint("regex", "[0-9]{5}")))
+        assert all(s.reads_row and not s.chain_on_cpu for s in eng.scheduler.slots)
+    finally:
+        eng.close()
+    n = len(model.prompt_tokens(prompt))
+    for out in outs:
+        logprobs = [lp for o in out if isinstance(o, TokenText) for lp in o.logprobs]
+        assert len(logprobs) == out[-1].tokens_out  # type: ignore[union-attr]
+        ref = reference_logprobs(model, model.prompt_tokens(prompt) + [lp.token for lp in logprobs])
+        for i, lp in enumerate(logprobs):
+            row = ref[n - 1 + i]
+            assert lp.logprob == pytest.approx(row[lp.token], abs=0.05)  # the model's, not the masked or scaled
+            assert [t.logprob for t in lp.top] == pytest.approx(sorted(row, reverse=True)[:3], abs=0.05)
+    assert text(outs[1]).isdigit() and len(text(outs[1])) == 5
 
 
 async def test_prompt_logprobs_equal_llama_cpps_and_the_cache_does_not_skip_them(engine, model):

@@ -48,6 +48,31 @@ def test_cut_tokenizing_equals_the_whole(model, seed):
     assert model.prompt_tokens(text) == whole(model, text, add_special=model.add_bos, parse_special=True)
 
 
+def test_a_growing_conversation_is_tokenized_from_the_pieces_of_its_last_turn(model, monkeypatch):
+    rng = random.Random(7)
+    start, end = ("<|im_start|>", "<|im_end|>") if len(model.tokenize("<|im_start|>", add_special=False,
+                                                                        parse_special=True)) == 1 \
+        else ("<start_of_turn>", "<end_of_turn>")
+    conversation = f"{start}system\n{random_text(rng, ['.'], 3000)}{end}\n"
+    tokenize = model._tokenize
+    tokenized: list[int] = []  # the characters llama.cpp tokenized
+
+    def counted(text: str, **kw) -> list[int]:
+        tokenized.append(len(text))
+        return tokenize(text, **kw)
+
+    monkeypatch.setattr(model, "_tokenize", counted)
+    for turn in range(4):
+        conversation += f"{start}user\n{random_text(rng, ['.'], 150)}{end}\n{start}assistant\n"
+        tokenized.clear()
+        got = model.prompt_tokens(conversation)
+        new = sum(tokenized)
+        assert got == whole(model, conversation, add_special=model.add_bos, parse_special=True), turn
+        if turn:  # the system prompt and the earlier turns: from the cache
+            assert new < len(conversation) / 4, (turn, new, len(conversation))
+        conversation += random_text(rng, ['.'], 150) + f"{end}\n"
+
+
 def test_limit_stops_early_with_the_right_start(model):
     text = "<|im_start|>user\nhello there<|im_end|>\n" * 2000
     full = model.prompt_tokens(text)

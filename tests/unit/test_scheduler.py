@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from worker.engine import scheduler as scheduler_module
 from worker.engine.core import EngineCore
 from worker.engine.outputs import (
     Constraint,
@@ -59,6 +60,7 @@ class FakeContext:
         self._last: dict[int, int] = {}  # batch index → token there
         self._logits: dict[int, np.ndarray] = {}
         self.cpu_sampled: list[int] = []
+        self.rows_read: list[int] = []  # sequences whose in-graph chain's row was read
         self.chain_in_graph: dict[int, bool] = {}  # seq → its chain samples in the decode graph
         self.logits_row: dict[int, bool] = {}  # seq → a sampler in the graph hands its logits over as they are
         self.graph_changed = False  # the graph's samplers, since the last decode (llama.cpp re-reserves)
@@ -154,8 +156,8 @@ class FakeContext:
 
     def sample(self, seq_id: int, index: int) -> int:
         assert seq_id in self.chains, "sampled without a chain"
-        if index in self._logits:  # read (and maybe masked) on the CPU: the best token left
-            return int(np.argmax(self._logits[index]))
+        if index in self._logits and not (self.in_graph_sampling and self._graph_sampler(seq_id) == "chain"):
+            return int(np.argmax(self._logits[index]))  # read (and maybe masked) on the CPU: the best token left
         return (self._last[index] + 1) % 26
 
     def sample_candidates(self, seq_id: int, ids: np.ndarray, values: np.ndarray) -> int:
@@ -164,13 +166,18 @@ class FakeContext:
         return int(ids[np.argmax(values)])
 
     def logits(self, index: int) -> np.ndarray:
-        """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens)."""
-        # llama.cpp copies a row to the host only for a sequence without a sampler in the graph (needs_raw_logits)
-        assert not (self.in_graph_sampling and self._graph_sampler(self._seq_at[index]) == "chain"), \
-            "logits read of a chain that samples in the graph"
+        """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens). For a chain that
+        draws in the graph: its own row, the logits at its temperature (llama.cpp copies what its last sampler
+        leaves; a greedy chain in the graph leaves only the maximum)."""
+        seq = self._seq_at[index]
+        in_graph = self.in_graph_sampling and self._graph_sampler(seq) == "chain"
+        assert not (in_graph and self.chains[seq].greedy), "logits read of a greedy chain that samples in the graph"
         if index not in self._logits:
             self._logits[index] = np.zeros(VOCAB, dtype=np.float32)
             self._logits[index][(self._last[index] + 1) % 26] = 4.0
+            if in_graph:
+                self._logits[index] /= self.chains[seq].temperature
+                self.rows_read.append(seq)
         return self._logits[index]
 
     def logits_rows(self, index: int, count: int) -> np.ndarray:
@@ -329,6 +336,30 @@ def test_a_steps_parts_are_in_sequence_order():
     run(core)
 
 
+def test_prompts_over_long_histories_take_a_step_each_in_the_order_they_came(monkeypatch):
+    """llama.cpp's mask building costs a prompt's tokens x its sequence's cells: a burst of chat turns in one step
+    held each of them back for all. Short prompts still share a step; a prompt alone is never held back."""
+    monkeypatch.setattr(scheduler_module, "PROMPT_ATTENTION_BUDGET", 40 * 40)
+    core, ctx = engine(parallel=4, batch_size=128)
+    late = submit(core, "late", list(range(1, 41)), max_tokens=2)
+    early = submit(core, "early", list(range(41, 81)), max_tokens=2)
+    core._inbox[0].submitted_at, core._inbox[1].submitted_at = 2.0, 1.0  # "early" came first: a lower slot's
+    small = [submit(core, f"s{i}", [1, 2, 3], max_tokens=2) for i in range(2)]
+    core.step()
+    prompts = lambda batch: sorted(len(p.tokens) for p in batch if not p.n_draft and len(p.tokens) > 1)
+    assert prompts(ctx.batches[0]) == [40]  # "early" alone: 40 x 40 fills the budget
+    assert [t for p in ctx.batches[0] for t in p.tokens] == list(range(41, 81))
+    core.step()
+    assert prompts(ctx.batches[1]) == [40]  # then "late", which the short ones came after
+    core.step()
+    assert prompts(ctx.batches[2]) == [3, 3]  # 9 + 9 cells: both
+    run(core)
+    assert all(end(o).tokens_out == 2 for o in (late, early, *small))
+    huge = submit(core, "huge", list(range(1, 101)), max_tokens=1)  # over the budget alone: all of it at once
+    run(core)
+    assert len(ctx.batches[-1][0].tokens) == 100 and end(huge).tokens_out == 1
+
+
 def test_cancel_while_waiting_ends_without_a_start_and_while_running_frees_the_slot():
     core, ctx = engine(parallel=1)
     running = submit(core, "a", [1], max_tokens=50, narration=True)
@@ -429,6 +460,24 @@ def test_new_in_graph_chains_wait_for_the_first_tokens_of_jobs_that_arrive_toget
     assert text(a) == "efghij" and text(c) == "ijklmn" and end(b).tokens_out == 6
 
 
+def test_new_chains_wait_for_the_prompts_that_take_a_step_each(monkeypatch):
+    # prompts over long histories take a step each (PROMPT_ATTENTION_BUDGET); attaching each one's chain as its
+    # first token came re-reserved llama.cpp's graph every step (~45 ms each on an H200, 5k-token histories)
+    monkeypatch.setattr(scheduler_module, "PROMPT_ATTENTION_BUDGET", 30 * 30)
+    core, ctx = engine(parallel=3, in_graph_sampling=True, overlap=True)
+    outs = [submit(core, f"j{i}", list(range(1 + 30 * i, 31 + 30 * i)), max_tokens=8,
+                   params=SamplingParams(temperature=0)) for i in range(3)]
+    joined = []  # the steps in which chains joined the graph
+    for step in range(6):
+        before = sum(ctx.chain_in_graph.values())
+        core.step()
+        if sum(ctx.chain_in_graph.values()) > before:
+            joined.append(step)
+    assert joined == [3] and all(ctx.chain_in_graph.values())  # after the third prompt's first token, together
+    run(core)
+    assert all(end(o).tokens_out == 8 for o in outs)
+
+
 def test_a_job_that_reads_its_logits_beside_chains_in_the_graph_gets_its_own_logits_row():
     """Without a sampler in the graph, llama.cpp copies every output row's logits for the one job that reads its own;
     a logits row keeps that copy to the job's row. The next such job (any parameters) takes that slot, and the
@@ -436,7 +485,8 @@ def test_a_job_that_reads_its_logits_beside_chains_in_the_graph_gets_its_own_log
     ctx = FakeContext()
     sched = Scheduler(n_slots=2, batch_size=16, resources=ctx, vocab=FakeVocab(), in_graph_sampling=True,
                       clock=lambda: 0.0)
-    sched.add(Job("a", [1], SamplingParams(temperature=0.7), 1, deliver=lambda outs: None, logprobs=1))
+    # greedy: a chain in the graph would hand over its maximum alone, not the row logprobs need (Scheduler.reads_row)
+    sched.add(Job("a", [1], SamplingParams(temperature=0, top_k=5), 1, deliver=lambda outs: None, logprobs=1))
     sched.schedule(0.0)
     assert ctx.graph_changed and ctx.logits_row == {0: True} and ctx.chain_in_graph == {0: False}
     ctx.decode([])
@@ -746,6 +796,36 @@ def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_n
     assert [len(batch) for batch in ctx.batches] == [2, 2, 2]
     # masked logits, sampled by numpy on the CPU; each mask computed after its step was queued
     assert ctx.cpu_sampled == [] and grammars.guides[0].prepared == 3
+
+
+def test_on_the_gpu_a_sampled_constrained_job_draws_in_the_graph_and_again_only_where_its_guide_refuses():
+    grammars = FakeGrammars()
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=grammars)
+    params = SamplingParams(temperature=0.7, seed=3)  # seeded: its chain joins the graph at once
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"), params=params)
+    free = submit(core, "b", [1, 2, 3], max_tokens=3)
+    run(core)
+    consumed = grammars.guides[0].consumed
+    assert len(consumed) == 3 and all(t % 2 == 0 for t in consumed) and end(got).stop_reason is StopReason.EOS
+    assert ctx.chain_in_graph[0] and text(free) == "efg"
+    # the graph draws the fake model's next token (t + 1): after the prompt's 3 a 4, allowed; after an even token
+    # an odd one, refused and drawn again from the chain's row
+    drawn = [(last + 1) % 26 for last in [3, *consumed[:-1]]]
+    assert drawn[0] == consumed[0] == 4 and all(t % 2 for t in drawn[1:])
+    assert ctx.rows_read == [0, 0]
+    assert ctx.cpu_sampled == [] and grammars.guides[0].prepared == 3  # the masks, while each step computed
+
+
+def test_a_constrained_job_whose_chain_joins_the_graph_later_is_checked_from_then_on():
+    grammars = FakeGrammars()
+    core, ctx = engine(in_graph_sampling=True, overlap=True, grammars=grammars)
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"),
+                 params=SamplingParams(temperature=0.7))  # no seed: drawn on the CPU until its chain is attached
+    core.step()
+    assert not ctx.chain_in_graph[0] and ctx.rows_read == []
+    run(core)
+    assert ctx.chain_in_graph[0] and ctx.rows_read  # then drawn in the graph, and again where refused
+    assert all(t % 2 == 0 for t in grammars.guides[0].consumed) and end(got).stop_reason is StopReason.EOS
 
 
 def test_a_penalized_job_read_on_the_cpu_keeps_llama_cpps_chain():

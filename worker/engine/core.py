@@ -21,7 +21,8 @@ from typing import Protocol
 import numpy as np
 from loguru import logger
 
-from worker.engine.constraints import Grammars
+from worker.engine.constraints import Grammars, Guide
+from worker.engine.cpu_sampling import CpuSampler
 from worker.engine.host_cache import HostCache
 from worker.engine.logprobs import LogprobOf, Ranked
 from worker.engine.outputs import (
@@ -64,14 +65,23 @@ class EngineContext(SlotResources, Protocol):
     def close(self) -> None: ...
 
 
+# The share of a job's draws its guide refused (a moving average) above which its draw again is prepared while each
+# step computes (Scheduler.reads_row). Where the guide refuses most draws (SmolLM2 at temperature 2 in a JSON schema:
+# 76%), listing the allowed tokens after the step would hold it up longer than a prepared draw; where it rarely
+# does, preparing is wasted.
+REDRAW_PREPARED = 0.2
+
+
 @dataclass
 class StepStats:
-    """Where a step's time goes: queueing it (llama_decode), waiting for it to be done, reading its results and
-    sampling on the CPU, and the Python around them."""
+    """Where a step's time goes: queueing it (llama_decode), the engine's own work while it computes (the CPU
+    draws' noise and masks, the text), waiting for it to be done, reading its results and sampling on the CPU, and
+    the Python around them."""
 
     steps: int = 0
     step_s: float = 0.0
     queue_s: float = 0.0
+    overlap_s: float = 0.0
     wait_s: float = 0.0
     sample_s: float = 0.0
 
@@ -291,6 +301,12 @@ class EngineCore:
             if not part.logits or part.n_draft:
                 continue
             sampler, guide = slot.sampler, slot.guide
+            if slot.reads_row and not slot.chain_on_cpu:  # drawn in the graph: the mask, to check the token with
+                if sampler is not None and guide is not None and slot.refused > REDRAW_PREPARED:
+                    sampler.prepare(self.vocab.n_vocab, guide.mask_bits())  # and the draw again, prepared
+                elif guide is not None:
+                    guide.prepare()
+                continue
             # the draw's noise, the mask folded in: for a job that reads its logits every step (0.3-0.5 ms of noise
             # a draw on an H200's host; a burst of new jobs drawing their first tokens here would outlast the step)
             if sampler is not None and sampler.preparable and slot.job is not None and slot.job.reads_logits:
@@ -316,6 +332,7 @@ class EngineCore:
                 sampled.append(self._sample(slot, index))
         now = time.perf_counter()  # the first read of a sampled token waited for the step
         self.stats.queue_s += t1 - t0
+        self.stats.overlap_s += t2 - t1
         self.stats.wait_s += t3 - t2
         self.stats.sample_s += now - t3
         self.scheduler.update(sampled, now)
@@ -381,6 +398,8 @@ class EngineCore:
     def _sample(self, slot: Slot, index: int) -> Sampled:
         job = slot.job
         assert job is not None
+        if slot.reads_row and not slot.chain_on_cpu:
+            return self._drawn_in_graph(slot, index)
         if not job.reads_logits:  # numpy's where it samples the job (speculation, a chain not yet attached)
             return slot, self._pick(slot, index), None
         # A job that reads its logits: logprobs taken from the model's own values, then the tokens the constraint
@@ -414,6 +433,43 @@ class EngineCore:
         if job.logprobs is None:
             return slot, token, None
         return slot, token, LogprobOf(logits, job.logprobs, token, self.vocab.piece)
+
+    def _drawn_in_graph(self, slot: Slot, index: int) -> Sampled:
+        """The token the job's chain drew in the graph, where its guide allows it; else one drawn again among the
+        allowed tokens, from the chain's logits row; its logprob from that row (Scheduler.reads_row)."""
+        job, guide, sampler = slot.job, slot.guide, slot.sampler
+        assert job is not None and sampler is not None
+        token = self.ctx.sample(slot.seq_id, index)
+        if guide is not None:
+            token = self._checked(slot, guide, sampler, token, index)
+            if token < 0:
+                return slot, -1, None
+        if job.logprobs is None:
+            return slot, token, None
+        # the row is the logits at the job's temperature: the model's, scaled back
+        return slot, token, LogprobOf(self.ctx.logits(index), job.logprobs, token, self.vocab.piece,
+                                      scale=job.params.temperature)
+
+    def _checked(self, slot: Slot, guide: Guide, sampler: CpuSampler, token: int, index: int) -> int:
+        """The token drawn in the graph where the guide allows it, else one drawn again (-1: the guide allows
+        none, and the job has failed)."""
+        refused = not guide.allows(token)
+        slot.refused = 0.8 * slot.refused + 0.2 * refused
+        if not refused:
+            sampler.discard()  # a draw prepared for this step and not needed (its mask is this step's)
+        else:
+            if sampler.prepared:  # the mask in its noise: a token it refuses means the mask allows none
+                token = sampler.sample(self.ctx.logits(index))
+                refused = not guide.allows(token)
+            if refused:
+                allowed = guide.allowed()
+                if allowed is not None and not len(allowed):
+                    self.scheduler.fail(slot, "constraint_failed",
+                                        f"the constraint allows no token here: {guide.error}")
+                    return -1
+                token = sampler.sample(self.ctx.logits(index), allowed)
+        guide.consume(token)
+        return token
 
     def _read_prompt_logprobs(self, plan: StepPlan) -> None:
         """For parts that read every position's logits: the logprob of each prompt token that position predicts."""

@@ -38,8 +38,11 @@ class LogprobOf:
 
     __slots__ = ("logits", "k", "token", "piece")
 
-    def __init__(self, logits: np.ndarray, k: int, token: int, piece: Callable[[int], bytes]) -> None:
-        self.logits = logits.copy()  # llama.cpp's buffer is the next step's once that is queued
+    def __init__(self, logits: np.ndarray, k: int, token: int, piece: Callable[[int], bytes],
+                 scale: float = 1.0) -> None:
+        # a copy: llama.cpp's buffer is the next step's once that is queued. `scale`: what the row was divided by
+        # (an in-graph chain's row is the logits at its temperature)
+        self.logits = logits.copy() if scale == 1.0 else np.multiply(logits, np.float32(scale), dtype=np.float32)
         self.k = k
         self.token = token
         self.piece = piece

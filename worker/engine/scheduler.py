@@ -14,6 +14,7 @@ Outputs (typed, per job, in order) are collected with take_outputs().
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class Slot:
     job: Job | None = None
     chain_params: SamplingParams | None = None  # the chain this sequence has (kept between jobs), if any
     chain_on_cpu: bool = False  # that chain samples logits read on the CPU, outside the decode graph
+    # the job's chain draws in the decode graph and its row is read after the step: for its guide's check (a token
+    # refused is drawn again on the CPU, from that row) and its logprobs (Scheduler.reads_row)
+    reads_row: bool = False
+    refused: float = 0.0  # such a job's draws its guide refused, recent ones weighing most
     logits_row: bool = False  # with a sampler in the graph that hands the logits over as they are (Context.use_chain)
     attach_pending: bool = False  # the job's chain joins the decode graph once arrivals settle (_attach_pending)
     guide: Guide | None = None  # the job's constraint
@@ -284,10 +289,14 @@ class Scheduler:
             plan.slots.append(slot)
             slot.n_past += len(tokens)
             budget -= len(tokens)
-        for slot in self.slots:
+        # Prompts in the order their jobs came, as many as the step's token budget and attention budget allow
+        attention = 0
+        for slot in sorted((s for s in self.slots if s.job is not None and not s.decoding),
+                           key=lambda s: s.job.submitted_at):  # type: ignore[union-attr]
             job = slot.job
-            if job is None or slot.decoding or budget <= 0:
-                continue
+            assert job is not None
+            if budget <= 0:
+                break
             n = budget
             if job.prompt_logprobs is not None:  # every position's logits: as many as the context keeps outputs for
                 n = min(n, logits_budget)
@@ -295,6 +304,14 @@ class Scheduler:
                     continue
                 logits_budget -= n
             chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + n]
+            # A step's time grows with its prompt tokens x the cells they attend to (llama.cpp builds their
+            # attention masks on the host), so a burst of chat turns in one step held each of them back for all
+            # (H200, 1B, 5.3k-token histories: turns that arrived together shared steps of 16-34 ms; one turn a step,
+            # 12-20 ms). Past the first, a prompt waits for a later step where it would overrun the budget.
+            cost = len(chunk) * (slot.n_past + len(chunk))
+            if attention and attention + cost > PROMPT_ATTENTION_BUDGET:
+                break
+            attention += cost
             slot.prompt_pos += len(chunk)
             plan.parts.append(Part(slot.seq_id, chunk, slot.n_past, slot.prompt_pos == len(job.prompt_tokens),
                                    job.prompt_logprobs is not None))
@@ -451,7 +468,7 @@ class Scheduler:
             return
         for slot in self.slots:
             spec = slot.spec
-            if spec is not None and not spec.stopped and slot.job is not None and not slot.job.reads_logits:
+            if spec is not None and not spec.stopped and slot.job is not None and not self._reads_logits(slot.job):
                 spec.stopped = True
                 if slot.chain_on_cpu:
                     slot.attach_pending = True
@@ -461,14 +478,17 @@ class Scheduler:
         token: all in one step (each step whose chains changed, llama.cpp re-reserves its graph: ~30 ms on an H200,
         whatever the number), when a step admitted nobody (requests that arrive together are all in), or when one
         has waited ATTACH_AFTER_TOKENS tokens (arrivals that never settle)."""
-        ready = [slot for slot in self.slots if slot.attach_pending and slot.job is not None and slot.tokens_out > 0]
-        if not ready or not (settled or any(slot.tokens_out >= ATTACH_AFTER_TOKENS for slot in ready)):
+        pending = [slot for slot in self.slots if slot.attach_pending and slot.job is not None]
+        ready = [slot for slot in pending if slot.tokens_out > 0]
+        waited = any(slot.tokens_out >= ATTACH_AFTER_TOKENS for slot in ready)
+        # not while some of them are still in their prompts: prompts over long histories take a step each
+        if not ready or not (waited or (settled and len(ready) == len(pending))):
             return
         for slot in ready:
             assert slot.job is not None
             self.resources.use_chain(slot.seq_id, slot.job.params, reuse=False)
             slot.chain_on_cpu = slot.attach_pending = slot.logits_row = False
-            slot.sampler = None
+            slot.sampler = self._redraw_sampler(slot.job) if slot.reads_row else None
         self._chains_changed = True
 
     def _admit(self) -> bool:
@@ -530,9 +550,34 @@ class Scheduler:
         """The slot's chain serves the job without changing the decode graph's samplers (which makes llama.cpp
         re-reserve it): its own chain with the job's parameters for a job sampled in the graph (a chain still on
         the CPU awaiting attachment would be built anew); a logits row for a job that reads its logits."""
-        if self.in_graph_sampling and job.reads_logits:
+        if self.in_graph_sampling and self._reads_logits(job):
             return slot.logits_row == (job.prompt_logprobs is None)
-        return slot.chain_params == job.params and slot.chain_on_cpu == (self.in_graph_sampling and job.reads_logits)
+        return slot.chain_params == job.params and slot.chain_on_cpu == (self.in_graph_sampling
+                                                                          and self._reads_logits(job))
+
+    def reads_row(self, job: Job) -> bool:
+        """A job with a constraint or logprobs whose chain draws in the decode graph, like its neighbours', and
+        whose chain's logits row is read after the step: the guide checks the token, a refused one is drawn again on
+        the CPU among the tokens it allows, from that row (rejection: a draw from the whole distribution that the
+        mask allows is a draw from the masked one), and the logprobs are taken from it. Drawn on the CPU every step
+        instead, a constrained job held up its neighbours' steps by its draw (8 streams on an H200, 1B: its
+        neighbours at 0.91-0.96). Where the row is the model's logits at the job's temperature: sampled (a greedy
+        chain in the graph hands over only its maximum), neither penalized nor truncated; not with the prompt's
+        logprobs (several rows of the sequence in a step, which llama.cpp's in-graph samplers do not take)."""
+        p = job.params
+        return (self.in_graph_sampling and (job.constraint is not None or job.logprobs is not None)
+                and job.prompt_logprobs is None and not p.greedy and not p.penalized and p.top_k <= 0
+                and p.top_p >= 1.0 and p.min_p <= 0.0)
+
+    def _reads_logits(self, job: Job) -> bool:
+        """The job's logits are read on the CPU every step (Job.reads_logits), unless it reads its chain's row."""
+        return job.reads_logits and not self.reads_row(job)
+
+    @staticmethod
+    def _redraw_sampler(job: Job) -> CpuSampler:
+        """A job's draw among the tokens its guide allows, from its chain's row: at temperature 1, since the row is
+        the logits at the job's temperature already."""
+        return CpuSampler(dataclasses.replace(job.params, temperature=1.0))
 
     def _keep(self, slot: Slot, n: int) -> None:
         """Cut the slot's sequence back to its first n positions."""
@@ -694,7 +739,8 @@ class Scheduler:
             and self.n_running + len(self.waiting) <= config.load_limit) else None
         # A job that reads its logits on the CPU (a mask, logprobs, proposals to verify) samples there: decided
         # here, once a job
-        on_cpu = self.in_graph_sampling and (job.reads_logits or slot.spec is not None)
+        slot.reads_row, slot.refused = self.reads_row(job), 0.0
+        on_cpu = self.in_graph_sampling and (self._reads_logits(job) or slot.spec is not None)
         reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu
         # A new chain in the decode graph costs a graph re-reservation, and the step that pays it holds up the new
         # job's first token and everyone else's next one. Deferred: the job samples on the CPU until its chain can
@@ -709,7 +755,7 @@ class Scheduler:
         # deferring saves). Not where a step reads several rows of the sequence (llama.cpp's in-graph samplers take
         # one output a sequence): the prompt's logprobs, speculation (alone anyway: no neighbours to slow).
         logits_row = (on_cpu and slot.spec is None and job.prompt_logprobs is None
-                      and (job.reads_logits or (deferred and slot.logits_row)))
+                      and (self._reads_logits(job) or (deferred and slot.logits_row)))
         graph_before = slot.in_graph, slot.logits_row
         slot.chain_params = None  # until the context has the chain
         self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu, logits_row=logits_row)
@@ -718,8 +764,10 @@ class Scheduler:
         if self.in_graph_sampling and (graph_before != (slot.in_graph, slot.logits_row)
                                        or (not reuse and not on_cpu)):
             self._chains_changed = True
-        reads_logits = job.reads_logits or slot.spec is not None or deferred
+        reads_logits = self._reads_logits(job) or slot.spec is not None or deferred
         slot.sampler = CpuSampler(job.params) if reads_logits and CpuSampler.applies(job.params) else None
+        if slot.reads_row and not deferred:
+            slot.sampler = self._redraw_sampler(job)
         if job.constraint is not None:
             if self.guides is None:
                 raise RuntimeError("this engine has no grammars for a constrained job")
@@ -901,6 +949,9 @@ class Scheduler:
 
 Sampled = tuple[Slot, int, "TokenLogprob | LogprobOf | None"]  # a slot, its sampled token, its logprob if asked for
 
+# a step's prompt tokens x the cells they attend to, past its first prompt: one chat turn over a 5k-token history.
+# Chat turns 2-4 TTFT p50, 8 conversations on an H200 (1B): 37-45 ms with it, 53-58 ms with none, 58 ms at 1.2M.
+PROMPT_ATTENTION_BUDGET = 512 * 1024
 COSTLY_TRIAL_STEPS = 4  # a draft model's stretch is judged sooner: each of its steps costs proposing decodes
 MIN_SHARED_PREFILL = 64  # a shorter common prefix is not worth waiting for another job's prefill
 ATTACH_AFTER_TOKENS = 16  # a deferred chain waits at most this many tokens for arrivals to settle

@@ -1,4 +1,4 @@
-"""Tokenizing off the event loop, on threads of its own, smallest text first.
+"""Tokenizing off the event loop, on threads of its own, smallest text first (a short text on the loop itself).
 
 A thread inside llama.cpp cannot be interrupted, and tokenizing a body of several MB takes seconds even in linear
 time (llama.cpp builds its pre-tokenizer's regexes for every fragment of plain text). On the loop's default executor
@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 # A text up to this many characters may take the small-text thread (a few ms of tokenizing at most).
 SMALL_TEXT_CHARS = 16 * 1024
+# A text up to this many characters is tokenized on the loop itself: the hop to a tokenizer thread and back took
+# ~0.5 ms, against 0.14 ms for tokenizing an 86-character prompt (this project's 2-core CPU).
+INLINE_TEXT_CHARS = 512
 
 
 @dataclass(order=True)
@@ -112,6 +115,8 @@ async def tokenize(request: web.Request, text: str, *, add_special: bool = True,
                    limit: int | None = None) -> list[int]:
     """model.tokenize on the tokenizer pool (see Model.tokenize for `limit`)."""
     model = request.app[STATE].require_ready().model
+    if len(text) <= INLINE_TEXT_CHARS:
+        return model.tokenize(text, add_special=add_special, parse_special=parse_special, limit=limit)
     return await request.app[TOKENIZERS].run(len(text), lambda gone: model.tokenize(
         text, add_special=add_special, parse_special=parse_special, limit=limit, gone=gone))
 
@@ -119,6 +124,8 @@ async def tokenize(request: web.Request, text: str, *, add_special: bool = True,
 async def prompt_tokens(request: web.Request, text: str, limit: int | None = None) -> list[int]:
     """model.prompt_tokens on the tokenizer pool: what a completion or chat prompt of this text gets."""
     model = request.app[STATE].require_ready().model
+    if len(text) <= INLINE_TEXT_CHARS:
+        return model.prompt_tokens(text, limit=limit)
     return await request.app[TOKENIZERS].run(len(text), lambda gone: model.prompt_tokens(
         text, limit=limit, gone=gone))
 
