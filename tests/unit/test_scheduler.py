@@ -918,7 +918,9 @@ def test_a_proposal_that_keeps_missing_is_shortened_then_paused():
     assert spec.n == 2 and spec.rate == 1 / 16
 
 
-def test_a_fixed_length_proposal_keeps_the_steps_shape():
+def test_a_fixed_length_proposal_keeps_the_steps_shape(monkeypatch):
+    # every stretch judged to pay: which ones do depends on this machine's step times, not on what is tested here
+    monkeypatch.setattr(Stretch, "pays", lambda self, plain_step, running: True)
     core, ctx = engine(speculation=SpecConfig(n_max=6, fixed_length=True, settle_steps=1))
     plain_core, _ = engine()
     plain = submit(plain_core, "a", REPEATING, max_tokens=20)
@@ -927,8 +929,9 @@ def test_a_fixed_length_proposal_keeps_the_steps_shape():
     run(core)
     assert text(got) == text(plain)
     drafted = [p for batch in ctx.batches for p in batch if p.n_draft]
-    assert drafted and all(p.n_draft == 6 for p in drafted[:-1])  # the last may be cut by max_tokens
-    assert all(p.n_draft in (0, 6) for batch in ctx.batches for p in batch)
+    # all of n_max, but for what max_tokens leaves: a part at position pos decodes the job's (pos - 8)th token
+    assert drafted and all(p.n_draft == min(6, 20 - (p.pos - len(REPEATING) + 1) - 1) for p in drafted)
+    assert drafted[0].n_draft == 6 and drafted[-1].n_draft < 6
 
 
 def test_a_stretch_that_pays_is_followed_by_the_next_at_once(monkeypatch):
