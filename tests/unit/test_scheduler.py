@@ -337,13 +337,13 @@ def test_a_steps_parts_are_in_sequence_order():
 
 
 def test_prompts_over_long_histories_take_a_step_each_in_the_order_they_came(monkeypatch):
-    """llama.cpp's mask building costs a prompt's tokens x its sequence's cells: a burst of chat turns in one step
-    held each of them back for all. Short prompts still share a step; a prompt alone is never held back."""
+    """A step's time grows with its prompts' tokens x their sequences' cells: a burst of chat turns in one step held
+    each of them back for all. Short prompts still share a step; a prompt alone is never held back."""
     monkeypatch.setattr(scheduler_module, "PROMPT_ATTENTION_BUDGET", 40 * 40)
     core, ctx = engine(parallel=4, batch_size=128)
     late = submit(core, "late", list(range(1, 41)), max_tokens=2)
     early = submit(core, "early", list(range(41, 81)), max_tokens=2)
-    core._inbox[0].submitted_at, core._inbox[1].submitted_at = 2.0, 1.0  # "early" came first: a lower slot's
+    core._inbox[0].submitted_at, core._inbox[1].submitted_at = 2.0, 1.0  # "early" came first, "late" has the lower slot
     small = [submit(core, f"s{i}", [1, 2, 3], max_tokens=2) for i in range(2)]
     core.step()
     prompts = lambda batch: sorted(len(p.tokens) for p in batch if not p.n_draft and len(p.tokens) > 1)

@@ -737,8 +737,8 @@ class Scheduler:
             config is not None and job.speculate and not job.reads_logits and not resting
             and (job.params.greedy or not self.in_graph_sampling)
             and self.n_running + len(self.waiting) <= config.load_limit) else None
-        # A job that reads its logits on the CPU (a mask, logprobs, proposals to verify) samples there: decided
-        # here, once a job
+        # A job that reads its logits on the CPU every step (a mask or logprobs it cannot check from an in-graph
+        # chain's row, proposals to verify) samples there: decided here, once, when the job starts
         slot.reads_row, slot.refused = self.reads_row(job), 0.0
         on_cpu = self.in_graph_sampling and (self._reads_logits(job) or slot.spec is not None)
         reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu
