@@ -23,7 +23,12 @@ from typing import Any
 from bench.load import TABLE_HEAD, format_row, run_load
 from bench.multiturn import run_burst, run_conversations
 
-SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+SAMPLINGS = {
+    "standard": {"temperature": 0.8, "top_k": 40, "top_p": 0.95},
+    # a request with no sampling options to a server with OpenAI's defaults: temperature 1 over the whole vocabulary
+    # (llama-server's own defaults truncate, so the request says it)
+    "plain": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0},
+}
 
 
 def free_port() -> int:
@@ -88,11 +93,12 @@ class Server:
         self.log.close()
 
 
-def load_levels(server: Server, dialect: str, levels: list[int], tokens: int) -> dict[int, dict[str, Any]]:
-    asyncio.run(run_load(server.url, streams=1, tokens=8, dialect=dialect, sampling=SAMPLING))  # warm-up
+def load_levels(server: Server, dialect: str, levels: list[int], tokens: int,
+                sampling: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    asyncio.run(run_load(server.url, streams=1, tokens=8, dialect=dialect, sampling=sampling))  # warm-up
     out = {}
     for n in levels:
-        out[n] = asyncio.run(run_load(server.url, streams=n, tokens=tokens, dialect=dialect, sampling=SAMPLING))
+        out[n] = asyncio.run(run_load(server.url, streams=n, tokens=tokens, dialect=dialect, sampling=sampling))
         print(format_row(server.name, out[n]), flush=True)
     return out
 
@@ -107,6 +113,8 @@ def main() -> None:
     ap.add_argument("--worker-args", default="", help="extra flags for the worker")
     ap.add_argument("--lcp-streams", default="1,8",
                     help="levels for llama-cpp-python's server, which serves one request at a time")
+    ap.add_argument("--sampling", choices=sorted(SAMPLINGS), default="standard",
+                    help="standard: temperature 0.8, top-k 40, top-p 0.95; plain: temperature 1, nothing truncated")
     ap.add_argument("--chat", action="store_true",
                     help="also the chat workloads: multi-turn conversations and a shared-prefix burst, side by side "
                          "with llama-server")
@@ -114,13 +122,14 @@ def main() -> None:
     ap.add_argument("--chat-workloads", default="8,32,burst",
                     help="which chat workloads: 8 and 32 conversations, the shared-prefix burst")
     args = ap.parse_args()
+    sampling = SAMPLINGS[args.sampling]
     levels = [int(x) for x in args.streams.split(",")]
     only = set(args.only.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx_per_seq = 128 + args.tokens + 128
     res: dict[str, Any] = {"model": os.path.basename(args.model), "levels": levels, "tokens": args.tokens,
-                           "sampling": SAMPLING, "gpu": _gpu_name(), "date": time.strftime("%Y-%m-%d")}
+                           "sampling": sampling, "gpu": _gpu_name(), "date": time.strftime("%Y-%m-%d")}
 
     if "bench" in only:
         res["llama_bench"] = llama_bench(args.model)
@@ -152,7 +161,7 @@ def main() -> None:
             continue
         try:
             key_levels = [int(x) for x in args.lcp_streams.split(",")] if key == "llama-cpp-python" else levels
-            res[key] = load_levels(server, dialect, key_levels, args.tokens)
+            res[key] = load_levels(server, dialect, key_levels, args.tokens, sampling)
         finally:
             server.stop()
         shutil.copy(f"/tmp/{server.name}.log", out / f"{server.name}.log")
@@ -230,7 +239,7 @@ def _gpu_name() -> str:
 
 def render(res: dict[str, Any]) -> str:
     lines = [f"GPU: {res['gpu']}; model: {res['model']}; {res['tokens']} tokens a stream; sampling "
-             f"temperature 0.8, top-k 40, top-p 0.95; {res['date']}", ""]
+             f"{', '.join(f'{k} {v}' for k, v in res['sampling'].items())}; {res['date']}", ""]
     if "llama_bench" in res:
         lines.append(f"llama-bench: tg128 {res['llama_bench']['tg128']:.1f} tok/s, pp512 "
                      f"{res['llama_bench']['pp512']:.0f} tok/s")

@@ -127,9 +127,9 @@ async def test_a_reused_chain_is_as_good_as_new(model, backend_sampling):
 
 
 async def test_greedy_in_the_graph_is_greedy_on_the_cpu(model):
-    """In the graph a greedy chain is temperature 0 then a draw (llama.cpp copies the logits a sampler leaves to the
-    host every step: greedy leaves the whole row); a new job's first tokens are numpy's argmax until its chain is
-    attached. The text is the CPU chain's."""
+    """In the graph a greedy chain is llama.cpp's greedy sampler followed by the token-only one (only the token comes
+    back to the host); a new job's first tokens are numpy's argmax until its chain is attached. The text is the CPU
+    chain's."""
     texts = []
     for backend_sampling in (False, True):
         engine = make_engine(model, ctx_size=256, parallel=2, max_queue=4, batch_size=64, threads=1,

@@ -63,6 +63,7 @@ class FakeContext:
         self.rows_read: list[int] = []  # sequences whose in-graph chain's row was read
         self.chain_in_graph: dict[int, bool] = {}  # seq → its chain samples in the decode graph
         self.logits_row: dict[int, bool] = {}  # seq → a sampler in the graph hands its logits over as they are
+        self.hands_row: dict[int, bool] = {}  # seq → its chain in the graph hands over its row, not the token alone
         self.graph_changed = False  # the graph's samplers, since the last decode (llama.cpp re-reserves)
         self.in_graph_sampling = False  # chains not on the CPU sample in the decode graph (a GPU)
         self._seq_at: dict[int, int] = {}  # batch index → its sequence
@@ -80,11 +81,13 @@ class FakeContext:
         return [tok for _, tok, seqs in sorted(self.cells, key=lambda c: c[0]) if seq in seqs]
 
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False,
-                  logits_row: bool = False) -> None:
+                  logits_row: bool = False, hands_row: bool = False) -> None:
         assert not reuse or self.chains.get(seq_id) == params
+        assert not reuse or self.hands_row.get(seq_id, False) == hands_row, "a chain reused for a job of another kind"
         assert not logits_row or on_cpu, "a logits row is for a chain on the CPU"
         self.chain_ops.append(("reuse" if reuse else "build", seq_id))
         self.chains[seq_id] = params
+        self.hands_row[seq_id] = hands_row
         before = self._graph_sampler(seq_id)
         if not reuse:
             self.chain_in_graph[seq_id] = not on_cpu
@@ -168,10 +171,10 @@ class FakeContext:
     def logits(self, index: int) -> np.ndarray:
         """The model's next token 4 logits above the rest (log-probability ~ -0.43 over 26 tokens). For a chain that
         draws in the graph: its own row, the logits at its temperature (llama.cpp copies what its last sampler
-        leaves; a greedy chain in the graph leaves only the maximum)."""
+        leaves, unless it hands over the token alone)."""
         seq = self._seq_at[index]
         in_graph = self.in_graph_sampling and self._graph_sampler(seq) == "chain"
-        assert not (in_graph and self.chains[seq].greedy), "logits read of a greedy chain that samples in the graph"
+        assert not in_graph or self.hands_row[seq], "logits read of a chain in the graph that hands over a token alone"
         if index not in self._logits:
             self._logits[index] = np.zeros(VOCAB, dtype=np.float32)
             self._logits[index][(self._last[index] + 1) % 26] = 4.0
@@ -826,6 +829,24 @@ def test_a_constrained_job_whose_chain_joins_the_graph_later_is_checked_from_the
     run(core)
     assert ctx.chain_in_graph[0] and ctx.rows_read  # then drawn in the graph, and again where refused
     assert all(t % 2 == 0 for t in grammars.guides[0].consumed) and end(got).stop_reason is StopReason.EOS
+
+
+def test_a_chain_in_the_graph_hands_over_its_row_only_to_a_job_that_reads_it():
+    """A plain job's chain hands over its token alone (token_only_sampler); a constrained job with the same
+    parameters on the same slot gets a chain that hands over its row, and a plain one after it the token again."""
+    grammars = FakeGrammars()
+    core, ctx = engine(parallel=1, in_graph_sampling=True, overlap=True, grammars=grammars)
+    params = SamplingParams(temperature=0.7, seed=3)
+    first = submit(core, "a", [1, 2, 3], max_tokens=3, params=params)
+    run(core)
+    assert text(first) == "efg" and ctx.chain_in_graph[0] and not ctx.hands_row[0]
+    got = submit(core, "b", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"), params=params)
+    run(core)
+    assert ctx.hands_row[0] and ctx.rows_read and end(got).stop_reason is StopReason.EOS
+    last = submit(core, "c", [1, 2, 3], max_tokens=3, params=params)
+    run(core)
+    assert text(last) == "efg" and not ctx.hands_row[0]
+    assert [op for op, _ in ctx.chain_ops] == ["build", "build", "build"]
 
 
 def test_a_penalized_job_read_on_the_cpu_keeps_llama_cpps_chain():

@@ -50,7 +50,7 @@ class SlotResources(Protocol):
     """What the scheduler asks of the llama.cpp context, per sequence."""
 
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False,
-                  logits_row: bool = False) -> None: ...
+                  logits_row: bool = False, hands_row: bool = False) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
     def forget(self, seq_id: int) -> None: ...
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
@@ -102,6 +102,7 @@ class Slot:
     # the job's chain draws in the decode graph and its row is read after the step: for its guide's check (a token
     # refused is drawn again on the CPU, from that row) and its logprobs (Scheduler.reads_row)
     reads_row: bool = False
+    chain_row: bool = False  # its chain was built for such a job: in the graph it hands over its row, not a token
     refused: float = 0.0  # such a job's draws its guide refused, recent ones weighing most
     logits_row: bool = False  # with a sampler in the graph that hands the logits over as they are (Context.use_chain)
     attach_pending: bool = False  # the job's chain joins the decode graph once arrivals settle (_attach_pending)
@@ -486,8 +487,9 @@ class Scheduler:
             return
         for slot in ready:
             assert slot.job is not None
-            self.resources.use_chain(slot.seq_id, slot.job.params, reuse=False)
+            self.resources.use_chain(slot.seq_id, slot.job.params, reuse=False, hands_row=slot.reads_row)
             slot.chain_on_cpu = slot.attach_pending = slot.logits_row = False
+            slot.chain_row = slot.reads_row
             slot.sampler = self._redraw_sampler(slot.job) if slot.reads_row else None
         self._chains_changed = True
 
@@ -552,8 +554,8 @@ class Scheduler:
         the CPU awaiting attachment would be built anew); a logits row for a job that reads its logits."""
         if self.in_graph_sampling and self._reads_logits(job):
             return slot.logits_row == (job.prompt_logprobs is None)
-        return slot.chain_params == job.params and slot.chain_on_cpu == (self.in_graph_sampling
-                                                                          and self._reads_logits(job))
+        return (slot.chain_params == job.params and slot.chain_row == self.reads_row(job)
+                and slot.chain_on_cpu == (self.in_graph_sampling and self._reads_logits(job)))
 
     def reads_row(self, job: Job) -> bool:
         """A job with a constraint or logprobs whose chain draws in the decode graph, like its neighbours', and
@@ -741,7 +743,7 @@ class Scheduler:
         # chain's row, proposals to verify) samples there: decided here, once, when the job starts
         slot.reads_row, slot.refused = self.reads_row(job), 0.0
         on_cpu = self.in_graph_sampling and (self._reads_logits(job) or slot.spec is not None)
-        reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu
+        reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu and slot.chain_row == slot.reads_row
         # A new chain in the decode graph costs a graph re-reservation, and the step that pays it holds up the new
         # job's first token and everyone else's next one. Deferred: the job samples on the CPU until its chain can
         # be attached with those of the others that arrived with it, in one step after their first tokens. Not
@@ -758,8 +760,10 @@ class Scheduler:
                       and (self._reads_logits(job) or (deferred and slot.logits_row)))
         graph_before = slot.in_graph, slot.logits_row
         slot.chain_params = None  # until the context has the chain
-        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu, logits_row=logits_row)
+        self.resources.use_chain(slot.seq_id, job.params, reuse=reuse, on_cpu=on_cpu, logits_row=logits_row,
+                                 hands_row=slot.reads_row)
         slot.chain_params, slot.chain_on_cpu, slot.attach_pending = job.params, on_cpu, deferred
+        slot.chain_row = slot.reads_row
         slot.logits_row = logits_row
         if self.in_graph_sampling and (graph_before != (slot.in_graph, slot.logits_row)
                                        or (not reuse and not on_cpu)):

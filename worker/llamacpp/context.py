@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import llama_cpp as lc
 import numpy as np
@@ -64,6 +64,39 @@ _seq_rm = gil_held("llama_memory_seq_rm")
 _seq_pos_max = gil_held("llama_memory_seq_pos_max")
 
 
+class _SamplerInterface(ctypes.Structure):
+    """llama_sampler_i, its name returning an address (a callback's char * result would not outlive the call)."""
+
+    _fields_ = [("name", ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)), ("accept", ctypes.c_void_p),
+                ("apply", ctypes.c_void_p), ("reset", ctypes.c_void_p), ("clone", ctypes.c_void_p),
+                ("free", ctypes.c_void_p), ("backend_init", lc.llama_sampler_i_backend_init),
+                ("backend_accept", ctypes.c_void_p), ("backend_apply", lc.llama_sampler_i_backend_apply),
+                ("backend_set_input", ctypes.c_void_p), ("backend_reset", ctypes.c_void_p),
+                ("copy_state", ctypes.c_void_p)]
+
+
+_TOKEN_ONLY_NAME = ctypes.create_string_buffer(b"token-only")
+
+
+def _token_only_apply(_smpl: Any, _ctx: Any, _gf: Any, data: Any) -> None:
+    data[0].logits = None
+    data[0].probs = None
+
+
+# No CPU apply (a chain skips a sampler without one), no state: llama.cpp clones it by its interface alone
+_TOKEN_ONLY = _SamplerInterface(
+    name=_SamplerInterface._fields_[0][1](lambda _smpl: ctypes.addressof(_TOKEN_ONLY_NAME)),
+    backend_init=lc.llama_sampler_i_backend_init(lambda _smpl, _buft, _n: True),
+    backend_apply=lc.llama_sampler_i_backend_apply(_token_only_apply))
+
+
+def token_only_sampler() -> Any:
+    """A last in-graph sampler that leaves the token alone to hand over: llama.cpp copies to the host the logits
+    and probabilities the chain's samplers left, after `dist` over the whole vocabulary two full rows a sequence a
+    step (1 MB at a 128k vocabulary). Its graph-building callback runs Python: only where a graph is built."""
+    return lc.llama_sampler_init(ctypes.cast(ctypes.pointer(_TOKEN_ONLY), ctypes.POINTER(lc.llama_sampler_i)), None)
+
+
 class SamplerChain:
     """llama.cpp's usual order: penalties → top-k → top-p → min-p → temperature → dist (or greedy).
 
@@ -71,7 +104,9 @@ class SamplerChain:
     llama_set_sampler; the same chain also samples on the CPU through llama_sampler_sample.
     """
 
-    def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False) -> None:
+    def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False, hands_row: bool = False) -> None:
+        """`in_graph`: built to be attached; unless it `hands_row` (its job reads the row its samplers leave), a
+        token-only sampler ends it, so llama.cpp copies the token alone to the host (token_only_sampler)."""
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
         penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
@@ -80,24 +115,19 @@ class SamplerChain:
             add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
                                                 params.frequency_penalty, params.presence_penalty))
         if params.temperature == 0.0:
-            if in_graph and not penalized:
-                # The same first maximum, but in the graph llama.cpp copies each sampler's logits to the host at
-                # every step: after greedy the whole row (512 KB a sequence for a 128k vocabulary), after
-                # temperature 0 the one kept (dist then draws it: the only finite one)
-                add(lc.llama_sampler_init_temp(0.0))
-                add(lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED))
-            else:
-                add(lc.llama_sampler_init_greedy())
-            return
-        if params.top_k > 0:
-            add(lc.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            add(lc.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            add(lc.llama_sampler_init_min_p(params.min_p, 1))
-        add(lc.llama_sampler_init_temp(params.temperature))
-        seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed % lc.LLAMA_DEFAULT_SEED
-        add(lc.llama_sampler_init_dist(seed))
+            add(lc.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(lc.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(lc.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(lc.llama_sampler_init_min_p(params.min_p, 1))
+            add(lc.llama_sampler_init_temp(params.temperature))
+            seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed % lc.LLAMA_DEFAULT_SEED
+            add(lc.llama_sampler_init_dist(seed))
+        if in_graph and not hands_row:
+            add(token_only_sampler())
 
     def reset(self) -> None:
         """As new: penalty history cleared, the seed drawn again."""
@@ -224,7 +254,7 @@ class Context:
     # ---- sampler chains --------------------------------------------------------------------------------------
 
     def use_chain(self, seq_id: int, params: ChainParams, *, reuse: bool, on_cpu: bool = False,
-                  logits_row: bool = False) -> None:
+                  logits_row: bool = False, hands_row: bool = False) -> None:
         """Give a sequence its chain: the one it has, reset (reuse), or a new one built from params. In the decode
         graph a new chain makes llama.cpp re-reserve its buffers at the next decode; a reset one does not. An
         `on_cpu` chain stays out of the graph: it samples logits read (and masked) on the CPU.
@@ -240,7 +270,8 @@ class Context:
         else:
             self._drop_cpu_chain(seq_id)
             in_graph = self.in_graph_sampling and not on_cpu
-            chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph)
+            chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph,
+                                                        hands_row=hands_row)
             if in_graph:
                 self._detach(seq_id)
                 lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
