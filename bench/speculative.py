@@ -75,50 +75,25 @@ async def run_round(engine: EngineCore, model: Model, prompt: str, streams: int,
 async def main_async(args: argparse.Namespace) -> list[dict]:
     model = Model.load(Path(args.model) if args.model else embedded_model_path(), ref="bench", fmt="gguf",
                        gpu_layers=args.gpu_layers)
-    spec = SpecConfig(n_max=args.n_max, max_load=args.max_load, gate=args.gate == "on",
-                      fixed_length=model.offloaded if args.fixed_length is None else args.fixed_length == "on")
+    fixed_length = model.offloaded if args.fixed_length is None else args.fixed_length == "on"
+    # one speculating engine per shadow_hits value, all alternated with the plain one in each round
+    specs = {(args.spec_type if len(args.shadow_hits) == 1 else f"{args.spec_type}-h{hits}"): SpecConfig(
+        n_max=args.n_max, max_load=args.max_load, gate=args.gate == "on", fixed_length=fixed_length,
+        shadow_hits=hits) for hits in args.shadow_hits}
     params = SamplingParams(temperature=0)
-    spec_kind = args.spec_type
     rows = []
     try:
         for streams in [int(s) for s in args.streams.split(",")]:
-            draft = load_draft(args.draft_model, model, streams, args.gpu_layers) if spec_kind == "draft" else None
-            engines = {"plain": build(model, streams, None), spec_kind: build(model, streams, spec, draft)}
+            draft = load_draft(args.draft_model, model, streams, args.gpu_layers) if args.spec_type == "draft" else None
+            engines = {"plain": build(model, streams, None)} | {
+                kind: build(model, streams, spec, draft) for kind, spec in specs.items()}
             for e in engines.values():
                 e.start(asyncio.get_running_loop())
             try:
                 for name, prompt in (("copy", COPY), ("free", FREE)):
-                    tps: dict[str, list[float]] = {"plain": [], spec_kind: []}
-                    texts: dict[str, list[str]] = {}
-                    rate: list[float] = []
-                    step_ms: dict[str, list[float]] = {"plain": [], spec_kind: []}
-                    split: dict[float, dict[str, float]] = {}  # the speculating engine's rounds: ms a step by part
-                    for r in range(args.rounds):
-                        for kind, eng in engines.items():
-                            eng.stats = StepStats()
-                            ends, texts[kind] = await run_round(eng, model, prompt, streams, args.tokens,
-                                                                f"{kind}{streams}{name}{r}", params)
-                            tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
-                            st = eng.stats
-                            step_ms[kind].append(st.step_s / max(st.steps, 1) * 1000)
-                            if kind == spec_kind:
-                                split[step_ms[kind][-1]] = {
-                                    part: round(getattr(st, f"{part}_s") / max(st.steps, 1) * 1000, 3)
-                                    for part in ("queue", "wait", "sample")}
-                            rate += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
-                    row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
-                           f"{spec_kind}_tps": round(max(tps[spec_kind]), 1),
-                           "speedup": round(max(tps[spec_kind]) / max(tps["plain"]), 3),
-                           "same_text": texts["plain"] == texts[spec_kind],
-                           "acceptance": round(statistics.mean(rate), 3) if rate else None,
-                           "plain_ms_per_step": round(min(step_ms["plain"]), 3),
-                           f"{spec_kind}_ms_per_step": round(min(step_ms[spec_kind]), 3),
-                           f"{spec_kind}_tokens_per_step": round(
-                               max(tps[spec_kind]) * min(step_ms[spec_kind]) / 1000 / streams, 2),
-                           # where its fastest round's steps went: llama_decode, waiting for the GPU, sampling after
-                           f"{spec_kind}_ms_split": split[min(step_ms[spec_kind])]}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    for row in await compare(engines, model, name, prompt, streams, params, args):
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
             finally:
                 for e in engines.values():
                     e.close()
@@ -126,6 +101,45 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                     draft.close()
     finally:
         model.close()
+    return rows
+
+
+async def compare(engines: dict[str, EngineCore], model: Model, name: str, prompt: str, streams: int,
+                  params: SamplingParams, args: argparse.Namespace) -> list[dict]:
+    """Rounds of every engine in turn; a row for each speculating engine against the plain one."""
+    tps: dict[str, list[float]] = {kind: [] for kind in engines}
+    texts: dict[str, list[str]] = {}
+    rate: dict[str, list[float]] = {kind: [] for kind in engines}
+    step_ms: dict[str, list[float]] = {kind: [] for kind in engines}
+    split: dict[str, dict[float, dict[str, float]]] = {kind: {} for kind in engines}  # ms a step by part
+    for r in range(args.rounds):
+        for kind, eng in engines.items():
+            eng.stats = StepStats()
+            ends, texts[kind] = await run_round(eng, model, prompt, streams, args.tokens,
+                                                f"{kind}{streams}{name}{r}", params)
+            tps[kind].append(sum(e.tokens_out for e in ends) / max(e.decode_s for e in ends))
+            st = eng.stats
+            step_ms[kind].append(st.step_s / max(st.steps, 1) * 1000)
+            parts = {part: getattr(st, f"{part}_s") / max(st.steps, 1) * 1000
+                     for part in ("queue", "overlap", "wait", "sample")}
+            parts["rest"] = step_ms[kind][-1] - sum(parts.values())  # planning, proposing, the updates after
+            split[kind][step_ms[kind][-1]] = {part: round(ms, 3) for part, ms in parts.items()}
+            rate[kind] += [e.acceptance_rate for e in ends if e.acceptance_rate is not None]
+    rows = []
+    for spec_kind in [kind for kind in engines if kind != "plain"]:
+        row = {"streams": streams, "workload": name, "plain_tps": round(max(tps["plain"]), 1),
+               f"{spec_kind}_tps": round(max(tps[spec_kind]), 1),
+               "speedup": round(max(tps[spec_kind]) / max(tps["plain"]), 3),
+               "same_text": texts["plain"] == texts[spec_kind],
+               "acceptance": round(statistics.mean(rate[spec_kind]), 3) if rate[spec_kind] else None,
+               "plain_ms_per_step": round(min(step_ms["plain"]), 3),
+               f"{spec_kind}_ms_per_step": round(min(step_ms[spec_kind]), 3),
+               f"{spec_kind}_tokens_per_step": round(max(tps[spec_kind]) * min(step_ms[spec_kind]) / 1000 / streams, 2),
+               # where the fastest round's steps went: llama_decode, the engine's work while the step computes,
+               # waiting for the GPU, sampling after, the rest
+               "plain_ms_split": split["plain"][min(step_ms["plain"])],
+               f"{spec_kind}_ms_split": split[spec_kind][min(step_ms[spec_kind])]}
+        rows.append(row)
     return rows
 
 
@@ -143,6 +157,8 @@ def main() -> None:
     p.add_argument("--draft-model", help="the draft GGUF of --spec-type draft (the same file: a self-draft)")
     p.add_argument("--gate", choices=("on", "off"), default="on",
                    help="off: speculate at every step whatever it costs (a proposer's ceiling)")
+    p.add_argument("--shadow-hits", type=lambda v: [int(x) for x in v.split(",")], default=[SpecConfig.shadow_hits],
+                   help="right shadow guesses in a row before a stretch; several (1,2): an engine each, alternated")
     p.add_argument("--out")
     args = p.parse_args()
     if (args.spec_type == "draft") != (args.draft_model is not None):
