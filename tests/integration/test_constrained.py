@@ -19,6 +19,7 @@ from worker.engine.core import EngineCore
 from worker.engine.outputs import (
     Constraint,
     ConstraintError,
+    Failed,
     Finished,
     Job,
     Output,
@@ -180,6 +181,31 @@ def test_a_schema_keyword_that_cannot_be_enforced_is_refused_by_name(grammars, s
 def test_an_unreadable_grammar_is_refused(grammars, constraint):
     with pytest.raises(ConstraintError):
         grammars.check(constraint)
+
+
+@pytest.mark.parametrize("constraint", [Constraint("json_schema", '{"$ref": "#"}'),
+                                        Constraint("gbnf", "root ::= root")])
+def test_a_grammar_that_allows_no_first_token_is_refused(grammars, constraint):
+    """It compiles: only its first mask shows that nothing can start it."""
+    with pytest.raises(ConstraintError, match="allows no first token"):
+        grammars.check(constraint)
+
+
+async def test_a_grammar_with_no_end_fails_its_job_where_it_breaks_and_never_ends_as_complete(engine, model):
+    """`root ::= "a" root` allows a first token, then llguidance gives up on it (its parser's item limit) and stops:
+    the job fails there, with llguidance's reason in a line, and is not reported as a grammar completed."""
+    constraint = Constraint("gbnf", 'root ::= "a" root')
+    engine.check_constraint(constraint)
+    queue: asyncio.Queue = asyncio.Queue()
+    engine.submit(Job(job_id="endless", prompt_tokens=model.prompt_tokens(chat(model, "Go.")),
+                      params=SamplingParams(temperature=0), max_tokens=8, deliver=queue.put_nowait,
+                      constraint=constraint))
+    out: list[Output] = []
+    while not out or not isinstance(out[-1], (Finished, Failed)):
+        out.extend(await asyncio.wait_for(queue.get(), 120))
+    assert isinstance(out[-1], Failed) and out[-1].code == "constraint_failed", out[-1]
+    assert "Too many items" in out[-1].message and "\n" not in out[-1].message
+    assert text(out) and set(text(out)) == {"a"}
 
 
 async def test_a_lazy_constraint_holds_only_after_its_trigger(engine, model):

@@ -121,6 +121,8 @@ BAD_CONSTRAINTS = [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "dependentSchemas": {"a": {}}}}}}, "response_format", "dependentSchemas"),
     ({"extra_body": {"grammar": "root ::= ("}}, "grammar", "gbnf"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format", "allows no first token"),
     ({"extra_body": {"json_schema": {"type": "string", "format": "no-such-format"}}}, "json_schema", "no-such"),
 ]
 
@@ -130,6 +132,19 @@ def test_a_constraint_that_cannot_be_enforced_is_refused_by_name(client, kw, par
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, **kw)
     assert err.value.code == "invalid_constraint" and err.value.param == param and named in err.value.message
+
+
+def test_a_constraint_that_breaks_as_the_tokens_come_is_a_client_error_never_a_stop(client):
+    """A schema with no finite document (every object must hold another) passes the first mask; llguidance gives up
+    after `{"`. That is the request's doing: 400 (the SDK does not retry it), not a 500 nor `finish_reason: stop`
+    on text that is no JSON."""
+    schema = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}},
+              "$ref": "#/$defs/n"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}], max_tokens=8,
+                                       temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": schema}})
+    assert err.value.code == "constraint_failed" and "<state>" not in err.value.message
 
 
 def test_two_constraints_at_once_are_refused(client):

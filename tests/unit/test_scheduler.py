@@ -723,15 +723,21 @@ def test_prompt_logprobs_come_first_and_say_how_likely_each_prompt_token_was():
 class EvenTokens:
     """A constraint that allows even tokens only and is complete after three tokens."""
 
-    def __init__(self, allow_none: bool = False) -> None:
+    def __init__(self, allow_none: bool = False, breaks_after: int | None = None) -> None:
         self.consumed: list[int] = []
         self.allow_none = allow_none
-        self.error = "nothing allowed" if allow_none else None
+        self.breaks_after = breaks_after  # the grammar cannot go on after this many tokens (llguidance's error)
         self.prepared = 0  # masks computed ahead, while the step computes
 
     @property
-    def stopped(self) -> bool:
-        return len(self.consumed) == 3
+    def error(self) -> str | None:
+        if self.allow_none:
+            return "nothing allowed"
+        return "too many items" if self.breaks_after is not None and len(self.consumed) >= self.breaks_after else None
+
+    @property
+    def stopped(self) -> bool:  # as llguidance's matcher, also on an error
+        return len(self.consumed) == 3 or self.error is not None
 
     def prepare(self, *, listed: bool = False) -> None:
         self.prepared += 1
@@ -787,6 +793,17 @@ def test_a_constraint_that_allows_nothing_fails_its_job_alone(params):
     run(core)
     assert isinstance(got[-1], Failed) and got[-1].code == "constraint_failed"
     assert text(free) == "efg" and end(free).stop_reason is StopReason.MAX_TOKENS
+
+
+@pytest.mark.parametrize("params", CONSTRAINED_SAMPLING, ids=["greedy", "drawn"])
+def test_a_constraint_that_breaks_after_a_token_fails_its_job_with_that_token_sent(params):
+    """llguidance's matcher stops on an error too (a grammar with no end, found as the tokens come): the job fails,
+    and never ends as if its grammar were complete."""
+    core, _ = engine(grammars=FakeGrammars(breaks_after=2))
+    got = submit(core, "a", [1, 2, 3], max_tokens=10, constraint=Constraint("json_object"), params=params)
+    run(core)
+    assert isinstance(got[-1], Failed) and got[-1].code == "constraint_failed" and "too many items" in got[-1].message
+    assert len(text(got)) == 2 and not any(isinstance(o, Finished) for o in got)
 
 
 def test_on_the_gpu_a_job_sampled_on_the_cpu_runs_every_step_with_its_in_graph_neighbours():

@@ -52,6 +52,10 @@ def grammar_of(constraint: Constraint) -> str:
     raise ConstraintError(f"unknown constraint kind {constraint.kind!r}")
 
 
+def first_line(message: str) -> str:
+    return message.strip().split("\n", 1)[0]
+
+
 class Grammars:
     """Compiled grammars of one model's vocabulary. check() runs off the engine thread (it may compile for a
     while); guide() then starts a sequence's matcher from the compiled one, a copy away."""
@@ -81,8 +85,15 @@ class Grammars:
         if failed or messages:
             raise ConstraintError(f"the {constraint.kind} constraint cannot be enforced: {'; '.join(messages)}")
         matcher = LLMatcher(tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise ConstraintError(f"the {constraint.kind} constraint cannot be enforced: {matcher.get_error()}")
+        # The first mask too: a grammar that only refers to itself ({"$ref": "#"}, `root ::= root`) compiles, and
+        # allows no token at all
+        first = matcher.deep_copy()
+        bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
+        if not first.is_error():
+            first.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        if first.is_error() or not bits.any():
+            reason = "it allows no first token" + (f" ({first_line(first.get_error())})" if first.is_error() else "")
+            raise ConstraintError(f"the {constraint.kind} constraint cannot be enforced: {reason}")
         with self._lock:
             self._compiled[constraint] = matcher
             while len(self._compiled) > CACHED_GRAMMARS:
@@ -114,12 +125,15 @@ class Guide:
 
     @property
     def stopped(self) -> bool:
-        """The grammar is complete and allows nothing more: the sequence ends here."""
-        return self.armed and self.matcher.is_stopped()
+        """The grammar is complete and allows nothing more: the sequence ends here. (llguidance's matcher also
+        stops on an error: that is no completion.)"""
+        return self.armed and self.matcher.is_stopped() and not self.matcher.is_error()
 
     @property
     def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        """Why the grammar cannot go on (a recursion with no end, a pattern too large for its lexer, found as the
+        tokens come), in a line: llguidance's message goes on with its parser's state."""
+        return first_line(self.matcher.get_error()) if self.matcher.is_error() else None
 
     def prepare(self, *, listed: bool = False) -> None:
         """The mask for the next token: computed once its previous token is consumed (on a GPU, while the step that

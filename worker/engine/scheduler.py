@@ -806,7 +806,11 @@ class Scheduler:
             slot.pending.append((token, now))
             if logprob is not None:
                 slot.logprobs.append(logprob)
-            if slot.tokens_out >= job.max_tokens:
+            if slot.guide is not None and (error := slot.guide.error) is not None:
+                # the grammar took the token and cannot go on: the output so far does not match it, so no stop
+                # reason may say it ended well
+                self.fail(slot, "constraint_failed", f"the constraint cannot be followed past this token: {error}")
+            elif slot.tokens_out >= job.max_tokens:
                 self.finish(slot, StopReason.MAX_TOKENS)
             elif slot.guide is not None and slot.guide.stopped:  # the grammar is complete: nothing may follow
                 self.finish(slot, StopReason.EOS)

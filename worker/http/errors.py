@@ -26,6 +26,13 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
 
 
+def failed_status(code: str) -> int:
+    """A job that failed while it ran, as an HTTP status: its constraint could not be followed (a grammar with no
+    end, a pattern too large, found as tokens came) is the request's doing, and a retry would fail the same way
+    (the OpenAI SDK retries a 5xx); anything else failed in llama.cpp."""
+    return 400 if code == "constraint_failed" else 500
+
+
 # Why the engine refused a job, as an HTTP status.
 _SUBMIT_STATUS = {"overloaded": 503, "draining": 503, "duplicate_job_id": 409}
 

@@ -30,7 +30,7 @@ from worker.engine.outputs import (
 )
 from worker.engine.sampling import SamplingParams
 from worker.http import tokenizing
-from worker.http.errors import ApiError, submit_error
+from worker.http.errors import ApiError, failed_status, submit_error
 from worker.http.state import SETTINGS, STATE
 
 
@@ -104,7 +104,7 @@ class JobStream:
         for index, job in enumerate(self.jobs):
             end = last[index]
             if isinstance(end, Failed):
-                raise ApiError(500, end.code, end.message, job_id=job.job_id)
+                raise ApiError(failed_status(end.code), end.code, end.message, job_id=job.job_id)
             assert isinstance(end, Finished)
             results.append(JobResult("".join(texts[index]), end, outputs[index]))
         return results

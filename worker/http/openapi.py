@@ -21,7 +21,8 @@ from worker.http.routedoc import RouteDoc, StreamDoc, documented, route_doc
 REF = "#/components/schemas/{model}"
 
 _ERRORS = {
-    400: "invalid_request (naming the field) or context_length_exceeded",
+    400: ("invalid_request (naming the field), invalid_constraint, context_length_exceeded, or constraint_failed (a"
+          " constraint found, as the tokens came, to be impossible to follow)"),
     401: "unauthorized: missing or wrong token (bearer or x-api-key)",
     404: "not_found",
     409: "duplicate_job_id: a request with this job id is running or waiting",

@@ -15,7 +15,7 @@ from aiohttp import web
 from worker.engine.outputs import Failed, Finished, StopReason, TokenText
 from worker.http.chat_blocks import AnswerBlocks, Block, BlockDelta, BlockEvent, BlockStart, BlockStop
 from worker.http.chat_path import chat_prompt_tokens, submit_chat
-from worker.http.errors import ErrorStyle, add_routes, anthropic_error_type
+from worker.http.errors import ErrorStyle, add_routes, anthropic_error_type, failed_status
 from worker.http.jobs import JobStream
 from worker.http.protocol_anthropic import (
     STREAM_EVENTS,
@@ -115,7 +115,7 @@ async def _stream(request: web.Request, jobs: JobStream, shell: AnthropicMessage
                         usage=usage(out)))
                     events.add_typed(MessageStop())
                 elif isinstance(out, Failed):
-                    events.add_typed(StreamError(error=StreamErrorBody(type=anthropic_error_type(500),
+                    events.add_typed(StreamError(error=StreamErrorBody(type=anthropic_error_type(failed_status(out.code)),
                                                                        message=f"{out.code}: {out.message}")))
             await events.flush()
         await events.close()

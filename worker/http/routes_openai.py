@@ -23,7 +23,7 @@ from worker.chat import ChatDelta, ChatParser, ChatPlan
 from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, StopReason, TokenLogprob, TokenText
 from worker.http import tokenizing
 from worker.http.chat_path import check_room, submit_chat
-from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body
+from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body, failed_status
 from worker.http.jobs import JobResult, JobSpec, JobStream, checked_constraint, submit_jobs
 from worker.http.protocol_native import ModelCard
 from worker.http.protocol_openai import (
@@ -277,7 +277,7 @@ async def _respond(request: web.Request, jobs: JobStream, reply: Reply, stream: 
                         events.add(reply.chunk(index, usage=running(), delta_of=tail))
                     events.add(reply.chunk(index, finish=reply.finish_reason(index, out), usage=running()))
                 elif isinstance(out, Failed):
-                    events.add(error_body(ErrorStyle.OPENAI, 500, out.code, out.message))
+                    events.add(error_body(ErrorStyle.OPENAI, failed_status(out.code), out.code, out.message))
             await events.flush()
         if reply.include_usage and len(ends) == len(jobs.jobs):
             events.add(reply.usage_chunk(reply.end_usage([ends[i] for i in range(len(ends))])))
