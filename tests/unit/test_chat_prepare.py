@@ -176,3 +176,15 @@ def test_arguments_that_are_not_json_reach_the_template_as_text():
     bad = [*ASK, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}]
     assert '"arguments": not json}' in qwen3(bad, tools=[WEATHER]).prompt
+
+
+def test_chat_template_kwargs_may_turn_the_generation_prompt_off_and_set_nothing_the_request_owns():
+    """vLLM's: `add_generation_prompt: false` in chat_template_kwargs continues the last message instead of opening
+    an assistant turn. `messages`, `tools` and the like come from the request's own fields: refused there."""
+    assert smollm2().prompt.endswith("<|im_start|>assistant\n")
+    off = smollm2(template_kwargs={"add_generation_prompt": False}).prompt
+    assert off.endswith("Weather in Paris?<|im_end|>\n")
+    for bad in ({"add_generation_prompt": "no"}, {"messages": []}, {"tools": None}):
+        with pytest.raises(ChatRequestError) as err:
+            smollm2(template_kwargs=bad)
+        assert err.value.param == "chat_template_kwargs"

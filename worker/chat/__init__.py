@@ -130,8 +130,15 @@ def prepare(chat_template: str, messages: list[dict[str, Any]], *, tools: list[d
     if family.name == "generic":
         ready = _generic_messages(ready, tool_list if active else [], required=choice != "auto")
         rendered_tools = None  # the template knows nothing of tools: they are in the system message
+    kwargs = dict(template_kwargs or {})
+    if reserved := sorted(set(kwargs) & template.SET_BY_THE_WORKER):
+        raise ChatRequestError(f"chat_template_kwargs cannot set {', '.join(reserved)}: the request's own fields do",
+                               "chat_template_kwargs")
+    add_generation_prompt = kwargs.pop("add_generation_prompt", True)  # vLLM's: false continues the last message
+    if not isinstance(add_generation_prompt, bool):
+        raise ChatRequestError("chat_template_kwargs.add_generation_prompt must be a boolean", "chat_template_kwargs")
     prompt = template.render(chat_template, ready, bos_token=bos_token, eos_token=eos_token,
-                             tools=rendered_tools, extra=template_kwargs)
+                             add_generation_prompt=add_generation_prompt, tools=rendered_tools, extra=kwargs)
     thinks = "<think>" in chat_template
     forced_open = thinks and prompt.rstrip().endswith("<think>")
     # The prompt closed the block itself (Qwen 3's enable_thinking=False): a constrained answer starts after it.

@@ -56,6 +56,10 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateCompileError(f"the model's chat template does not compile: {exc}") from None
 
 
+# What render() gives every template; chat_template_kwargs may not override these (add_generation_prompt it may)
+SET_BY_THE_WORKER = frozenset({"messages", "bos_token", "eos_token", "tools", "documents"})
+
+
 def render(source: str, messages: list[dict[str, Any]], *, bos_token: str | None, eos_token: str | None,
            add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
            extra: dict[str, Any] | None = None) -> str:

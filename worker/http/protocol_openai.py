@@ -302,7 +302,7 @@ class ChatRequest(GenerateRequest):
         "out as reasoning_content (the worker's --reasoning-format decides by default)")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="vLLM's and llama-server's: extra variables for the chat template (Qwen 3's "
-        "enable_thinking: false)")
+        "enable_thinking: false; add_generation_prompt: false continues the last message)")
     functions: Any = neutral_only([])
     function_call: Any = neutral_only("none")
     modalities: Any = neutral_only(["text"])
