@@ -4,6 +4,7 @@ clean model ids, and CORS for browser apps."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -244,3 +245,32 @@ def test_parallel_clients_with_lists_share_the_slots(client):
                                 [PROMPTS, PROMPTS[::-1]]))
     assert [len(r.choices) for r in results] == [3, 3]
     assert all(r.usage.completion_tokens == 12 for r in results)
+
+
+async def test_a_request_of_several_choices_is_cancelled_whole_by_the_id_its_stream_names(worker):
+    """X-Job-Id of a stream of three prompts is the response's id, and DELETE /v1/inference/{it} ends all three
+    (each choice's own job is `<id>-<index>`)."""
+    body = {"model": "m", "prompt": PROMPTS, "max_tokens": 400, "temperature": 0.8, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # uncancelled: 1,200 tokens
+    finishes: dict[int, str] = {}
+    usage = None
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{worker.url}/v1/completions", json=body) as resp:
+            request_id = resp.headers["X-Job-Id"]
+            deleted = False
+            async for line in resp.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                assert chunk["id"] == request_id
+                if not deleted:
+                    async with http.delete(f"{worker.url}/v1/inference/{request_id}") as d:
+                        assert d.status == 202, await d.text()
+                    deleted = True
+                for choice in chunk["choices"]:
+                    if choice["finish_reason"]:
+                        finishes[choice["index"]] = choice["finish_reason"]
+                usage = chunk.get("usage") or usage
+        assert sorted(finishes) == [0, 1, 2] and usage["completion_tokens"] < 3 * 400, (finishes, usage)
+        async with http.delete(f"{worker.url}/v1/inference/{request_id}") as d:
+            assert d.status == 404

@@ -35,6 +35,7 @@ from worker.engine.outputs import (
     Overloaded,
     StopReason,
     SubmitError,
+    is_choice_of,
 )
 from worker.engine.scheduler import (
     Part,
@@ -164,15 +165,18 @@ class EngineCore:
             self._cond.notify()
 
     def cancel(self, job_id: str, reason: StopReason = StopReason.CANCELLED) -> bool:
-        """Ask a running or waiting job to end; its stream ends with stop_reason `reason`."""
+        """Ask a running or waiting job to end, or every job of a request of several choices given the request's id
+        (choice_job_id); their streams end with stop_reason `reason`. False: none was running or waiting."""
         with self._cond:
             job = self._jobs.get(job_id)
-            if job is None or job.done:
-                return False
-            if job.cancel_reason is None:
-                job.cancel_reason = reason
-            self._cond.notify()
-            return True
+            jobs = [job] if job is not None else [j for i, j in self._jobs.items() if is_choice_of(i, job_id)]
+            jobs = [j for j in jobs if not j.done]
+            for job in jobs:
+                if job.cancel_reason is None:
+                    job.cancel_reason = reason
+            if jobs:
+                self._cond.notify()
+            return bool(jobs)
 
     def cancel_all(self, reason: StopReason = StopReason.CANCELLED) -> None:
         with self._cond:

@@ -129,6 +129,17 @@ class Constraint:
     trigger: str | None = None
 
 
+def choice_job_id(request_id: str, index: int, choices: int) -> str:
+    """The job of one choice of a request: the request's own id where it has one choice, else `<id>-<index>`, so
+    that the request's id names all of them (EngineCore.cancel)."""
+    return request_id if choices == 1 else f"{request_id}-{index}"
+
+
+def is_choice_of(job_id: str, request_id: str) -> bool:
+    head, sep, index = job_id.rpartition("-")
+    return bool(sep) and head == request_id and index.isdigit()
+
+
 @dataclass(eq=False)
 class Job:
     """One generation request as the engine sees it."""

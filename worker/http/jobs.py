@@ -26,6 +26,7 @@ from worker.engine.outputs import (
     Overloaded,
     SubmitError,
     TokenText,
+    is_choice_of,
     is_last,
 )
 from worker.engine.sampling import SamplingParams
@@ -70,7 +71,15 @@ class JobStream:
 
     def stream_headers(self, request: web.Request) -> dict[str, str]:
         """A stream's own headers (set before they go out: the middleware cannot add them to a prepared answer)."""
-        return {"X-Correlation-Id": request["correlation_id"], "X-Job-Id": self.job.job_id}
+        return {"X-Correlation-Id": request["correlation_id"], "X-Job-Id": self.request_id}
+
+    @property
+    def request_id(self) -> str:
+        """What DELETE /v1/inference/{id} cancels the whole request by: its one job's id, or the id its choices'
+        jobs share (choice_job_id)."""
+        first = self.job.job_id
+        head = first.rpartition("-")[0]
+        return head if len(self.jobs) > 1 and all(is_choice_of(j.job_id, head) for j in self.jobs) else first
 
     async def batches(self) -> AsyncIterator[list[tuple[int, Output]]]:
         """The jobs' outputs a step's worth at a time, each with its job's index, until every job has ended."""

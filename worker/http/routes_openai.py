@@ -20,7 +20,17 @@ from pydantic import MISSING, BaseModel, ValidationError
 
 from worker import chat
 from worker.chat import ChatDelta, ChatParser, ChatPlan
-from worker.engine.outputs import Failed, Finished, Job, Output, PromptLogprobs, StopReason, TokenLogprob, TokenText
+from worker.engine.outputs import (
+    Failed,
+    Finished,
+    Job,
+    Output,
+    PromptLogprobs,
+    StopReason,
+    TokenLogprob,
+    TokenText,
+    choice_job_id,
+)
 from worker.http import tokenizing
 from worker.http.chat_path import check_room, submit_chat
 from worker.http.errors import ApiError, ErrorStyle, add_routes, error_body, failed_status
@@ -136,8 +146,8 @@ class Reply:
         return FINISH_REASONS[end.stop_reason]
 
     def job_id(self, index: int) -> str:
-        """One job: the response id (DELETE /v1/inference/{id} cancels it); several: `<id>-<index>`."""
-        return self.id if self.choices == 1 else f"{self.id}-{index}"
+        """The job of one choice; DELETE /v1/inference/{response id} cancels them all."""
+        return choice_job_id(self.id, index, self.choices)
 
     def prompt_text(self, index: int) -> str:
         return self.echo[index // self.n] if self.echo is not None else ""
@@ -320,7 +330,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.require_ready()
     req = parse_body(ChatRequest, await read_json(request))
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    job_ids = [response_id if req.choices == 1 else f"{response_id}-{j}" for j in range(req.choices)]
+    job_ids = [choice_job_id(response_id, j, req.choices) for j in range(req.choices)]
     plan, jobs = await submit_chat(request, req.chat_inputs(), job_ids)
     reply = Reply(chat=True, model=state.model_id, choices=req.choices, n=req.choices, id=response_id,
                   include_usage=req.include_usage, continuous_usage=req.continuous_usage,
