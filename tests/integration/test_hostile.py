@@ -70,6 +70,20 @@ async def test_http_parser_refusal_is_json(worker):
     assert err["code"] == "invalid_request" and "malformed HTTP request" in err["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/messages", "/v1/inference"])
+async def test_an_encoding_the_worker_cannot_read_is_415_in_a_shape_every_client_reads(worker, http, path):
+    """aiohttp refuses a brotli body in its parser, before the route is known: the answer is OpenAI's, Anthropic's
+    and the native error shape at once, with no advice to install a Python package."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": "br"}
+    async with http.post(worker.url + path, data=b'{"prompt": "hi"}', headers=headers) as resp:
+        assert resp.status == 415, await resp.text()
+        body = await resp.json()
+    err = body["error"]
+    assert body["type"] == "error" and err["type"] == "invalid_request_error" and "param" in err
+    assert err["code"] == "unsupported_media_type" and "Content-Encoding br" in err["message"]
+    assert "install" not in err["message"]
+
+
 async def test_unknown_expect_is_417_json(worker):
     status, headers, body = await raw_request(
         worker.url, b"POST /v1/inference HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\n"

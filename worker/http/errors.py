@@ -131,9 +131,10 @@ def add_routes(app: web.Application, routes: web.RouteTableDef, style: ErrorStyl
             styles[route.resource] = style
 
 
-def style_for(app: web.Application, path: str, resource: Any = None) -> ErrorStyle:
+def style_for(app: web.Application, path: str, resource: Any = None,
+              default: ErrorStyle | None = ErrorStyle.NATIVE) -> Any:
     """The style of the matched route's resource; with none (a wrong method, a refused request line), of the
-    registered resource whose path this is; else native."""
+    registered resource whose path this is; else `default`."""
     styles: dict[Any, ErrorStyle] = app.get(_STYLES, {})
     if resource is not None and resource in styles:
         return styles[resource]
@@ -141,7 +142,7 @@ def style_for(app: web.Application, path: str, resource: Any = None) -> ErrorSty
         info = known.get_info()
         if info.get("path") == path or ("pattern" in info and info["pattern"].fullmatch(path)):
             return style
-    return ErrorStyle.NATIVE
+    return default
 
 
 def request_style(request: web.Request) -> ErrorStyle:
@@ -208,15 +209,34 @@ class JsonErrorProtocol(RequestHandler):
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs it; raises if an answer has already begun
-        code = _HTTP_CODES.get(status, "http_error")
-        if status >= 500 or not message:
+        reason = " ".join(str(message or "").split())
+        if status < 500 and (encoding := _UNDECODABLE.search(reason)):
+            # aiohttp's own words end with the Python package that would decode it: no advice for a client
+            status, text = 415, (f"Content-Encoding {encoding[1]} is not supported: send the body unencoded, gzip or "
+                                 "deflate")
+        elif status >= 500 or not reason:
             text = ("the worker hit an unexpected error; it is logged" if status >= 500
                     else HTTPStatus(status).phrase)
         else:
-            text = "malformed HTTP request: " + " ".join(str(message).split())[:200]
+            text = "malformed HTTP request: " + reason[:200]
+        code = _HTTP_CODES.get(status, "http_error")
+        # Where the parser refused the request before its path was known (aiohttp gives a placeholder request), the
+        # route's style cannot be told: the body is one that OpenAI's, Anthropic's and the native clients all read
         app = getattr(self._manager.request_handler, "__self__", None) if self._manager else None
-        style = style_for(app, request.path) if isinstance(app, web.Application) else ErrorStyle.NATIVE
-        response = error_response(style, status, code, text)
+        style = style_for(app, request.path, default=None) if isinstance(app, web.Application) else None
+        body = (error_body(style, status, code, text).model_dump(mode="json", exclude_unset=True) if style is not None
+                else any_style_error(status, code, text))
+        response = web.json_response(body, status=status)
         response.force_close()
         return response
+
+
+_UNDECODABLE = re.compile(r"Can not decode content-encoding: ([\w-]+)")
+
+
+def any_style_error(status: int, code: str, message: str) -> dict[str, Any]:
+    """An error body in all three styles at once: OpenAI's `error` {message, type, param, code}, Anthropic's `type`
+    and `error` {type, message}, the native `error` {code, message}."""
+    return {"type": "error", "error": {"message": message, "type": anthropic_error_type(status), "param": None,
+                                       "code": code}}
 
