@@ -4,6 +4,7 @@ clean model ids, and CORS for browser apps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -274,3 +275,17 @@ async def test_a_request_of_several_choices_is_cancelled_whole_by_the_id_its_str
         assert sorted(finishes) == [0, 1, 2] and usage["completion_tokens"] < 3 * 400, (finishes, usage)
         async with http.delete(f"{worker.url}/v1/inference/{request_id}") as d:
             assert d.status == 404
+
+
+async def test_a_request_whose_sequences_do_not_all_fit_now_is_refused_whole_and_says_so(worker, client):
+    """4 slots and a queue of 8, one slot busy: 12 prompts do not fit (11 would). 503, with a message about this
+    request's sequences, not a count of waiting requests that were its own."""
+    body = {"model": "m", "prompt": "Once", "max_tokens": 400, "temperature": 0.8, "stream": True,
+            "ignore_eos": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{worker.url}/v1/completions", json=body) as resp:
+            await resp.content.readline()  # running
+            with pytest.raises(openai.InternalServerError) as err:
+                await asyncio.to_thread(client.completions.create, model="m", prompt=["x"] * 12, max_tokens=1)
+            assert err.value.status_code == 503 and err.value.code == "overloaded"
+            assert "12 sequences do not fit" in err.value.message and "take 11 more" in err.value.message

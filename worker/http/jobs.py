@@ -194,6 +194,9 @@ async def submit_jobs(
             stream.jobs.append(job)
     except SubmitError as exc:
         stream.cancel()
+        if isinstance(exc, Overloaded) and stream.jobs:  # the count included this request's own sequences
+            exc = Overloaded(f"this request's {len(jobs)} sequences do not fit: the slots and the queue "
+                             f"({engine.max_queue}) take {len(stream.jobs)} more now")
         raise submit_error(exc) from None
     # For what the connection narrates about this request (a dropped reader names its job).
     request["job_id"] = ",".join(job.job_id for job in stream.jobs)
