@@ -268,6 +268,21 @@ def test_generic_tool_calls():
     assert parse_every_way(generic, text) == ("", "", calls(("a", {"x": 1}), ("b", {"s": "]}"})), True)
 
 
+@pytest.mark.parametrize("make, text", [
+    (generic, '{"tool_calls": [{"name": "get_weather", "argu'),
+    (generic, '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa'),
+    (hermes, '<tool_call>{"name": "get_weather", "argu'),
+    (mistral, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Pa'),
+])
+def test_a_call_cut_short_by_max_tokens_is_announced_once_its_name_is_whole(make, text):
+    """As OpenAI sends a call cut by `length`: its name, and what of its arguments came (the finish_reason stays
+    `length`). Without it a client got nothing for the tokens it paid for."""
+    content, _, got, called = parse_every_way(make, text)
+    assert content == "" and called and [c["name"] for c in got] == ["get_weather"]
+    assert got[0]["arguments"] == ('{"city": "Pa' if "arguments" in text else "")
+    assert parse_every_way(make, text.split('"get_')[0])[2] == []  # no name yet: no call
+
+
 def test_generic_text_that_is_not_the_form_is_content():
     assert parse_every_way(generic, "plain words") == ("plain words", "", [], False)
 

@@ -120,6 +120,13 @@ class CallStream:
     def _arguments(self) -> Member | None:
         return self.scan.member("arguments", "parameters")
 
+    def cut_short(self, out: _Out) -> None:
+        """The answer ended inside this call (max_tokens): a call whose name is whole is announced, with what of
+        its arguments came, as OpenAI sends a call cut by `length`; the name is what a client acts on."""
+        if not self.announced and self.name is not None:
+            out.calls.append(ToolCallDelta(self.index, self.new_id(), self.name))
+            self.announced = True
+
     def _emit(self, out: _Out) -> None:
         if not self.announced:
             if not self.is_call():
@@ -178,6 +185,10 @@ class CallList:
                 self.state = "failed"
         if self.state in ("done", "failed"):
             self.rest += piece
+
+    def cut_short(self, out: _Out) -> None:
+        if self.state == "item" and self.call is not None:
+            self.call.cut_short(out)
 
 
 # ---------------------------------------------------------------------------------------------- reasoning
@@ -380,6 +391,8 @@ class MarkedCalls(ToolParser):
     def finish(self, out: _Out) -> None:
         if self.state == "text":
             self._text(out, final=True)
+        elif self.state == "call" and self.call is not None:
+            self.call.cut_short(out)
 
 
 class NamedArgsCalls(ToolParser):
@@ -562,6 +575,8 @@ class GenericJson(ToolParser):
             self.said += used
 
     def finish(self, out: _Out) -> None:
+        if self.list is not None:
+            self.list.cut_short(out)
         if self.scan.failed or (self.scan.member("tool_calls") is None and self.scan.member("response") is None):
             text = self.scan.text  # not the form (cannot happen under the constraint): the text as it came
             if text.strip(WHITESPACE):
