@@ -281,3 +281,29 @@ def test_a_prefilled_assistant_turn_is_continued_not_repeated():
     calls = messages(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": [
         {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]).messages_chat_inputs()
     assert calls.continue_with == "" and calls.messages[-1]["tool_calls"]  # a call is history, not a prefill
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice"),
+])
+def test_a_refused_field_is_named_as_the_client_sent_it_not_by_pydantics_union_branches(body, field):
+    from worker.http.protocol_openai import ChatRequest
+    from worker.http.routes_openai import parse_body
+
+    with pytest.raises(ApiError) as err:
+        parse_body(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body})
+    assert err.value.extra["field"] == field, err.value.message
+    assert "[" not in err.value.message.split(":")[0]
+
+
+@pytest.mark.parametrize("part, says", [({"type": "text"}, "part 0 is a text part without a string 'text'"),
+                                        ({"text": "hi"}, "part 0 has no 'type'"),
+                                        ({"type": "image_url"}, "part 0 is 'image_url'; only text parts")])
+def test_a_content_part_that_is_not_text_says_what_it_lacks(part, says):
+    from worker.http.protocol_openai import ChatRequest
+    from worker.http.routes_openai import parse_body
+
+    with pytest.raises(ApiError) as err:
+        parse_body(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": [part]}]})
+    assert err.value.extra["field"] == "messages.0.content" and says in err.value.message

@@ -210,9 +210,15 @@ class Message(Strict):
         if not isinstance(v, list):
             raise ValueError("must be a string or a list of text parts")
         for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {i} is {kind!r}; only text parts {{'type': 'text', 'text': ...}} are supported")
+            if isinstance(part, dict) and part.get("type") == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i} is a text part without a string 'text'")
+                continue
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind is None:
+                raise ValueError(f"part {i} has no 'type'; only text parts {{'type': 'text', 'text': ...}} are "
+                                 "supported")
+            raise ValueError(f"part {i} is {kind!r}; only text parts {{'type': 'text', 'text': ...}} are supported")
         return v
 
     def for_template(self) -> dict[str, Any]:

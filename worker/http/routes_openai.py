@@ -74,7 +74,7 @@ from worker.http.protocol_openai import (
     chat_logprobs,
 )
 from worker.http.routedoc import RouteDoc, StreamDoc, documented
-from worker.http.schemas import read_json
+from worker.http.schemas import field_path, read_json
 from worker.http.sse import EventStream
 from worker.http.state import STATE, WorkerState
 from worker.llamacpp import ModelInfo
@@ -95,7 +95,7 @@ def parse_body(model: type[M], body: Any) -> M:
         req = model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        path = ".".join(str(p) for p in err.get("loc", ()))
+        path = field_path(err.get("loc", ()))
         if err.get("type") == "extra_forbidden":
             raise ApiError(400, "invalid_request", f"unrecognized request argument supplied: {path}",
                            field=path) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,6 +68,22 @@ async def read_json(request: web.Request) -> Any:
     return _decode(raw)
 
 
+# pydantic's names for the branch of a union it tried (`str`, `literal['none','auto']`, `function-after[...]`):
+# steps of its search, not fields a client sent
+_BRANCH = re.compile(r"(str|int|float|bool|list|dict|none|[\w-]+\[.*\])")
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A validation error's location as the client's dotted field path: union branches left out, and a tagged
+    union's tag where it repeats its field's name (`response_format.json_schema.json_schema`) said once."""
+    parts: list[Any] = []
+    for step in loc:
+        if isinstance(step, str) and (_BRANCH.fullmatch(step) or (parts and parts[-1] == step)):
+            continue
+        parts.append(step)
+    return ".".join(str(p) for p in parts)
+
+
 def parse(model: type[M], body: Any) -> M:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object")
@@ -79,5 +96,5 @@ def parse(model: type[M], body: Any) -> M:
         if err.get("type") == "extra_forbidden":
             message = f"unknown field {field!r}"
         else:
-            message = f"{'.'.join(str(p) for p in loc)}: {err['msg'].removeprefix('Value error, ')}"
+            message = f"{field_path(loc)}: {err['msg'].removeprefix('Value error, ')}"
         raise ApiError(400, "invalid_request", message, field=field) from None
