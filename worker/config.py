@@ -22,6 +22,9 @@ from pydantic_settings import (
 
 # The TOML file named by --config; read by settings_customise_sources while settings are built.
 _toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_file", default=None)
+# False while settings are read for a command that does not serve (convert): the serving rules stay out of its way
+_serving: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=True)
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: more overruns its thread arrays (a segfault, seen at 100000)
 
 
 class ConfigError(Exception):
@@ -100,12 +103,14 @@ class Settings(BaseSettings):
     threads: int = Field(
         default_factory=lambda: default_threads(),
         ge=1,
+        le=MAX_THREADS,
         description="CPU threads for one-token steps; default: the CPUs this process may use (affinity, cgroup "
         "quota) but one, which the HTTP loop and the tokenizers need",
     )
     threads_batch: int = Field(
         default_factory=lambda: default_threads(),
         ge=1,
+        le=MAX_THREADS,
         description="CPU threads for prompt chunks and steps of several sequences; default: as --threads (with "
         "every CPU in use, one busy neighbour stalls llama.cpp's spinning threads at every barrier)",
     )
@@ -176,16 +181,18 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout: float | None = Field(
-        None, gt=0, description="seconds a request may run before it ends with stop_reason 'timeout'"
+        None, gt=0, allow_inf_nan=False,
+        description="seconds a request may run before it ends with stop_reason 'timeout'"
     )
     callback_url: str | None = Field(
         None, description="pool manager URL to POST to once the model is ready; none = standalone"
     )
     callback_timeout: float = Field(
-        60.0, gt=0, description="seconds to keep retrying the ready callback before exiting with code 4"
+        60.0, gt=0, allow_inf_nan=False,
+        description="seconds to keep retrying the ready callback before exiting with code 4"
     )
     heartbeat_url: str | None = Field(None, description="URL that gets the worker's state every heartbeat")
-    heartbeat_interval: float = Field(30.0, gt=0, description="seconds between heartbeats")
+    heartbeat_interval: float = Field(30.0, ge=0.1, allow_inf_nan=False, description="seconds between heartbeats")
     advertise_url: str | None = Field(
         None, description="the URL the pool manager should use to reach this worker; default: http://host:port"
     )
@@ -193,17 +200,21 @@ class Settings(BaseSettings):
         None, description="performance work: write cProfile stats of the scheduler thread and the event loop here"
     )
     drain_timeout: float = Field(
-        30.0, ge=0, description="seconds running requests may finish after SIGTERM before they are cancelled"
+        30.0, ge=0, allow_inf_nan=False,
+        description="seconds running requests may finish after SIGTERM before they are cancelled"
     )
     header_timeout: float = Field(
-        15.0, gt=0, description="seconds a connection may take to send a whole request head, from its opening or "
+        15.0, gt=0, allow_inf_nan=False,
+        description="seconds a connection may take to send a whole request head, from its opening or "
         "its last answer (idle keep-alive connections close after it too)"
     )
     body_timeout: float = Field(
-        60.0, gt=0, description="seconds a request body may take to arrive whole after its head; slower: 408"
+        60.0, gt=0, allow_inf_nan=False,
+        description="seconds a request body may take to arrive whole after its head; slower: 408"
     )
     write_timeout: float = Field(
-        30.0, gt=0, description="seconds a client may leave its answer unread (the send buffer full) before the "
+        30.0, gt=0, allow_inf_nan=False,
+        description="seconds a client may leave its answer unread (the send buffer full) before the "
         "connection is dropped and its request cancelled"
     )
     max_connections: int = Field(
@@ -301,9 +312,23 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _proposals_fit(self) -> Settings:
+        if self.spec_draft_n_min > self.spec_draft_n_max:
+            raise ValueError(f"--spec-draft-n-min {self.spec_draft_n_min} is above --spec-draft-n-max "
+                             f"{self.spec_draft_n_max}: no proposal could be verified")
+        return self
+
+    @model_validator(mode="after")
+    def _profile_dir_is_a_folder(self) -> Settings:
+        if self.profile_dir is not None and self.profile_dir.exists() and not self.profile_dir.is_dir():
+            raise ValueError(f"--profile-dir {self.profile_dir} is a file, not a folder")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_open_without_token(self) -> Settings:
-        # There is no way to turn auth off on a reachable address: the token is the only guard.
-        if not self.api_token and not _is_loopback(self.host):
+        # There is no way to turn auth off on a reachable address: the token is the only guard. (A command that
+        # does not serve, such as convert in the image, where LLM_WORKER_HOST is 0.0.0.0, listens on nothing.)
+        if not self.api_token and not _is_loopback(self.host) and _serving.get():
             raise ValueError(
                 f"refusing to listen on non-loopback host {self.host!r} without an API token "
                 "(set --api-token or LLORCH_API_TOKEN)"
@@ -398,8 +423,17 @@ def _config_path(argv: list[str]) -> Path | None:
     return Path(env) if env else None
 
 
-def load_settings(argv: list[str]) -> Settings:
-    """Build Settings from argv, env and the TOML file; any problem raises ConfigError with one line."""
+def load_settings(argv: list[str], *, serving: bool = True) -> Settings:
+    """Build Settings from argv, env and the TOML file; any problem raises ConfigError with one line. `serving`:
+    False for a command that listens on nothing (the token rule for a reachable host does not apply)."""
+    serving_token = _serving.set(serving)
+    try:
+        return _load_settings(argv)
+    finally:
+        _serving.reset(serving_token)
+
+
+def _load_settings(argv: list[str]) -> Settings:
     path = _config_path(argv)
     if path is not None and not path.is_file():
         raise ConfigError(f"config file not found: {path}")

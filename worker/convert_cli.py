@@ -36,7 +36,7 @@ def convert_main(argv: list[str]) -> int:
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
              if name in ("quantize", "cache_dir", "config", "log_format") and value is not None]
     try:
-        settings = load_settings(flags)
+        settings = load_settings(flags, serving=False)
     except ConfigError as exc:
         print(f"llm-worker-rbee convert: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

@@ -54,6 +54,10 @@ def test_cache_ram_is_mib_with_llama_servers_default_and_conventions():
     ["--parallel", "0"], ["--gpu-layers", "-2"], ["--tensor-split", "a,b"], ["--backend", "tpu"],
     ["--worker-id", "has space"], ["--host", "10.1.2.3"], ["--log-format", "xml"], ["--request-timeout", "0"],
     ["--cache-ram", "-2"], ["--cache-ram", "1.5"],
+    # past ggml's 512 threads llama.cpp segfaulted; an endless drain lost the exit watchdog (a Timer of inf)
+    ["--threads", "513"], ["--threads-batch", "100000"], ["--drain-timeout", "inf"], ["--request-timeout", "inf"],
+    ["--write-timeout", "1e400"], ["--heartbeat-interval", "0.000001"],
+    ["--spec-type", "ngram", "--spec-draft-n-min", "10", "--spec-draft-n-max", "3"],
 ])
 def test_bad_settings_raise_one_line(argv):
     with pytest.raises(ConfigError) as err:
@@ -143,3 +147,18 @@ def test_public_model_ids_never_show_a_path():
     assert public_id("embedded:SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
     assert public_id("/srv/models/llama-3.1-8b.Q4_K_M.gguf") == "llama-3.1-8b.Q4_K_M"
     assert public_id("/data/checkpoints/Qwen3-0.6B/") == "Qwen3-0.6B"
+
+
+def test_a_profile_dir_that_is_a_file_is_a_config_error(tmp_path: Path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_settings(["--profile-dir", str(tmp_path / "f")])
+    assert load_settings(["--profile-dir", str(tmp_path / "new")]).profile_dir == tmp_path / "new"
+
+
+def test_a_command_that_does_not_serve_is_not_held_to_the_token_rule(monkeypatch):
+    """The image sets LLM_WORKER_HOST=0.0.0.0; `convert` there listens on nothing and has no token to give."""
+    monkeypatch.setenv("LLM_WORKER_HOST", "0.0.0.0")
+    with pytest.raises(ConfigError, match="without an API token"):
+        load_settings([])
+    assert load_settings([], serving=False).host == "0.0.0.0"
