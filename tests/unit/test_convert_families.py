@@ -32,6 +32,29 @@ def test_configs_llama_cpp_computes_differently_are_refused(tmp_path: Path, arch
         convert_checkpoint(tmp_path / "m", tmp_path / "out.gguf")
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    ({"rms_norm_eps": float("nan")}, "config.json: rms_norm_eps is nan"),
+    ({"rope_theta": float("inf")}, "config.json: rope_theta is inf"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": -2.0}}, "config.json: rope_scaling: factor is -2.0"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of names"),
+    ({"architectures": [5]}, "architectures must be a list of names"),
+])
+def test_a_config_llama_cpp_would_not_load_is_refused_before_anything_is_written(tmp_path: Path, overrides: dict,
+                                                                                 needle: str):
+    """llama.cpp refused such a GGUF only when it was served, after the converter had written and cached it."""
+    make_tiny_checkpoint(tmp_path / "m", "llama", **overrides)
+    with pytest.raises(ConvertError, match=needle):
+        convert_checkpoint(tmp_path / "m", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_config_that_is_not_an_object_is_refused(tmp_path: Path):
+    make_tiny_checkpoint(tmp_path / "m", "llama")
+    (tmp_path / "m" / "config.json").write_text("[]")
+    with pytest.raises(ConvertError, match="config.json: must be a JSON object, not list"):
+        convert_checkpoint(tmp_path / "m", tmp_path / "out.gguf")
+
+
 def test_a_missing_expert_is_named(tmp_path: Path):
     _, weights = make_tiny_checkpoint(tmp_path / "m", "mixtral")
     for w in ("w1", "w2", "w3"):

@@ -51,7 +51,25 @@ class ConvertStats:
 
 
 def read_config(folder: Path) -> dict:
-    return read_json(folder / "config.json", "no config.json, so not a SafeTensors checkpoint folder")
+    config = read_json(folder / "config.json", "no config.json, so not a SafeTensors checkpoint folder")
+    if not isinstance(config, dict):
+        raise ConvertError(f"{folder / 'config.json'}: must be a JSON object, not {type(config).__name__}")
+    check_numbers(config)
+    return config
+
+
+def check_numbers(config: dict, where: str = "config.json") -> None:
+    """Refuses what llama.cpp would refuse at load, so that no unservable GGUF is written and cached: a number
+    that is not finite (NaN, Infinity: Python's json reads them), a rope scaling factor that is not positive."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_numbers(value, f"{where}: {key}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConvertError(f"{where}: {key} is {value}")
+    factor = config.get("factor")
+    if isinstance(config.get("rope_type", config.get("type")), str) and isinstance(factor, (int, float)) \
+            and factor <= 0:
+        raise ConvertError(f"{where}: factor is {factor}; a rope scaling factor must be positive")
 
 
 def convert_checkpoint(folder: Path, out: Path, name: str | None = None) -> ConvertStats:

@@ -22,6 +22,9 @@ BY_HF_ARCHITECTURE: dict[str, Family] = {hf: f for f in FAMILIES for hf in f.hf_
 
 def family_for(config: Mapping[str, Any], where: str = "config.json") -> Family:
     names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConvertError(f"{where}: architectures must be a list of names, such as [\"LlamaForCausalLM\"], "
+                           f"not {names!r}")
     for name in names:
         if name in BY_HF_ARCHITECTURE:
             return BY_HF_ARCHITECTURE[name]
