@@ -20,7 +20,9 @@ from worker.engine.host_cache import HostCache
 from worker.engine.speculative import DraftProposer, SpecConfig
 from worker.llamacpp import Context, Model, gpu_backend_name, gpu_memory_used
 from worker.llamacpp.draft import DraftModel, check_draft_compatible
+from worker.llamacpp.model import ModelLoadError
 from worker.metrics import Metrics
+from worker.models.errors import ModelResolveError
 from worker.models.resolve import public_id, resolve
 from worker.narration import narrate
 
@@ -198,10 +200,14 @@ def load_draft(s: Settings, where: Placement, target: Model, ctx_size: int) -> D
     """The draft model of --spec-type draft, on the target's device, its vocabulary checked against the target's
     (DraftMismatch: exit 2), with a context of one sequence per slot."""
     assert s.spec_draft_model is not None
-    resolved = resolve(s.spec_draft_model, cache_dir=s.cache_dir, quantize=s.quantize)
     layers = where.gpu_layers if s.spec_draft_gpu_layers is None or not where.offloaded else (
         -1 if s.spec_draft_gpu_layers == "all" else int(s.spec_draft_gpu_layers))
-    model = Model.load(resolved.path, ref=resolved.ref, fmt=resolved.format, gpu_layers=layers, main_gpu=s.device)
+    try:
+        resolved = resolve(s.spec_draft_model, cache_dir=s.cache_dir, quantize=s.quantize)
+        model = Model.load(resolved.path, ref=resolved.ref, fmt=resolved.format, gpu_layers=layers,
+                           main_gpu=s.device)
+    except (ModelResolveError, ModelLoadError) as exc:  # the same exit (3), saying which of the two models it was
+        raise type(exc)(f"the draft model (--spec-draft-model): {exc}") from None
     try:
         check_draft_compatible(target, model)
         n_ctx_seq = min(s.spec_draft_ctx_size or ctx_size, ctx_size)  # more than the target's would never be used

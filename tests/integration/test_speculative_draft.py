@@ -118,6 +118,14 @@ def test_a_draft_of_another_vocabulary_exits_2_naming_the_difference(tmp_path: P
     assert failed and "vocabulary types" in failed[0] and "gemma-3-270m" in failed[0], result.stderr[-3000:]
 
 
+def test_a_draft_model_that_cannot_be_loaded_exits_3_saying_it_is_the_draft(tmp_path: Path):
+    result = run_worker("--spec-type", "draft", "--spec-draft-model", str(tmp_path / "nope.gguf"), "--log-format",
+                        "json", "--parallel", "1", "--ctx-size", "256", timeout=120)
+    assert result.returncode == 3, result.stderr[-3000:]
+    failed = [line for line in result.stderr.splitlines() if '"model_load_failed"' in line]
+    assert failed and "the draft model (--spec-draft-model)" in failed[0] and "nope.gguf" in failed[0], failed
+
+
 async def test_a_worker_with_a_draft_model_reports_proposals_in_its_end_event_and_metrics():
     w = WorkerProcess(["--parallel", "2", "--ctx-size", "512", "--spec-type", "draft",
                        "--spec-draft-model", str(embedded_model_path())]).start()
