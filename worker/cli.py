@@ -66,20 +66,9 @@ async def serve(settings: Settings) -> int:
     # slow heads, slow bodies, readers that stop reading and too many connections (worker/http/server.py).
     raise_open_files_limit(settings.max_connections)
     runner = runner_for(app, max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS)
-    await runner.setup()
     state = app[STATE]
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-    except OSError as exc:
-        narrate("startup", f"Cannot listen on {settings.host}:{settings.port}: {exc}", level="error")
-        await runner.cleanup()
-        return ExitCode.CONFIG
-    host, port = runner.addresses[0][:2]
-    state.url = settings.advertise_url or f"http://{_reachable_host(settings.host, host)}:{port}"
-    narrate("server_listening", f"Listening on http://{host}:{port}", target=f"{host}:{port}", host=host,
-            port=port, url=state.url, cute="Ears open!")
-
+    # The handlers go in before the runner's setup, which starts the model's load: a signal in the first second
+    # abandons the load like any other, with no traceback
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -104,6 +93,19 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGUSR1, lambda: narrate(
         "signal_ignored", "Received SIGUSR1: ignored (it has no meaning for this worker).", level="warning",
         signal="SIGUSR1"))
+
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+    except OSError as exc:
+        narrate("startup", f"Cannot listen on {settings.host}:{settings.port}: {exc}", level="error")
+        await runner.cleanup()
+        return ExitCode.CONFIG
+    host, port = runner.addresses[0][:2]
+    state.url = settings.advertise_url or f"http://{_reachable_host(settings.host, host)}:{port}"
+    narrate("server_listening", f"Listening on http://{host}:{port}", target=f"{host}:{port}", host=host,
+            port=port, url=state.url, cute="Ears open!")
 
     code = int(await state.stopped)
     _exit_if_stuck(settings.drain_timeout + SHUTDOWN_GRACE_S, code)
