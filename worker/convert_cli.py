@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 from worker.config import ConfigError, load_settings
 from worker.exit_codes import ExitCode
@@ -41,6 +44,8 @@ def convert_main(argv: list[str]) -> int:
         print(f"llm-worker-rbee convert: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     configure(worker_id=None, log_format=settings.log_format, level=settings.log_level)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _stop_handler(settings.cache_dir.expanduser(), args.output))
     try:
         resolved = resolve(args.source, cache_dir=settings.cache_dir, quantize=settings.quantize)
     except ModelResolveError as exc:
@@ -59,10 +64,32 @@ def convert_main(argv: list[str]) -> int:
     return ExitCode.OK
 
 
+def _stop_handler(cache_dir: Path, out: Path) -> Callable[[int, FrameType | None], None]:
+    """A stop signal ends the conversion as a shell expects of a command it interrupted (128 + the signal's number:
+    130 for SIGINT, 143 for SIGTERM), with a line instead of a traceback, and this process's temp files removed (a
+    conversion renamed into the cache with its record stays: the next run finds it)."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        from worker.models.convert.cache import remove_own_temps
+
+        removed = remove_own_temps(cache_dir) if cache_dir.is_dir() else []
+        _temp_for(out).unlink(missing_ok=True)
+        print(f"llm-worker-rbee convert: stopped by {signal.Signals(signum).name}; {out} not written"
+              f"{f', {len(removed)} temp file(s) removed' if removed else ''}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    return stop
+
+
+def _temp_for(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    return out.with_name(f".{out.name}.{os.getpid()}.tmp")
+
+
 def _publish(cached: Path, out: Path) -> None:
     """Make `out` a complete copy of `cached`, or leave it untouched: temp file beside it, then rename."""
     out = out.expanduser().resolve()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = _temp_for(out)
     try:
         try:
             os.link(cached, tmp)  # same filesystem: no copy of gigabytes

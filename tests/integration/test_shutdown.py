@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -83,3 +85,27 @@ def test_sigterm_during_conversion_exits_0_at_once_and_leaves_nothing(smollm_che
         assert left == [], left
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_convert_command_ends_it_as_a_shell_expects_and_leaves_nothing(smollm_checkpoint,
+                                                                                           tmp_path, sig):
+    """`convert` is a command, not a server: interrupted, it exits 128 + the signal (130, 143) with one line, no
+    traceback, and neither its cache's temp file nor the output's."""
+    cache, out = tmp_path / "cache", tmp_path / "out.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "convert", str(smollm_checkpoint), str(out),
+                             "--cache-dir", str(cache), "--quantize", "q8_0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (cache.is_dir() and any(cache.glob(".*.tmp"))):  # until the conversion has begun writing
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err and "not written" in err, err[-2000:]
+    assert not out.exists() and not [p.name for p in cache.iterdir() if ".gguf" in p.name and
+                                     not p.name.endswith(".lock")]
