@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import queue
 import sys
 import threading
@@ -97,6 +98,32 @@ def configure(*, worker_id: str | None, log_format: str = "pretty", level: str =
         logger.add(_json_sink, level=level.upper(), format="{message}")
     else:
         logger.add(_stderr.sink, level=level.upper(), format=_pretty_format, colorize=False)
+    _route_hub_logs()
+
+
+class _StdlibLogs(logging.Handler):
+    """A library's standard-library records, sent where every other log goes (one JSON object a line with
+    --log-format json), under an actor of its own."""
+
+    def __init__(self, actor: str) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "ERROR"
+        logger.bind(actor=self.actor).log(level, " ".join(record.getMessage().split()))
+
+
+def _route_hub_logs() -> None:
+    """huggingface_hub writes its own lines to stderr (its retries of an unreachable hub, seconds of them), which
+    broke the one-object-a-line JSON log: its handler replaced by ours."""
+    import huggingface_hub.utils.logging  # noqa: F401  (its import adds the handler replaced here)
+
+    hub = logging.getLogger("huggingface_hub")
+    hub.handlers = [h for h in hub.handlers if not isinstance(h, logging.StreamHandler)]
+    if not any(isinstance(h, _StdlibLogs) for h in hub.handlers):
+        hub.addHandler(_StdlibLogs("hub"))
+    hub.propagate = False
 
 
 class _LineWriter:

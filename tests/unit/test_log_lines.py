@@ -48,3 +48,22 @@ def test_the_engine_threads_per_token_llama_cpp_calls_keep_the_gil():
     for fn in (context._sampled_token_ith, context._logits_ith, context._sampler_accept, context._sampler_reset,
                context._seq_rm):
         assert fn._flags_ & ctypes._FUNCFLAG_PYTHONAPI, fn.__name__
+
+
+def test_huggingface_hubs_own_lines_are_json_lines_too(capsys):
+    """huggingface_hub writes its retries to stderr through a handler of its own: with --log-format json each is
+    one JSON object (actor "hub"), as every other line."""
+    import logging
+
+    narration.configure(worker_id="w-test", log_format="json", level="info")
+    try:
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2] Name or service not known' thrown "
+                                                                 "while requesting GET\nRetrying in 1s")
+        narration.flush_logs()
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines and all(line.startswith("{") for line in lines), err
+        event = json.loads(lines[-1])
+        assert event["actor"] == "hub" and "Retrying in 1s" in event["message"], event
+    finally:
+        narration.configure(worker_id=None, log_format="pretty", level="info")
