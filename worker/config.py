@@ -259,6 +259,13 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
+    @field_validator("model", "spec_draft_model")
+    @classmethod
+    def _check_model_ref(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # "" would be taken as the current folder
+            raise ValueError("is empty: give a .gguf file, a SafeTensors folder or hf:<org>/<repo>")
+        return v
+
     @field_validator("served_model_name")
     @classmethod
     def _check_served_name(cls, v: str | None) -> str | None:
@@ -435,6 +442,8 @@ def load_settings(argv: list[str], *, serving: bool = True) -> Settings:
 
 def _load_settings(argv: list[str]) -> Settings:
     path = _config_path(argv)
+    if path is not None and path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a TOML file")
     if path is not None and not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     token = _toml_file.set(path)
@@ -442,9 +451,11 @@ def _load_settings(argv: list[str]) -> Settings:
         return Settings(_cli_parse_args=argv)  # type: ignore[call-arg]
     except SettingsError as exc:
         raise ConfigError(_one_line(str(exc))) from None
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
+    except ValueError as exc:  # pydantic ValidationError is a ValueError; so are the TOML reader's errors
+        if type(exc).__name__ == "TOMLDecodeError" or isinstance(exc, UnicodeDecodeError):
+            raise ConfigError(_one_line(f"config file {path} is not valid TOML: {exc}")) from None
         raise ConfigError(_validation_line(exc)) from None
-    except Exception as exc:  # e.g. a malformed TOML file
+    except Exception as exc:
         raise ConfigError(_one_line(f"{type(exc).__name__}: {exc}")) from None
     finally:
         _toml_file.reset(token)

@@ -57,7 +57,7 @@ def test_cache_ram_is_mib_with_llama_servers_default_and_conventions():
     # past ggml's 512 threads llama.cpp segfaulted; an endless drain lost the exit watchdog (a Timer of inf)
     ["--threads", "513"], ["--threads-batch", "100000"], ["--drain-timeout", "inf"], ["--request-timeout", "inf"],
     ["--write-timeout", "1e400"], ["--heartbeat-interval", "0.000001"],
-    ["--spec-type", "ngram", "--spec-draft-n-min", "10", "--spec-draft-n-max", "3"],
+    ["--spec-type", "ngram", "--spec-draft-n-min", "10", "--spec-draft-n-max", "3"], ["--model", ""],
 ])
 def test_bad_settings_raise_one_line(argv):
     with pytest.raises(ConfigError) as err:
@@ -162,3 +162,11 @@ def test_a_command_that_does_not_serve_is_not_held_to_the_token_rule(monkeypatch
     with pytest.raises(ConfigError, match="without an API token"):
         load_settings([])
     assert load_settings([], serving=False).host == "0.0.0.0"
+
+
+def test_a_config_file_that_is_a_folder_or_not_toml_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_settings(["--config", str(tmp_path)])
+    (tmp_path / "bad.toml").write_text("parallel = ")
+    with pytest.raises(ConfigError, match=r"bad.toml is not valid TOML"):
+        load_settings(["--config", str(tmp_path / "bad.toml")])
