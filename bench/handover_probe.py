@@ -23,10 +23,9 @@ import time
 
 import llama_cpp as lc
 
+from bench.llama_raw import fill, load_model
 from bench.load import PROMPT
-from worker.llamacpp.backend import init_backend, route_ggml_log
 from worker.llamacpp.context import token_only_sampler
-from worker.narration import configure
 
 VARIANTS = ("dist", "dist-argmax", "dist-token", "greedy", "greedy-token")
 
@@ -65,21 +64,14 @@ def run(model, vocab, variant: str, streams: int, tokens: int) -> dict:
     for s, chain in enumerate(chains):
         assert lc.llama_set_sampler(ctx, s, chain)
     batch = lc.llama_batch_init(cparams.n_batch, 0, 1)
-
-    def fill(entries):  # (token, pos, seq, logits)
-        for i, (tok, pos, seq, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, logits
-        batch.n_tokens = len(entries)
-
-    fill([(buf[p], p, s, int(p == n_prompt - 1)) for s in range(streams) for p in range(n_prompt)])
+    fill(batch, [(buf[p], p, s, int(p == n_prompt - 1)) for s in range(streams) for p in range(n_prompt)])
     assert lc.llama_decode(ctx, batch) == 0
     out_idx = [(s + 1) * n_prompt - 1 for s in range(streams)]
     steps = []
     for step in range(tokens):
         t = time.perf_counter()
         last = [lc.llama_get_sampled_token_ith(ctx, out_idx[s]) for s in range(streams)]
-        fill([(last[s], n_prompt + step, s, 1) for s in range(streams)])
+        fill(batch, [(last[s], n_prompt + step, s, 1) for s in range(streams)])
         assert lc.llama_decode(ctx, batch) == 0
         out_idx = list(range(streams))
         steps.append(time.perf_counter() - t)
@@ -103,13 +95,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
-    configure(worker_id=None, level="warning")
-    init_backend()
-    mparams = lc.llama_model_default_params()
-    mparams.n_gpu_layers = args.gpu_layers
-    model = lc.llama_model_load_from_file(args.model.encode(), mparams)
-    vocab = lc.llama_model_get_vocab(model)
-    route_ggml_log(to_python=False)
+    model, vocab = load_model(args.model, args.gpu_layers)
     for streams in (int(x) for x in args.streams.split(",")):
         best: dict[str, dict] = {}
         for _ in range(args.rounds):  # variants alternated, the best round of each kept

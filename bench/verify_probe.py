@@ -17,10 +17,9 @@ import time
 import llama_cpp as lc
 import numpy as np
 
+from bench.llama_raw import fill, load_model
 from bench.load import PROMPT
-from worker.llamacpp.backend import init_backend, route_ggml_log
 from worker.llamacpp.context import token_only_sampler
-from worker.narration import configure
 
 
 def run(model, vocab, n_vocab: int, where: str, per_seq: int, width: int, steps: int) -> float:
@@ -43,24 +42,18 @@ def run(model, vocab, n_vocab: int, where: str, per_seq: int, width: int, steps:
     memory = lc.llama_get_memory(ctx)
     batch = lc.llama_batch_init(cparams.n_batch, 0, 1)
 
-    def fill(entries):  # (token, pos, logits)
-        for i, (tok, pos, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, logits
-        batch.n_tokens = len(entries)
-
     def token_at(index: int) -> int:
         if where == "graph":
             return lc.llama_get_sampled_token_ith(ctx, index)
         return int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, index), shape=(n_vocab,)).argmax())
 
-    fill([(buf[p], p, int(p == n_prompt - 1)) for p in range(n_prompt)])
+    fill(batch, [(buf[p], p, 0, int(p == n_prompt - 1)) for p in range(n_prompt)])
     assert lc.llama_decode(ctx, batch) == 0
     pos, last, times = n_prompt, n_prompt - 1, []
     for _ in range(steps):
         t = time.perf_counter()
         token = token_at(last)
-        fill([(token, pos + i, 1) for i in range(width)])
+        fill(batch, [(token, pos + i, 0, 1) for i in range(width)])
         assert lc.llama_decode(ctx, batch) == 0
         if width > 1:  # every position's token taken, as a verification does; one kept
             for i in range(width):
@@ -85,14 +78,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    configure(worker_id=None, level="warning")
-    init_backend()
-    mparams = lc.llama_model_default_params()
-    mparams.n_gpu_layers = args.gpu_layers
-    model = lc.llama_model_load_from_file(args.model.encode(), mparams)
-    vocab = lc.llama_model_get_vocab(model)
+    model, vocab = load_model(args.model, args.gpu_layers)
     n_vocab = lc.llama_vocab_n_tokens(vocab)
-    route_ggml_log(to_python=False)
     per_seq = args.width + 1
     cases = [("cpu", 1, 1), ("graph", 1, 1), ("graph", per_seq, 1), ("cpu", 1, args.width),
              ("graph", per_seq, args.width)]
