@@ -87,12 +87,13 @@ class Grammars:
         matcher = LLMatcher(tokenizer, grammar, log_level=0)
         # The first mask too: a grammar that only refers to itself ({"$ref": "#"}, `root ::= root`) compiles, and
         # allows no token at all
-        first = matcher.deep_copy()
-        bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
-        if not first.is_error():
-            first.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-        if first.is_error() or not bits.any():
-            reason = "it allows no first token" + (f" ({first_line(first.get_error())})" if first.is_error() else "")
+        if matcher.is_error():
+            reason = first_line(matcher.get_error())
+            raise ConstraintError(f"the {constraint.kind} constraint cannot be enforced: {reason}")
+        first = Guide(matcher.deep_copy(), tokenizer, None, self._piece, self.n_vocab)
+        allowed = first.mask_bits()
+        if first.error is not None or allowed is None or not allowed.any():
+            reason = "it allows no first token" + (f" ({first.error})" if first.error else "")
             raise ConstraintError(f"the {constraint.kind} constraint cannot be enforced: {reason}")
         with self._lock:
             self._compiled[constraint] = matcher

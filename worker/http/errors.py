@@ -131,10 +131,14 @@ def add_routes(app: web.Application, routes: web.RouteTableDef, style: ErrorStyl
             styles[route.resource] = style
 
 
-def style_for(app: web.Application, path: str, resource: Any = None,
-              default: ErrorStyle | None = ErrorStyle.NATIVE) -> Any:
+def style_for(app: web.Application, path: str, resource: Any = None) -> ErrorStyle:
     """The style of the matched route's resource; with none (a wrong method, a refused request line), of the
-    registered resource whose path this is; else `default`."""
+    registered resource whose path this is; else native."""
+    return known_style(app, path, resource) or ErrorStyle.NATIVE
+
+
+def known_style(app: web.Application, path: str, resource: Any = None) -> ErrorStyle | None:
+    """style_for's answer where a registered route tells it; None where none does."""
     styles: dict[Any, ErrorStyle] = app.get(_STYLES, {})
     if resource is not None and resource in styles:
         return styles[resource]
@@ -142,7 +146,7 @@ def style_for(app: web.Application, path: str, resource: Any = None,
         info = known.get_info()
         if info.get("path") == path or ("pattern" in info and info["pattern"].fullmatch(path)):
             return style
-    return default
+    return None
 
 
 def request_style(request: web.Request) -> ErrorStyle:
@@ -223,7 +227,7 @@ class JsonErrorProtocol(RequestHandler):
         # Where the parser refused the request before its path was known (aiohttp gives a placeholder request), the
         # route's style cannot be told: the body is one that OpenAI's, Anthropic's and the native clients all read
         app = getattr(self._manager.request_handler, "__self__", None) if self._manager else None
-        style = style_for(app, request.path, default=None) if isinstance(app, web.Application) else None
+        style = known_style(app, request.path) if isinstance(app, web.Application) else None
         body = (error_body(style, status, code, text).model_dump(mode="json", exclude_unset=True) if style is not None
                 else any_style_error(status, code, text))
         response = web.json_response(body, status=status)
