@@ -10,6 +10,10 @@ with chains that hand over different amounts:
 - dist-token: [dist, token only], nothing but the token (a sampler of ours that drops both rows);
 - greedy: [temp 0, dist], one logit and one probability (the worker's greedy chain before the token-only sampler);
 - greedy-token: [greedy, token only], nothing but the token.
+- std-token: [top-k 40, top-p 0.95, temperature 0.8, dist, token only], the worker's chain for standard sampling
+  before draws.py;
+- group-std, group-full, group-greedy: the same draws (standard; temperature 1 over the whole vocabulary; greedy)
+  built once for all sequences of the step (worker/llamacpp/draws.py).
 
     python -m bench.handover_probe --model m.gguf --gpu-layers 999 --streams 1,8,32
 """
@@ -25,14 +29,29 @@ import llama_cpp as lc
 
 from bench.llama_raw import fill, load_model
 from bench.load import PROMPT
+from worker.engine.sampling import SamplingParams
 from worker.llamacpp.context import token_only_sampler
+from worker.llamacpp.draws import DrawGroups
 
-VARIANTS = ("dist", "dist-argmax", "dist-token", "greedy", "greedy-token")
+VARIANTS = ("dist", "dist-argmax", "dist-token", "greedy", "greedy-token", "std-token", "group-std", "group-full",
+            "group-greedy")
+GROUP_PARAMS = {"group-std": SamplingParams(temperature=0.8, top_k=40, top_p=0.95),
+                "group-full": SamplingParams(temperature=1.0), "group-greedy": SamplingParams(temperature=0.0)}
 
 
-def chain_of(variant: str, seed: int):
+def chain_of(variant: str, seed: int, draws: DrawGroups):
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     add = lambda s: lc.llama_sampler_chain_add(chain, s)
+    if variant in GROUP_PARAMS:
+        member = draws.sampler(GROUP_PARAMS[variant])
+        assert member is not None
+        add(member.ptr)
+        return chain
+    if variant == "std-token":
+        for smpl in (lc.llama_sampler_init_top_k(40), lc.llama_sampler_init_top_p(0.95, 1),
+                     lc.llama_sampler_init_temp(0.8), lc.llama_sampler_init_dist(seed), token_only_sampler()):
+            add(smpl)
+        return chain
     if variant == "greedy":
         add(lc.llama_sampler_init_temp(0.0))
         add(lc.llama_sampler_init_dist(seed))
@@ -60,7 +79,8 @@ def run(model, vocab, variant: str, streams: int, tokens: int) -> dict:
     cparams.kv_unified = True
     cparams.flash_attn_type = 1
     ctx = lc.llama_init_from_model(model, cparams)
-    chains = [chain_of(variant, 1000 + s) for s in range(streams)]
+    draws = DrawGroups(lc.llama_vocab_n_tokens(vocab))
+    chains = [chain_of(variant, 1000 + s, draws) for s in range(streams)]
     for s, chain in enumerate(chains):
         assert lc.llama_set_sampler(ctx, s, chain)
     batch = lc.llama_batch_init(cparams.n_batch, 0, 1)

@@ -25,7 +25,8 @@ def model():
     SamplingParams(temperature=0.0),
 ], ids=["default", "truncated", "greedy"])
 def test_a_chain_that_hands_over_its_token_alone_draws_what_it_draws_with_its_rows(model, params):
-    ctx = Context(model, n_ctx=2 * 256, n_seq=2, n_batch=256, threads=2, flash_attn="off", in_graph_sampling=True)
+    ctx = Context(model, n_ctx=2 * 256, n_seq=2, n_batch=256, threads=2, flash_attn="off", in_graph_sampling=True,
+                  group_draws=False)  # llama.cpp's own samplers, ended by the token-only one
     try:
         ctx.use_chain(0, params, reuse=False, hands_row=True)
         ctx.use_chain(1, params, reuse=False)  # the token alone

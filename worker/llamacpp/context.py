@@ -15,6 +15,7 @@ import numpy as np
 from loguru import logger
 
 from worker.llamacpp.backend import clear_errors, gil_held, last_errors, route_ggml_log
+from worker.llamacpp.draws import DrawGroups
 from worker.llamacpp.model import Model, ModelLoadError
 from worker.llamacpp.ubatches import plan_filler
 
@@ -104,13 +105,19 @@ class SamplerChain:
     llama_set_sampler; the same chain also samples on the CPU through llama_sampler_sample.
     """
 
-    def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False, hands_row: bool = False) -> None:
+    def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False, hands_row: bool = False,
+                 draws: DrawGroups | None = None) -> None:
         """`in_graph`: built to be attached; unless it `hands_row` (its job reads the row its samplers leave), a
-        token-only sampler ends it, so llama.cpp copies the token alone to the host (token_only_sampler)."""
+        token-only sampler ends it, so llama.cpp copies the token alone to the host (token_only_sampler), or a
+        group's draw is the whole chain (draws.py: one set of kernels for every sequence of its shape)."""
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
         penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                      or params.frequency_penalty != 0.0)
+        member = draws.sampler(params) if draws is not None and in_graph and not hands_row and not penalized else None
+        if member is not None:
+            add(member.ptr)
+            return
         if penalized:
             add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
                                                 params.frequency_penalty, params.presence_penalty))
@@ -193,7 +200,7 @@ class Context:
         self, model: Model, *, n_ctx: int, n_seq: int, n_batch: int, threads: int, threads_batch: int | None = None,
         flash_attn: str = "auto", in_graph_sampling: bool = False, n_outputs: int | None = None,
         cache_type_k: str = "f16", cache_type_v: str = "f16", kv_unified: bool = False,
-        filler: bool | None = None,
+        filler: bool | None = None, group_draws: bool = True,
     ) -> None:
         """n_ctx cells: one pool (kv_unified), or n_ctx / n_seq for each of the n_seq sequences (ids 0..n_seq-1).
 
@@ -249,6 +256,7 @@ class Context:
         self._index_map: np.ndarray | None = None  # a padded step's batch positions, by the caller's positions
         self._chains: dict[int, SamplerChain] = {}
         self._attached: dict[int, SamplerChain | LogitsRow] = {}  # each sequence's sampler in the decode graph
+        self._draws = DrawGroups(model.n_vocab) if in_graph_sampling and group_draws else None
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
@@ -271,7 +279,7 @@ class Context:
             self._drop_cpu_chain(seq_id)
             in_graph = self.in_graph_sampling and not on_cpu
             chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph,
-                                                        hands_row=hands_row)
+                                                        hands_row=hands_row, draws=self._draws)
             if in_graph:
                 self._detach(seq_id)
                 lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
