@@ -51,8 +51,8 @@ def agrees(token: int, logits: np.ndarray, member: GroupDraw) -> bool:
     cumulative range holds the draw within rounding."""
     shape = member.group.shape
     if shape.kind != "full":
-        return token == draw_on_cpu(logits, shape, member.inputs)
-    u, inv_t = float(member.inputs[0]), float(member.inputs[1])
+        return token == draw_on_cpu(logits, shape, member.drawn_with())
+    u, inv_t = (float(x) for x in member.drawn_with()[:2])
     weights = np.exp((logits.astype(np.float64) - logits.max()) * inv_t)
     cdf = np.cumsum(weights / weights.sum())
     low = cdf[token - 1] if token > 0 else 0.0

@@ -340,6 +340,8 @@ class EngineCore:
         self.stats.wait_s += t3 - t2
         self.stats.sample_s += now - t3
         self.scheduler.update(sampled, now)
+        if self.scheduler.flush_first_text():
+            self._publish()
         if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
             fixed_length = self.scheduler.speculation.fixed_length
             # Stretches (fixed length, a GPU) are judged by the step's whole time, planning and proposing included:

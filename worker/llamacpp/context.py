@@ -106,7 +106,7 @@ class SamplerChain:
     """
 
     def __init__(self, params: ChainParams, n_vocab: int, *, in_graph: bool = False, hands_row: bool = False,
-                 draws: DrawGroups | None = None) -> None:
+                 draws: DrawGroups | None = None, seq_id: int | None = None) -> None:
         """`in_graph`: built to be attached; unless it `hands_row` (its job reads the row its samplers leave), a
         token-only sampler ends it, so llama.cpp copies the token alone to the host (token_only_sampler), or a
         group's draw is the whole chain (draws.py: one set of kernels for every sequence of its shape)."""
@@ -114,7 +114,8 @@ class SamplerChain:
         add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
         penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                      or params.frequency_penalty != 0.0)
-        member = draws.sampler(params) if draws is not None and in_graph and not hands_row and not penalized else None
+        grouped = draws is not None and in_graph and not hands_row and not penalized
+        member = draws.sampler(params, seq_id) if draws is not None and grouped else None
         if member is not None:
             add(member.ptr)
             return
@@ -279,7 +280,7 @@ class Context:
             self._drop_cpu_chain(seq_id)
             in_graph = self.in_graph_sampling and not on_cpu
             chain = self._chains[seq_id] = SamplerChain(params, self.model.n_vocab, in_graph=in_graph,
-                                                        hands_row=hands_row, draws=self._draws)
+                                                        hands_row=hands_row, draws=self._draws, seq_id=seq_id)
             if in_graph:
                 self._detach(seq_id)
                 lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
@@ -324,7 +325,13 @@ class Context:
             parts, ends = self._padded(parts, filler, idle)
         self._batch.fill(parts)
         self._computing = True
-        status = int(lc.llama_decode(self.ptr, self._batch.struct))
+        if self._draws is not None:  # the sequences whose group draws are in this step's graph
+            self._draws.active = {part[0] for part in parts if part[3] or part[4]}
+        try:
+            status = int(lc.llama_decode(self.ptr, self._batch.struct))
+        finally:
+            if self._draws is not None:
+                self._draws.active = None
         for seq_id in filler:  # filler's cells freed at once: later tokens take the places, nothing attends to them
             if not _seq_rm(self._mem, seq_id, ends[seq_id], -1):  # no memory that takes filler refuses a cut
                 logger.warning(f"llama.cpp refused to free sequence {seq_id}'s filler: no more filler")

@@ -126,7 +126,8 @@ class _Build:
     slots: int = 0
     row_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     params_of: np.ndarray = field(default_factory=lambda: np.zeros((4, 0), np.float32))
-    written: bool = False
+    rows_written: bool = False
+    asked: set[int] = field(default_factory=set)  # slots whose inputs were asked for in this step
 
 
 class DrawGroup:
@@ -135,6 +136,7 @@ class DrawGroup:
     def __init__(self, shape: DrawShape) -> None:
         self.shape = shape
         self.build: _Build | None = None
+        self.rng = np.random.default_rng()
         self.resets: set[int] = set()  # members reset since the last build began: the next build's size
 
     def reset(self, member: GroupDraw) -> None:
@@ -304,11 +306,12 @@ class GroupDraw:
     """One sequence's in-graph chain, drawn with its group. Hands llama.cpp the token alone (no logits or
     probabilities rows to copy). Its CPU side (draw_on_cpu) is there for llama.cpp's fallback only."""
 
-    def __init__(self, group: DrawGroup, params: Any, n_vocab: int) -> None:
-        self.group, self.n_vocab = group, n_vocab
+    def __init__(self, group: DrawGroup, params: Any, n_vocab: int, seq_id: int | None = None,
+                 groups: DrawGroups | None = None) -> None:
+        self.group, self.n_vocab, self.seq_id, self.groups = group, n_vocab, seq_id, groups
         self.seed = params.seed
         # top-p above 0 and min-p below 1 keep the most likely candidate, as llama.cpp's samplers keep min_keep=1
-        self.inputs = np.array([0.0, 1.0 / params.temperature if params.temperature > 0 else 1.0,
+        self.inputs: np.ndarray = np.array([0.0, 1.0 / params.temperature if params.temperature > 0 else 1.0,
                                 max(params.top_p, 1e-6), min(params.min_p, 1.0 - 1e-6)], np.float32)
         self.rng = random.Random()
         self.reseed()
@@ -329,10 +332,17 @@ class GroupDraw:
         logits = _tensor(data.logits)
         source = logits.view_src
         build = group.build
+        active = self.groups.active if self.groups is not None else None
+        if source and active is not None and self.seq_id is not None and self.seq_id not in active:
+            data.logits = data.probs = data.candidates = None  # no output in this step: nothing to draw
+            return
         if source and self.slot is None and (build is None or build.slots < build.capacity):
             table = _tensor(source)
             if build is None:  # the first member asked in this graph builds everyone's draw
-                build = group.build = _Build(capacity=max(len(group.resets | {self.key}), 1))
+                members = [_members[key] for key in group.resets | {self.key} if key in _members]
+                if active is not None:
+                    members = [m for m in members if m.seq_id is None or m.seq_id in active]
+                build = group.build = _Build(capacity=max(len(members), 1))
                 m = build.capacity
                 build.rows = g.ggml_new_tensor_1d(ctx, _I32, m)
                 g.ggml_set_input(build.rows)
@@ -348,7 +358,6 @@ class GroupDraw:
             build.row_of[self.slot] = logits.view_offs // table.nb[1]
             if build.params is not None:
                 build.params_of[:, self.slot] = self.inputs
-            build.written = False
             data.sampled = g.ggml_view_1d(ctx, build.tokens, 1, self.slot * 4)
         else:  # alone: a probe's graph, or a second row of this sequence in one build
             single = self.single = _Build(capacity=1)
@@ -364,26 +373,36 @@ class GroupDraw:
         data.candidates = None
 
     def set_input(self) -> None:
+        """Before each step that samples this sequence. The first member asked in a step writes every member's
+        inputs at once, a uniform number each from the group's generator; a seeded member then writes its own
+        number, from its own generator (its tokens are its seed's alone)."""
         g = _ggml()
-        self.inputs[0] = self.rng.random()
-        build, slot = self.group.build, self.slot
-        if self.single is not None:
-            if self.single.params is not None:
-                self.single.params_of[:, 0] = self.inputs
-                g.ggml_backend_tensor_set(self.single.params, self.single.params_of.ctypes.data, 0, 16)
-            if slot is None or build is None:
-                return
+        build, slot, single = self.group.build, self.slot, self.single
+        if single is not None and single.params is not None:
+            self.inputs[0] = self.rng.random()
+            single.params_of[:, 0] = self.inputs
+            g.ggml_backend_tensor_set(single.params, single.params_of.ctypes.data, 0, single.params_of.nbytes)
         if build is None or slot is None:
             return
-        if build.params is not None:
-            build.params_of[:, slot] = self.inputs
-        if not build.written:
-            g.ggml_backend_tensor_set(build.rows, build.row_of.ctypes.data, 0, build.row_of.nbytes)
+        if slot in build.asked:  # every member in the step asks once: a second ask is the next step's
+            build.asked.clear()
+        if not build.asked:
+            if not build.rows_written:
+                g.ggml_backend_tensor_set(build.rows, build.row_of.ctypes.data, 0, build.row_of.nbytes)
+                build.rows_written = True
             if build.params is not None:
+                build.params_of[0] = self.group.rng.random(build.capacity)
                 g.ggml_backend_tensor_set(build.params, build.params_of.ctypes.data, 0, build.params_of.nbytes)
-            build.written = True
-        elif build.params is not None:  # the draw alone changes from step to step
+        build.asked.add(slot)
+        if self.seed is not None and build.params is not None:
+            build.params_of[0, slot] = self.rng.random()
             g.ggml_backend_tensor_set(build.params, build.params_of.ctypes.data + slot * 4, slot * 4, 4)
+        if build.params is not None:
+            self.inputs[0] = build.params_of[0, slot]
+
+    def drawn_with(self) -> np.ndarray:
+        """The inputs of its last draw (u, 1/temperature, top_p, min_p)."""
+        return np.array(self.inputs, copy=True)
 
 
 class DrawGroups:
@@ -392,9 +411,13 @@ class DrawGroups:
     def __init__(self, n_vocab: int) -> None:
         self.n_vocab = n_vocab
         self.groups: dict[DrawShape, DrawGroup] = {}
+        # The sequences with an output in the batch being decoded (Context.decode), None: unknown (every member
+        # counted). A member whose sequence has none adds nothing to the graph: attached and idle, it costs nothing.
+        self.active: set[int] | None = None
 
-    def sampler(self, params: Any) -> GroupDraw | None:
-        """A new in-graph chain for params, drawn with others of its shape; None where no group draws them."""
+    def sampler(self, params: Any, seq_id: int | None = None) -> GroupDraw | None:
+        """A new in-graph chain for params (of sequence seq_id), drawn with others of its shape; None where no group
+        draws them."""
         shape = DrawShape.of(params, self.n_vocab)
         if shape is None or (shape.kind == "top_k" and self.n_vocab > _MAX_SORT_COLS
                              and block_size(self.n_vocab, shape.top_k) is None):
@@ -402,4 +425,4 @@ class DrawGroups:
         group = self.groups.get(shape)
         if group is None:
             group = self.groups[shape] = DrawGroup(shape)
-        return GroupDraw(group, params, self.n_vocab)
+        return GroupDraw(group, params, self.n_vocab, seq_id, self)
