@@ -55,6 +55,7 @@ class FakeContext:
         self.batches: list[list[Part]] = []
         self.chains: dict[int, SamplingParams] = {}
         self.chain_ops: list[tuple[str, int]] = []
+        self.free_when_idle = False  # an attached chain costs steps while idle (llama.cpp's samplers), or not (groups)
         self.cells: list[tuple[int, int, set[int]]] = []  # (position, token, sequences)
         self.copies: list[tuple[int, int, int]] = []
         self._last: dict[int, int] = {}  # batch index → token there
@@ -98,6 +99,9 @@ class FakeContext:
         if seq_id not in self.chains:
             return None
         return "chain" if self.chain_in_graph.get(seq_id) else "row" if self.logits_row.get(seq_id) else None
+
+    def idle_cost(self, seq_id: int) -> bool:
+        return not self.free_when_idle
 
     def drop_chain(self, seq_id: int) -> None:
         self.chain_ops.append(("drop", seq_id))
@@ -446,6 +450,21 @@ def test_idle_in_graph_chains_are_detached_and_that_makes_the_next_step_unsteady
     assert ctx.chains == {} and ctx.chain_ops[-1] == ("drop", 0)
     sched.add(Job("b", [1], SamplingParams(), 1, deliver=lambda outs: None))
     assert not sched.schedule(2.1).steady
+
+
+def test_an_idle_chain_that_costs_nothing_stays_for_the_next_job():
+    ctx = FakeContext()
+    ctx.free_when_idle = True  # a group's draw: an idle sequence is left out of the graph
+    sched = Scheduler(n_slots=2, batch_size=16, resources=ctx, vocab=FakeVocab(), in_graph_sampling=True,
+                      chain_idle_s=1.0, clock=lambda: 0.0)
+    seeded = SamplingParams(seed=1)  # attached at once (a new unseeded one samples its first tokens on the CPU)
+    sched.add(Job("a", [1], seeded, 1, deliver=lambda outs: None))
+    sched.schedule(0.0)
+    sched.update([(sched.slots[0], 5, None)], 0.0)
+    sched.schedule(60.0)
+    assert ctx.chains and ("drop", 0) not in ctx.chain_ops
+    sched.add(Job("b", [1], seeded, 1, deliver=lambda outs: None))
+    assert sched.schedule(60.1).parts and ctx.chain_ops[-1] == ("reuse", 0)
 
 
 def test_new_in_graph_chains_wait_for_the_first_tokens_of_jobs_that_arrive_together():

@@ -52,6 +52,9 @@ class SlotResources(Protocol):
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False,
                   logits_row: bool = False, hands_row: bool = False) -> None: ...
     def drop_chain(self, seq_id: int) -> None: ...
+    # whether the sequence's sampler in the decode graph costs steps while its slot is idle (llama.cpp samples an
+    # attached chain of its own on a dummy row every step; a group's draw leaves an idle sequence out)
+    def idle_cost(self, seq_id: int) -> bool: ...
     def forget(self, seq_id: int) -> None: ...
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
     def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
@@ -234,8 +237,9 @@ class Scheduler:
         self.resources = resources
         self.vocab = vocab
         self.in_graph_sampling = in_graph_sampling
-        # A chain attached in the decode graph is sampled every step, whether its slot is busy or not; one idle this
-        # long is detached (the next job there attaches its own, at the cost of one graph re-reservation).
+        # A chain of llama.cpp's samplers attached in the decode graph is sampled every step, whether its slot is
+        # busy or not; one idle this long is detached (the next job there attaches its own, at the cost of one graph
+        # re-reservation). A group's draw (draws.py) costs nothing idle and stays for the next job of its params.
         self.chain_idle_s = chain_idle_s
         self.metrics = metrics or NoMetrics()
         self.clock = clock
@@ -453,7 +457,8 @@ class Scheduler:
             return
         self._next_idle_check = now + self.chain_idle_s / 4
         for slot in self.slots:
-            if slot.job is None and slot.chain_params is not None and now - slot.idle_since > self.chain_idle_s:
+            if (slot.job is None and slot.chain_params is not None and now - slot.idle_since > self.chain_idle_s
+                    and self.resources.idle_cost(slot.seq_id)):
                 self.resources.drop_chain(slot.seq_id)
                 self._chains_changed |= slot.in_graph
                 slot.chain_params = None

@@ -115,9 +115,9 @@ class SamplerChain:
         penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                      or params.frequency_penalty != 0.0)
         grouped = draws is not None and in_graph and not hands_row and not penalized
-        member = draws.sampler(params, seq_id) if draws is not None and grouped else None
-        if member is not None:
-            add(member.ptr)
+        self.member = draws.sampler(params, seq_id) if draws is not None and grouped else None
+        if self.member is not None:
+            add(self.member.ptr)
             return
         if penalized:
             add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
@@ -297,6 +297,12 @@ class Context:
     def drop_chain(self, seq_id: int) -> None:
         self._detach(seq_id)
         self._drop_cpu_chain(seq_id)
+
+    def idle_cost(self, seq_id: int) -> bool:
+        """Whether the sequence's sampler in the decode graph costs steps while it has no output: llama.cpp's own
+        samplers are sampled on a dummy row every step; a group's draw leaves the sequence out."""
+        attached = self._attached.get(seq_id)
+        return attached is not None and not (isinstance(attached, SamplerChain) and attached.member is not None)
 
     def _drop_cpu_chain(self, seq_id: int) -> None:
         chain = self._chains.pop(seq_id, None)
