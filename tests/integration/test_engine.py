@@ -196,8 +196,9 @@ async def _solo(model: Model, prompt: list[int], **kw) -> list[dict]:
 
 
 async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(model):
-    """Every step samples for every chain attached in the graph, busy or not; so chains idle for long are
-    detached, and a job is given the free slot whose chain already has its parameters."""
+    """Every step samples for every chain of llama.cpp's samplers attached in the graph, busy or not; so such
+    chains idle for long are detached, and a job is given the free slot whose chain already has its parameters.
+    (Top-p over the whole vocabulary is such a chain; a group's draw costs nothing idle and stays: draws.py.)"""
     engine = make_engine(model, ctx_size=256, parallel=3, max_queue=8, batch_size=64, threads=1, backend_sampling=True,
                     chain_idle_s=1.0)
     engine.start(asyncio.get_running_loop())
@@ -205,7 +206,7 @@ async def test_idle_chains_leave_the_graph_and_a_job_goes_where_its_chain_is(mod
     async def job(job_id: str, seed: int) -> tuple[str, int]:
         queue: asyncio.Queue = asyncio.Queue()
         engine.submit(Job(job_id=job_id, prompt_tokens=model.tokenize("Once upon a time"), max_tokens=12,
-                          params=SamplingParams(temperature=1.0, top_k=40, seed=seed), narration=True,
+                          params=SamplingParams(temperature=1.0, top_p=0.9, seed=seed), narration=True,
                           deliver=queue.put_nowait))
         events = await events_of(None, queue)
         slot = next(e["slot"] for e in events if e.get("action") == "inference_start")
