@@ -30,6 +30,7 @@ import llama_cpp as lc
 from bench.llama_raw import fill, load_model
 from bench.load import PROMPT
 from worker.engine.sampling import SamplingParams
+from worker.llamacpp import draws
 from worker.llamacpp.context import token_only_sampler
 from worker.llamacpp.draws import DrawGroups
 
@@ -114,7 +115,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--stage-above", type=int, default=draws.STAGE_ABOVE,
+                    help="group draws: rows longer than this go in stages of blocks (draws.STAGE_ABOVE)")
     args = ap.parse_args()
+    draws.STAGE_ABOVE = args.stage_above
     model, vocab = load_model(args.model, args.gpu_layers)
     for streams in (int(x) for x in args.streams.split(",")):
         best: dict[str, dict] = {}

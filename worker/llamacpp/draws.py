@@ -25,6 +25,9 @@ import numpy as np
 _F32, _I32 = 0, 26  # ggml_type
 _SORT_DESC = 1
 _MAX_SORT_COLS = 1024  # the bitonic argsort's row limit (a row in shared memory)
+# Rows longer than this are cut into blocks (the best k of each) before the last sort; shorter ones are sorted at
+# once (over 1024, by ggml's CUDA sort for long rows). A module setting for bench/handover_probe.py.
+STAGE_ABOVE = _MAX_SORT_COLS
 MAX_TOP_K = 128  # larger k keep llama.cpp's own top-k sampler
 
 _p, _i64, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -187,7 +190,7 @@ def _build_draw(g: Any, ctx: int, x: int, n: int, m: int, shape: DrawShape, para
 def _top_k(g: Any, ctx: int, x: Any, n: int, m: int, k: int) -> tuple[Any, Any, int]:
     """The k largest of each column of x [n, m], sorted: (values [k, m], their rows as F32 [k, m], k)."""
     ids = None
-    while n > _MAX_SORT_COLS:
+    while n > STAGE_ABOVE:
         size = block_size(n, k)
         if size is None:
             break  # one sort of the whole row (ggml's CUDA sort for long rows)
