@@ -98,7 +98,9 @@ def load_levels(server: Server, dialect: str, levels: list[int], tokens: int,
     asyncio.run(run_load(server.url, streams=1, tokens=8, dialect=dialect, sampling=sampling))  # warm-up
     out = {}
     for n in levels:
-        out[n] = asyncio.run(run_load(server.url, streams=n, tokens=tokens, dialect=dialect, sampling=sampling))
+        # at least 8 requests a level, so that a TTFT p50 is not one request's (1 stream: 8 in a row)
+        out[n] = asyncio.run(run_load(server.url, streams=n, tokens=tokens, dialect=dialect, sampling=sampling,
+                                      rounds=max(1, 8 // n)))
         print(format_row(server.name, out[n]), flush=True)
     return out
 
