@@ -124,3 +124,24 @@ def test_a_reset_chain_draws_again_what_it_drew(model):
         assert drawn[0] == drawn[1]
     finally:
         drawing.close()
+
+
+def test_the_highest_draw_stays_among_the_kept_candidates(model, monkeypatch):
+    """A uniform number at its top (rounded to 1.0 in float32 it would point past every kept candidate) draws the
+    last candidate top-p keeps, as numpy does."""
+    from worker.llamacpp import draws
+
+    class Highest:
+        def random(self, n, dtype=np.float64):
+            return np.ones(n, dtype)
+
+    made = draws.DrawGroup.__init__
+
+    def init(self, shape):
+        made(self, shape)
+        self.rng = Highest()
+
+    monkeypatch.setattr(draws.DrawGroup, "__init__", init)
+    params = [SamplingParams(temperature=1.0, top_k=40, top_p=0.5), SamplingParams(temperature=1.0, top_k=40)]
+    tokens = run(model, params, steps=4)
+    assert [len(t) for t in tokens] == [4, 4]  # and each agreed with numpy (run)

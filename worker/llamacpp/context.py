@@ -258,6 +258,7 @@ class Context:
         self._chains: dict[int, SamplerChain] = {}
         self._attached: dict[int, SamplerChain | LogitsRow] = {}  # each sequence's sampler in the decode graph
         self._draws = DrawGroups(model.n_vocab) if in_graph_sampling and group_draws else None
+        self._reserving = False  # a sampler was attached or detached since the last decode
         self._ggml_quiet = False
 
     # ---- sampler chains --------------------------------------------------------------------------------------
@@ -283,16 +284,20 @@ class Context:
                                                         hands_row=hands_row, draws=self._draws, seq_id=seq_id)
             if in_graph:
                 self._detach(seq_id)
-                lc.llama_set_sampler(self.ptr, seq_id, chain.ptr)
+                self._set_sampler(seq_id, chain.ptr)
                 self._attached[seq_id] = chain
                 return
         if row and not isinstance(self._attached.get(seq_id), LogitsRow):
             self._detach(seq_id)
             passthrough = LogitsRow()
-            lc.llama_set_sampler(self.ptr, seq_id, passthrough.ptr)
+            self._set_sampler(seq_id, passthrough.ptr)
             self._attached[seq_id] = passthrough
         elif not row and on_cpu:
             self._detach(seq_id)
+
+    def _set_sampler(self, seq_id: int, sampler: Any) -> None:
+        lc.llama_set_sampler(self.ptr, seq_id, sampler)
+        self._reserving = True
 
     def drop_chain(self, seq_id: int) -> None:
         self._detach(seq_id)
@@ -300,7 +305,7 @@ class Context:
 
     def idle_cost(self, seq_id: int) -> bool:
         """Whether the sequence's sampler in the decode graph costs steps while it has no output: llama.cpp's own
-        samplers are sampled on a dummy row every step; a group's draw leaves the sequence out."""
+        samplers are built into every graph on a dummy row; a group's draw leaves the sequence out."""
         attached = self._attached.get(seq_id)
         return attached is not None and not (isinstance(attached, SamplerChain) and attached.member is not None)
 
@@ -315,7 +320,7 @@ class Context:
         """The sequence's in-graph sampler off the graph (llama.cpp re-reserves at the next decode)."""
         attached = self._attached.pop(seq_id, None)
         if attached is not None:
-            lc.llama_set_sampler(self.ptr, seq_id, None)
+            self._set_sampler(seq_id, None)
             if isinstance(attached, LogitsRow):
                 attached.close()
 
@@ -331,8 +336,10 @@ class Context:
             parts, ends = self._padded(parts, filler, idle)
         self._batch.fill(parts)
         self._computing = True
-        if self._draws is not None:  # the sequences whose group draws are in this step's graph
-            self._draws.active = {part[0] for part in parts if part[3] or part[4]}
+        if self._draws is not None:  # the sequences whose group draws are in this step's graph; after a sampler
+            # was attached or detached llama.cpp re-reserves its graph in this call: sized for every member
+            self._draws.active = None if self._reserving else {part[0] for part in parts if part[3] or part[4]}
+            self._reserving = False
         try:
             status = int(lc.llama_decode(self.ptr, self._batch.struct))
         finally:

@@ -29,6 +29,9 @@ _MAX_SORT_COLS = 1024  # the bitonic argsort's row limit (a row in shared memory
 # once (over 1024, by ggml's CUDA sort for long rows). A module setting for bench/handover_probe.py.
 STAGE_ABOVE = _MAX_SORT_COLS
 MAX_TOP_K = 128  # larger k keep llama.cpp's own top-k sampler
+# The largest uniform number: u x the summed weights stays below the sum by far more than float32's rounding, so a
+# draw never lands past the last kept candidate (at most 1e-6 of the mass, the tail's, is never drawn)
+U_MAX = 1.0 - 2.0**-20
 
 _p, _i64, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _lib: Any = None
@@ -129,7 +132,6 @@ class _Build:
     slots: int = 0
     row_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     params_of: np.ndarray = field(default_factory=lambda: np.zeros((4, 0), np.float32))
-    rows_written: bool = False
     asked: set[int] = field(default_factory=set)  # slots whose inputs were asked for in this step
 
 
@@ -235,7 +237,7 @@ def draw_on_cpu(logits: np.ndarray, shape: DrawShape, inputs: np.ndarray) -> int
             keep &= probs > min_p * probs[0]
     weights = np.where(keep, np.exp((values - values.max()) * inv_t), 0.0)
     cdf = np.cumsum(weights / weights.sum())
-    index = min(max(len(cdf) - int(np.count_nonzero(cdf > u * cdf[-1])), 0), len(cdf) - 1)
+    index = min(max(len(cdf) - int(np.count_nonzero(cdf > u * cdf[-1])), 0), int(np.flatnonzero(keep)[-1]))
     return int(order[index])
 
 
@@ -262,12 +264,12 @@ def _member(smpl: Any) -> GroupDraw:
 
 
 def _apply(smpl: Any, cur_p: Any) -> None:
-    """On the CPU (llama.cpp samples an attached chain there when the graph left no token)."""
+    """On the CPU: llama.cpp's sampling of a chain it did not take into the graph (not reached while attached)."""
     member, array = _member(smpl), cur_p[0]
     buffer = (ctypes.c_char * (array.size * _TOKEN_DATA.itemsize)).from_address(ctypes.addressof(array.data.contents))
     candidates = np.frombuffer(buffer, dtype=_TOKEN_DATA)
     inputs = member.inputs.copy()
-    inputs[0] = member.rng.random()
+    inputs[0] = min(member.rng.random(), U_MAX)
     array.selected = draw_on_cpu(candidates["logit"].copy(), member.group.shape, inputs)
 
 
@@ -307,7 +309,7 @@ _INTERFACE = _Interface(
 
 class GroupDraw:
     """One sequence's in-graph chain, drawn with its group. Hands llama.cpp the token alone (no logits or
-    probabilities rows to copy). Its CPU side (draw_on_cpu) is there for llama.cpp's fallback only."""
+    probabilities rows to copy). Its CPU side (draw_on_cpu) serves a chain llama.cpp did not attach."""
 
     def __init__(self, group: DrawGroup, params: Any, n_vocab: int, seq_id: int | None = None,
                  groups: DrawGroups | None = None) -> None:
@@ -382,7 +384,7 @@ class GroupDraw:
         g = _ggml()
         build, slot, single = self.group.build, self.slot, self.single
         if single is not None and single.params is not None:
-            self.inputs[0] = self.rng.random()
+            self.inputs[0] = min(self.rng.random(), U_MAX)
             single.params_of[:, 0] = self.inputs
             g.ggml_backend_tensor_set(single.params, single.params_of.ctypes.data, 0, single.params_of.nbytes)
         if build is None or slot is None:
@@ -390,15 +392,14 @@ class GroupDraw:
         if slot in build.asked:  # every member in the step asks once: a second ask is the next step's
             build.asked.clear()
         if not build.asked:
-            if not build.rows_written:
-                g.ggml_backend_tensor_set(build.rows, build.row_of.ctypes.data, 0, build.row_of.nbytes)
-                build.rows_written = True
+            # every step: an input's memory may be reused by the graph once it has been read
+            g.ggml_backend_tensor_set(build.rows, build.row_of.ctypes.data, 0, build.row_of.nbytes)
             if build.params is not None:
-                build.params_of[0] = self.group.rng.random(build.capacity)
+                build.params_of[0] = np.minimum(self.group.rng.random(build.capacity, dtype=np.float32), U_MAX)
                 g.ggml_backend_tensor_set(build.params, build.params_of.ctypes.data, 0, build.params_of.nbytes)
         build.asked.add(slot)
         if self.seed is not None and build.params is not None:
-            build.params_of[0, slot] = self.rng.random()
+            build.params_of[0, slot] = min(self.rng.random(), U_MAX)
             g.ggml_backend_tensor_set(build.params, build.params_of.ctypes.data + slot * 4, slot * 4, 4)
         if build.params is not None:
             self.inputs[0] = build.params_of[0, slot]
