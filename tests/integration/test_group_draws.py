@@ -145,3 +145,30 @@ def test_the_highest_draw_stays_among_the_kept_candidates(model, monkeypatch):
     params = [SamplingParams(temperature=1.0, top_k=40, top_p=0.5), SamplingParams(temperature=1.0, top_k=40)]
     tokens = run(model, params, steps=4)
     assert [len(t) for t in tokens] == [4, 4]  # and each agreed with numpy (run)
+
+
+def test_a_chain_reused_for_other_parameters_of_its_shape_draws_with_them(model):
+    """A group's draw takes a new job's temperature, p and seed as inputs, even in a graph llama.cpp reuses from
+    the last job's steps (the same layout: nothing is built again)."""
+    first = SamplingParams(temperature=0.5, top_k=40, top_p=0.9)
+    then = SamplingParams(temperature=1.8, top_k=40, top_p=0.99, seed=4)
+    drawing, plain = contexts(model, 1)
+    try:
+        drawing.use_chain(0, first, reuse=False)
+        chain = drawing._chains[0]
+        assert drawing.retunable(0, then) and not drawing.retunable(0, SamplingParams(top_k=5))
+        prompt = model.tokenize("Once upon a time, in a village by the sea,")
+        parts = [(0, prompt, 0, True, False, 0)]
+        for step in range(10):
+            if step == 4:  # between two steps of one layout
+                drawing.use_chain(0, then, reuse=True)
+                assert drawing._chains[0] is chain
+            assert drawing.decode(parts) == 0 and plain.decode(parts) == 0
+            token = drawing.sample(0, len(parts[0][1]) - 1)
+            member = member_of(drawing, 0)
+            assert abs(float(member.drawn_with()[1]) - 1 / (then if step >= 4 else first).temperature) < 1e-6
+            assert agrees(token, plain.logits(len(parts[0][1]) - 1).copy(), member), step
+            parts = [(0, [token], len(prompt) + step, True, False, 0)]
+    finally:
+        drawing.close()
+        plain.close()

@@ -56,6 +56,7 @@ class FakeContext:
         self.chains: dict[int, SamplingParams] = {}
         self.chain_ops: list[tuple[str, int]] = []
         self.free_when_idle = False  # an attached chain costs steps while idle (llama.cpp's samplers), or not (groups)
+        self.retunes = False  # a chain in the graph takes other parameters of its shape (a group's draw), or not
         self.cells: list[tuple[int, int, set[int]]] = []  # (position, token, sequences)
         self.copies: list[tuple[int, int, int]] = []
         self._last: dict[int, int] = {}  # batch index → token there
@@ -83,7 +84,7 @@ class FakeContext:
 
     def use_chain(self, seq_id: int, params: SamplingParams, *, reuse: bool, on_cpu: bool = False,
                   logits_row: bool = False, hands_row: bool = False) -> None:
-        assert not reuse or self.chains.get(seq_id) == params
+        assert not reuse or self.chains.get(seq_id) == params or self.retunable(seq_id, params)
         assert not reuse or self.hands_row.get(seq_id, False) == hands_row, "a chain reused for a job of another kind"
         assert not logits_row or on_cpu, "a logits row is for a chain on the CPU"
         self.chain_ops.append(("reuse" if reuse else "build", seq_id))
@@ -102,6 +103,10 @@ class FakeContext:
 
     def idle_cost(self, seq_id: int) -> bool:
         return not self.free_when_idle
+
+    def retunable(self, seq_id: int, params: SamplingParams) -> bool:
+        held = self.chains.get(seq_id)
+        return self.retunes and held is not None and held.top_k == params.top_k and self.chain_in_graph.get(seq_id)
 
     def drop_chain(self, seq_id: int) -> None:
         self.chain_ops.append(("drop", seq_id))
@@ -465,6 +470,23 @@ def test_an_idle_chain_that_costs_nothing_stays_for_the_next_job():
     assert ctx.chains and ("drop", 0) not in ctx.chain_ops
     sched.add(Job("b", [1], seeded, 1, deliver=lambda outs: None))
     assert sched.schedule(60.1).parts and ctx.chain_ops[-1] == ("reuse", 0)
+
+
+def test_a_chain_that_takes_other_parameters_of_its_shape_is_reused_for_them():
+    ctx = FakeContext()
+    ctx.retunes = True  # a group's draw: temperature, p and seed are its inputs
+    sched = Scheduler(n_slots=2, batch_size=16, resources=ctx, vocab=FakeVocab(), in_graph_sampling=True,
+                      clock=lambda: 0.0)
+    sched.add(Job("a", [1], SamplingParams(temperature=0.7, top_k=40, seed=1), 1, deliver=lambda outs: None))
+    sched.schedule(0.0)
+    sched.update([(sched.slots[0], 5, None)], 0.0)
+    sched.add(Job("b", [1], SamplingParams(temperature=1.2, top_k=40, top_p=0.9), 1, deliver=lambda outs: None))
+    assert sched.schedule(0.1).parts and ctx.chain_ops == [("build", 0), ("reuse", 0)]
+    assert sched.slots[0].chain_params == SamplingParams(temperature=1.2, top_k=40, top_p=0.9)
+    sched.update([(sched.slots[0], 5, None)], 0.1)
+    sched.add(Job("c", [1], SamplingParams(temperature=1.2, top_k=5), 1, deliver=lambda outs: None))
+    sched.schedule(0.2)  # another shape: a chain of its own
+    assert ctx.chain_ops[-1][0] == "build"
 
 
 def test_new_in_graph_chains_wait_for_the_first_tokens_of_jobs_that_arrive_together():

@@ -55,6 +55,8 @@ class SlotResources(Protocol):
     # whether the sequence's sampler in the decode graph costs steps while its slot is idle (llama.cpp builds an
     # attached chain of its own into every graph, on a dummy row; a group's draw leaves an idle sequence out)
     def idle_cost(self, seq_id: int) -> bool: ...
+    # whether the sequence's chain in the graph can be reused for these parameters by changing its inputs alone
+    def retunable(self, seq_id: int, params: SamplingParams) -> bool: ...
     def forget(self, seq_id: int) -> None: ...
     def keep_prefix(self, seq_id: int, n: int) -> None: ...
     def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
@@ -559,8 +561,14 @@ class Scheduler:
         the CPU awaiting attachment would be built anew); a logits row for a job that reads its logits."""
         if self.in_graph_sampling and self._reads_logits(job):
             return slot.logits_row == (job.prompt_logprobs is None)
-        return (slot.chain_params == job.params and slot.chain_row == self.reads_row(job)
+        return (self._chain_draws(slot, job.params) and slot.chain_row == self.reads_row(job)
                 and slot.chain_on_cpu == (self.in_graph_sampling and self._reads_logits(job)))
+
+    def _chain_draws(self, slot: Slot, params: SamplingParams) -> bool:
+        """The slot's chain draws with these parameters: built with them, or a group's draw of their shape in the
+        graph, whose temperature, p and seed are inputs (Context.retunable)."""
+        return slot.chain_params == params or (slot.chain_params is not None and not slot.chain_on_cpu
+                                               and self.resources.retunable(slot.seq_id, params))
 
     def reads_row(self, job: Job) -> bool:
         """A job with a constraint or logprobs whose chain draws in the decode graph, like its neighbours', and
@@ -752,7 +760,7 @@ class Scheduler:
         # chain's row, proposals to verify) samples there: decided here, once, when the job starts
         slot.reads_row, slot.refused = self.reads_row(job), 0.0
         on_cpu = self.in_graph_sampling and (self._reads_logits(job) or slot.spec is not None)
-        reuse = slot.chain_params == job.params and slot.chain_on_cpu == on_cpu and slot.chain_row == slot.reads_row
+        reuse = self._chain_draws(slot, job.params) and slot.chain_on_cpu == on_cpu and slot.chain_row == slot.reads_row
         # A new chain in the decode graph costs a graph re-reservation, and the step that pays it holds up the new
         # job's first token and everyone else's next one. Deferred: the job samples on the CPU until its chain can
         # be attached with those of the others that arrived with it, in one step after their first tokens. Not

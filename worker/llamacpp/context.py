@@ -276,6 +276,8 @@ class Context:
         chain = self._chains.get(seq_id)
         row = logits_row and on_cpu and self.in_graph_sampling
         if reuse and chain is not None:
+            if chain.member is not None:  # a group's draw of the same shape: the new parameters are its inputs
+                chain.member.retune(params)
             chain.reset()
         else:
             self._drop_cpu_chain(seq_id)
@@ -294,6 +296,13 @@ class Context:
             self._attached[seq_id] = passthrough
         elif not row and on_cpu:
             self._detach(seq_id)
+
+    def retunable(self, seq_id: int, params: ChainParams) -> bool:
+        """Whether the sequence's attached chain is a group's draw that draws these parameters once retuned (same
+        shape, no penalties): reusing it changes no graph, where a new chain makes llama.cpp re-reserve."""
+        chain = self._chains.get(seq_id)
+        return (chain is not None and chain.member is not None and self._attached.get(seq_id) is chain
+                and chain.member.draws(params))
 
     def _set_sampler(self, seq_id: int, sampler: Any) -> None:
         lc.llama_set_sampler(self.ptr, seq_id, sampler)

@@ -314,12 +314,9 @@ class GroupDraw:
     def __init__(self, group: DrawGroup, params: Any, n_vocab: int, seq_id: int | None = None,
                  groups: DrawGroups | None = None) -> None:
         self.group, self.n_vocab, self.seq_id, self.groups = group, n_vocab, seq_id, groups
-        self.seed = params.seed
-        # top-p above 0 and min-p below 1 keep the most likely candidate, as llama.cpp's samplers keep min_keep=1
-        self.inputs: np.ndarray = np.array([0.0, 1.0 / params.temperature if params.temperature > 0 else 1.0,
-                                max(params.top_p, 1e-6), min(params.min_p, 1.0 - 1e-6)], np.float32)
+        self.inputs: np.ndarray = np.zeros(4, np.float32)
         self.rng = random.Random()
-        self.reseed()
+        self.retune(params)
         self.slot: int | None = None  # in the group's current build
         self.single: _Build | None = None  # built alone (llama.cpp's probe of a new chain, or a second row)
         self.key = _next_key[0]
@@ -327,6 +324,21 @@ class GroupDraw:
         _members[self.key] = self
         self.ptr = lc.llama_sampler_init(ctypes.cast(ctypes.pointer(_INTERFACE), ctypes.POINTER(lc.llama_sampler_i)),
                                          ctypes.c_void_p(self.key))
+
+    def retune(self, params: Any) -> None:
+        """Draw with these parameters from the next step (of this member's shape: see draws())."""
+        self.seed = params.seed
+        # top-p above 0 and min-p below 1 keep the most likely candidate, as llama.cpp's samplers keep min_keep=1
+        self.inputs[:] = (0.0, 1.0 / params.temperature if params.temperature > 0 else 1.0,
+                          max(params.top_p, 1e-6), min(params.min_p, 1.0 - 1e-6))
+        self.retuned = True  # a graph reused since its build holds the old inputs: written at the next ask
+        self.reseed()
+
+    def draws(self, params: Any) -> bool:
+        """Whether retuned to params it draws as a chain built for them would: their shape, no penalties."""
+        penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                     or params.frequency_penalty != 0.0)
+        return not penalized and DrawShape.of(params, self.n_vocab) == self.group.shape
 
     def reseed(self) -> None:
         self.rng.seed(self.seed)
@@ -402,6 +414,13 @@ class GroupDraw:
             build.params_of[0, slot] = min(self.rng.random(), U_MAX)
             g.ggml_backend_tensor_set(build.params, build.params_of.ctypes.data + slot * 4, slot * 4, 4)
         if build.params is not None:
+            if self.retuned:  # its temperature, top_p and min_p, into its column of the group's inputs
+                m = build.capacity
+                build.params_of[1:, slot] = self.inputs[1:]
+                for i in (1, 2, 3):
+                    offset = (i * m + slot) * 4
+                    g.ggml_backend_tensor_set(build.params, build.params_of.ctypes.data + offset, offset, 4)
+                self.retuned = False
             self.inputs[0] = build.params_of[0, slot]
 
     def drawn_with(self) -> np.ndarray:
