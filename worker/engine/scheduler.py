@@ -239,9 +239,10 @@ class Scheduler:
         self.resources = resources
         self.vocab = vocab
         self.in_graph_sampling = in_graph_sampling
-        # A chain of llama.cpp's samplers attached in the decode graph is sampled every step, whether its slot is
-        # busy or not; one idle this long is detached (the next job there attaches its own, at the cost of one graph
-        # re-reservation). A group's draw (draws.py) costs nothing idle and stays for the next job of its params.
+        # A chain of llama.cpp's samplers attached in the decode graph is built into every step's graph, whether its
+        # slot is busy or not; one idle this long is detached (the next job there attaches its own, at the cost of
+        # one graph re-reservation). A group's draw (draws.py) costs nothing idle and stays for the next job of its
+        # shape.
         self.chain_idle_s = chain_idle_s
         self.metrics = metrics or NoMetrics()
         self.clock = clock
@@ -557,8 +558,9 @@ class Scheduler:
 
     def _chain_fits(self, slot: Slot, job: Job) -> bool:
         """The slot's chain serves the job without changing the decode graph's samplers (which makes llama.cpp
-        re-reserve it): its own chain with the job's parameters for a job sampled in the graph (a chain still on
-        the CPU awaiting attachment would be built anew); a logits row for a job that reads its logits."""
+        re-reserve it): its own chain drawing with the job's parameters for a job sampled in the graph (built
+        with them, or a group's draw retuned: _chain_draws; a chain still on the CPU awaiting attachment would be
+        built anew); a logits row for a job that reads its logits."""
         if self.in_graph_sampling and self._reads_logits(job):
             return slot.logits_row == (job.prompt_logprobs is None)
         return (self._chain_draws(slot, job.params) and slot.chain_row == self.reads_row(job)

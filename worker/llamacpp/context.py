@@ -15,7 +15,7 @@ import numpy as np
 from loguru import logger
 
 from worker.llamacpp.backend import clear_errors, gil_held, last_errors, route_ggml_log
-from worker.llamacpp.draws import DrawGroups
+from worker.llamacpp.draws import DrawGroups, penalized
 from worker.llamacpp.model import Model, ModelLoadError
 from worker.llamacpp.ubatches import plan_filler
 
@@ -112,14 +112,12 @@ class SamplerChain:
         group's draw is the whole chain (draws.py: one set of kernels for every sequence of its shape)."""
         self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(self.ptr, smpl)
-        penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                     or params.frequency_penalty != 0.0)
-        grouped = draws is not None and in_graph and not hands_row and not penalized
+        grouped = in_graph and not hands_row and not penalized(params)
         self.member = draws.sampler(params, seq_id) if draws is not None and grouped else None
         if self.member is not None:
             add(self.member.ptr)
             return
-        if penalized:
+        if penalized(params):
             add(lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repetition_penalty,
                                                 params.frequency_penalty, params.presence_penalty))
         if params.temperature == 0.0:

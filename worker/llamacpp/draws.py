@@ -91,6 +91,11 @@ def _tensor(ptr: int) -> _Tensor:
     return _Tensor.from_address(ptr)
 
 
+def penalized(params: Any) -> bool:
+    """Penalties need a history of tokens: llama.cpp's own sampler, never a group's draw."""
+    return bool(params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
+
+
 def block_size(n: int, k: int) -> int | None:
     """The largest block that divides n, fits one sort and leaves the next stage at most half as long."""
     for size in range(min(n, _MAX_SORT_COLS), max(4 * k, 64) - 1, -1):
@@ -336,9 +341,7 @@ class GroupDraw:
 
     def draws(self, params: Any) -> bool:
         """Whether retuned to params it draws as a chain built for them would: their shape, no penalties."""
-        penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                     or params.frequency_penalty != 0.0)
-        return not penalized and DrawShape.of(params, self.n_vocab) == self.group.shape
+        return not penalized(params) and DrawShape.of(params, self.n_vocab) == self.group.shape
 
     def reseed(self) -> None:
         self.rng.seed(self.seed)
