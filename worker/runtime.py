@@ -157,6 +157,7 @@ def load(settings: Settings, where: Placement, metrics: Metrics, loop: asyncio.A
                                 speculation=speculation if s.spec_type != "none" else None,
                                 proposer=DraftProposer(draft) if draft is not None else None,
                                 host_cache=host_cache(s, offloaded=model.offloaded) if prefix_cache else None,
+                                split_prompt_steps=model.offloaded and s.kv_unified == "off" and s.parallel > 1,
                                 profile_path=str(s.profile_dir / "scheduler.prof") if s.profile_dir else None)
         except BaseException:
             ctx.close()

@@ -372,6 +372,31 @@ def test_prompts_over_long_histories_take_a_step_each_in_the_order_they_came(mon
     assert len(ctx.batches[-1][0].tokens) == 100 and end(huge).tokens_out == 1
 
 
+def test_split_steps_give_prompts_and_decoders_turns_and_the_text_stays_the_same():
+    """Over per-slot streams on a GPU a step of prompts and decoders is two graph evaluations: prompts go alone
+    right after a step with decoders, then the decoders, and neither waits more than one step."""
+    def jobs(core: EngineCore) -> list[list[Output]]:
+        first = submit(core, "a", [1, 2], max_tokens=6)
+        core.step()  # a's prompt
+        core.step()  # a decodes
+        return [first, submit(core, "b", list(range(3, 13)), max_tokens=3),
+                submit(core, "c", list(range(13, 19)), max_tokens=2)]
+
+    plain, plain_ctx = engine(parallel=3, batch_size=4)
+    expected = jobs(plain)
+    run(plain)
+    core, ctx = engine(parallel=3, batch_size=4, split_prompt_steps=True)
+    got = jobs(core)
+    run(core)
+    assert [text(o) for o in got] == [text(o) for o in expected]
+    assert all(end(o).tokens_out == n for o, n in zip(got, (6, 3, 2), strict=True))
+    # every prompt chunk here is longer than a token: a step is p (prompts), d (decoders) or m (both)
+    kind = lambda batch: "".join(sorted({"p" if len(p.tokens) > 1 else "d" for p in batch})).replace("dp", "m")
+    assert "m" in "".join(kind(b) for b in plain_ctx.batches)
+    # b's 10 tokens and c's 6 in chunks of at most 4 (b's 2 and c's 2 share one), a decoding between them
+    assert "".join(kind(b) for b in ctx.batches) == "pdpdpdpdpd" + "d" * (len(ctx.batches) - 10)
+
+
 def test_cancel_while_waiting_ends_without_a_start_and_while_running_frees_the_slot():
     core, ctx = engine(parallel=1)
     running = submit(core, "a", [1], max_tokens=50, narration=True)

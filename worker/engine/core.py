@@ -108,6 +108,7 @@ class EngineCore:
         speculation: SpecConfig | None = None,
         proposer: Proposer | None = None,
         host_cache: HostCache | None = None,
+        split_prompt_steps: bool = False,
     ) -> None:
         self.ctx = ctx
         self.vocab = vocab
@@ -125,7 +126,8 @@ class EngineCore:
                                    prefix_cache=prefix_cache, exact_prefixes=not offloaded, metrics=metrics,
                                    guides=grammars.guide if grammars is not None else None,
                                    prompt_logits_per_step=ctx.n_outputs - parallel, speculation=speculation,
-                                   proposer=proposer, host_cache=host_cache)
+                                   proposer=proposer, host_cache=host_cache,
+                                   split_prompt_steps=split_prompt_steps)
         self.stats = StepStats()
         self.profile_path = profile_path
         self._inbox: list[Job] = []

@@ -220,6 +220,7 @@ class Scheduler:
         speculation: SpecConfig | None = None,
         proposer: Proposer | None = None,
         host_cache: HostCache | None = None,
+        split_prompt_steps: bool = False,
     ) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         # A slot keeps its sequence's KV after its job (the prefix cache); a new job takes the slot that holds the
@@ -251,6 +252,9 @@ class Scheduler:
         # one per sequence
         self.prompt_logits_per_step = prompt_logits_per_step
         self.speculation = speculation
+        # Over per-slot KV streams on a GPU: steps of prompt chunks and steps of decoders alternate, never mixed
+        self.split_prompt_steps = split_prompt_steps
+        self._decoded_last = True  # the last step had decoders: prompts go first in the next
         # who proposes: a draft model where one is given, else prompt lookup
         self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
         self.step_costs = StepCosts(settle_steps=speculation.settle_steps if speculation is not None else 1)
@@ -286,21 +290,50 @@ class Scheduler:
         plan = StepPlan(steady=not self._chains_changed and all(s.job is None or s.decoding for s in self.slots))
         if not (overlap and plan.steady):
             self.flush_text()
-        budget = self.batch_size
-        logits_budget = self.prompt_logits_per_step
         decoding = [slot for slot in self.slots if slot.decoding]
-        drafts = self._drafts(decoding, budget, logits_budget)
-        for slot in decoding:  # one token per decoding sequence first, then prompt chunks as far as the batch allows
+        prompting = sorted((s for s in self.slots if s.job is not None and not s.decoding),
+                           key=lambda s: s.job.submitted_at)  # type: ignore[union-attr]
+        if self.split_prompt_steps and decoding and prompting:
+            # Prompts and decoders take turns, prompts first after a step with decoders: over per-slot streams a
+            # step of both is two graph evaluations, each rebuilt (12 ms a chat turn's step, against 7 for the
+            # prompt alone: H200, 1B, 5.3k-token histories), and a new prompt waited for the whole of it
+            if self._decoded_last:
+                self._plan_prompts(plan, prompting, self.batch_size)
+            self._decoded_last = not plan.parts
+            if not plan.parts:
+                self._plan_decoders(plan, decoding, self.batch_size)
+        else:
+            budget = self._plan_decoders(plan, decoding, self.batch_size)
+            self._plan_prompts(plan, prompting, budget)
+            self._decoded_last = bool(decoding)
+        if plan.parts:
+            self._chains_changed = False
+        if plan.prefill:
+            # In sequence order: over per-slot KV streams llama.cpp evaluates a batch in ubatches of consecutive
+            # sequence ids, taken in the order each sequence first appears; decoders first and prompts after made
+            # runs like 0,1,2 | 3 | 4,5 of sequences side by side.
+            order = sorted(range(len(plan.parts)), key=lambda i: plan.parts[i].seq_id)
+            plan.parts = [plan.parts[i] for i in order]
+            plan.slots = [plan.slots[i] for i in order]
+        return plan
+
+    def _plan_decoders(self, plan: StepPlan, decoding: list[Slot], budget: int) -> int:
+        """A token for each decoding sequence (with its proposals, if it speculates); the budget left."""
+        drafts = self._drafts(decoding, budget, self.prompt_logits_per_step)
+        for slot in decoding:
             draft = drafts.get(slot.seq_id, [])
             tokens = [slot.last_token, *draft]
             plan.parts.append(Part(slot.seq_id, tokens, slot.n_past, True, bool(draft), len(draft)))
             plan.slots.append(slot)
             slot.n_past += len(tokens)
             budget -= len(tokens)
-        # Prompts in the order their jobs came, as many as the step's token budget and attention budget allow
+        return budget
+
+    def _plan_prompts(self, plan: StepPlan, prompting: list[Slot], budget: int) -> None:
+        """Prompt chunks in the order their jobs came, as many as the token budget and attention budget allow."""
+        logits_budget = self.prompt_logits_per_step
         attention = 0
-        for slot in sorted((s for s in self.slots if s.job is not None and not s.decoding),
-                           key=lambda s: s.job.submitted_at):  # type: ignore[union-attr]
+        for slot in prompting:
             job = slot.job
             assert job is not None
             if budget <= 0:
@@ -312,10 +345,11 @@ class Scheduler:
                     continue
                 logits_budget -= n
             chunk = job.prompt_tokens[slot.prompt_pos : slot.prompt_pos + n]
-            # A step's time grows with its prompt tokens x the cells they attend to (llama.cpp builds their
-            # attention masks on the host), so a burst of chat turns in one step held each of them back for all
-            # (H200, 1B, 5.3k-token histories: turns that arrived together shared steps of 16-34 ms; one turn a step,
-            # 12-20 ms). Past the first, a prompt waits for a later step where it would overrun the budget.
+            # A step's time grows with its prompt tokens x the cells they attend to, and over per-slot streams
+            # unequal chunks are evaluated one after another (each graph rebuilt), so a burst of chat turns in one
+            # step held each of them back for all (H200, 1B, 5.3k-token histories: turns that arrived together
+            # shared steps of 16-34 ms; one turn a step, 12-20 ms). Past the first, a prompt waits for a later step
+            # where it would overrun the budget.
             cost = len(chunk) * (slot.n_past + len(chunk))
             if attention and attention + cost > PROMPT_ATTENTION_BUDGET:
                 break
@@ -327,16 +361,6 @@ class Scheduler:
             plan.slots.append(slot)
             slot.n_past += len(chunk)
             budget -= len(chunk)
-        if plan.parts:
-            self._chains_changed = False
-        if plan.prefill:
-            # In sequence order: over per-slot KV streams llama.cpp evaluates a batch in ubatches of consecutive
-            # sequence ids, taken in the order each sequence first appears; decoders first and prompts after made
-            # runs like 0,1,2 | 3 | 4,5 of sequences side by side.
-            order = sorted(range(len(plan.parts)), key=lambda i: plan.parts[i].seq_id)
-            plan.parts = [plan.parts[i] for i in order]
-            plan.slots = [plan.slots[i] for i in order]
-        return plan
 
     def _drafts(self, decoding: list[Slot], budget: int, logits_budget: int) -> dict[int, list[int]]:
         """The proposals the speculating sequences verify this step (seq_id → tokens), asked of the proposer all at
