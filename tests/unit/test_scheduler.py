@@ -374,7 +374,7 @@ def test_prompts_over_long_histories_take_a_step_each_in_the_order_they_came(mon
 
 def test_split_steps_give_prompts_and_decoders_turns_and_the_text_stays_the_same():
     """Over per-slot streams on a GPU a step of prompts and decoders is two graph evaluations: prompts go alone
-    right after a step with decoders, then the decoders, and neither waits more than one step."""
+    right after a step with decoders, then the decoders; neither kind of step waits more than one step."""
     def jobs(core: EngineCore) -> list[list[Output]]:
         first = submit(core, "a", [1, 2], max_tokens=6)
         core.step()  # a's prompt
@@ -395,6 +395,12 @@ def test_split_steps_give_prompts_and_decoders_turns_and_the_text_stays_the_same
     assert "m" in "".join(kind(b) for b in plain_ctx.batches)
     # b's 10 tokens and c's 6 in chunks of at most 4 (b's 2 and c's 2 share one), a decoding between them
     assert "".join(kind(b) for b in ctx.batches) == "pdpdpdpdpd" + "d" * (len(ctx.batches) - 10)
+    # at an idle engine: the first step's prompts end a's, and a decodes next while b's prompt waits a step
+    core, ctx = engine(parallel=3, batch_size=4, split_prompt_steps=True)
+    submit(core, "a", [1, 2], max_tokens=4)
+    submit(core, "b", list(range(3, 13)), max_tokens=2)
+    run(core)
+    assert "".join(kind(b) for b in ctx.batches)[:5] == "pdpdp"
 
 
 def test_cancel_while_waiting_ends_without_a_start_and_while_running_frees_the_slot():
@@ -959,6 +965,19 @@ def test_speculation_gives_the_same_text_in_fewer_steps_and_frees_the_rejected_c
     assert drafted[0].all_logits and drafted[0].tokens == [8, 9, 10, 5, 6]  # after "6 7 8": "9 10 5 6"
     e = end(got)
     assert e.draft_tokens > 0 and 0 < e.accepted_tokens < e.draft_tokens and e.acceptance_rate is not None
+
+
+def test_proposals_and_a_prompts_own_logprobs_share_the_steps_output_rows():
+    """A step asking for more logits rows than the context keeps aborts llama.cpp (FakeContext asserts it): a
+    speculating job's proposals and another job's prompt logprobs come out of the same rows."""
+    core, ctx = engine(batch_size=512, speculation=SpecConfig(n_max=8))
+    spec = submit(core, "a", REPEATING, max_tokens=12)
+    core.step()  # a's prompt; its next step verifies what followed "6 7 8" the first time
+    other = submit(core, "b", list(range(1, 21)) * 5, max_tokens=2, prompt_logprobs=1)
+    run(core)
+    assert end(spec).tokens_out == 12 and end(spec).draft_tokens > 0 and end(other).tokens_out == 2
+    assert any(p.n_draft for batch in ctx.batches for p in batch if batch and any(q.all_logits and not q.n_draft
+                                                                                 for q in batch))
 
 
 def test_on_the_gpu_only_a_lone_greedy_job_speculates_and_it_stops_for_good_when_others_come():

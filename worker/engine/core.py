@@ -344,7 +344,9 @@ class EngineCore:
         self.scheduler.update(sampled, now)
         if self.scheduler.flush_first_text():
             self._publish()
-        if self.scheduler.speculation is not None and not plan.prefill:  # decode steps: what speculation changes
+        if self.scheduler.speculation is not None and plan.prefill:
+            self._last_shape = ()  # the decode step after it is built afresh, whatever its shape
+        elif self.scheduler.speculation is not None:  # decode steps: what speculation changes
             fixed_length = self.scheduler.speculation.fixed_length
             # Stretches (fixed length, a GPU) are judged by the step's whole time, planning and proposing included:
             # what a client sees. (Summing parts missed some: a self-draft judged to pay ran at 0.51x, H200.) The

@@ -294,17 +294,17 @@ class Scheduler:
         prompting = sorted((s for s in self.slots if s.job is not None and not s.decoding),
                            key=lambda s: s.job.submitted_at)  # type: ignore[union-attr]
         if self.split_prompt_steps and decoding and prompting:
-            # Prompts and decoders take turns, prompts first after a step with decoders: over per-slot streams a
-            # step of both is two graph evaluations, each rebuilt (12 ms a chat turn's step, against 7 for the
-            # prompt alone: H200, 1B, 5.3k-token histories), and a new prompt waited for the whole of it
+            # Prompt steps and decode steps take turns, prompts first after a step with decoders: over per-slot
+            # streams a step of both is two graph evaluations, each rebuilt (12 ms a chat turn's step, against 7 for
+            # the prompt alone: H200, 1B, 5.3k-token histories), and a new prompt waited for the whole of it
             if self._decoded_last:
-                self._plan_prompts(plan, prompting, self.batch_size)
+                self._plan_prompts(plan, prompting, self.batch_size, self.prompt_logits_per_step)
             self._decoded_last = not plan.parts
             if not plan.parts:
                 self._plan_decoders(plan, decoding, self.batch_size)
         else:
-            budget = self._plan_decoders(plan, decoding, self.batch_size)
-            self._plan_prompts(plan, prompting, budget)
+            budget, logits_budget = self._plan_decoders(plan, decoding, self.batch_size)
+            self._plan_prompts(plan, prompting, budget, logits_budget)
             self._decoded_last = bool(decoding)
         if plan.parts:
             self._chains_changed = False
@@ -317,9 +317,11 @@ class Scheduler:
             plan.slots = [plan.slots[i] for i in order]
         return plan
 
-    def _plan_decoders(self, plan: StepPlan, decoding: list[Slot], budget: int) -> int:
-        """A token for each decoding sequence (with its proposals, if it speculates); the budget left."""
-        drafts = self._drafts(decoding, budget, self.prompt_logits_per_step)
+    def _plan_decoders(self, plan: StepPlan, decoding: list[Slot], budget: int) -> tuple[int, int]:
+        """A token for each decoding sequence (with its proposals, if it speculates); the tokens and the output rows
+        beyond one a sequence left for prompts (proposals and a prompt's own logprobs share those rows)."""
+        logits_budget = self.prompt_logits_per_step
+        drafts = self._drafts(decoding, budget, logits_budget)
         for slot in decoding:
             draft = drafts.get(slot.seq_id, [])
             tokens = [slot.last_token, *draft]
@@ -327,11 +329,11 @@ class Scheduler:
             plan.slots.append(slot)
             slot.n_past += len(tokens)
             budget -= len(tokens)
-        return budget
+            logits_budget -= len(draft)
+        return budget, logits_budget
 
-    def _plan_prompts(self, plan: StepPlan, prompting: list[Slot], budget: int) -> None:
+    def _plan_prompts(self, plan: StepPlan, prompting: list[Slot], budget: int, logits_budget: int) -> None:
         """Prompt chunks in the order their jobs came, as many as the token budget and attention budget allow."""
-        logits_budget = self.prompt_logits_per_step
         attention = 0
         for slot in prompting:
             job = slot.job
