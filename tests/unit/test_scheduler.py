@@ -712,7 +712,7 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact(where):
     import random
 
     rng = random.Random(3)
-    gpu = dict(in_graph_sampling=True, overlap=True, offloaded=True,
+    gpu = dict(in_graph_sampling=True, overlap=True, offloaded=True, split_prompt_steps=True,
                speculation=SpecConfig(n_max=3, fixed_length=True, settle_steps=1)) if where == "gpu" else {}
     core, ctx = engine(parallel=3, batch_size=16, max_queue=1000, prefix_cache=True, **gpu)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5),
@@ -724,7 +724,8 @@ def test_hundreds_of_random_jobs_and_cancels_keep_the_accounting_exact(where):
         prompt = base[: rng.randrange(1, len(base) + 1)] + [rng.randrange(1, 20) for _ in range(rng.randrange(3))]
         submit(core, f"j{i}", prompt, max_tokens=rng.randrange(1, 30), stop=("xyz",) if rng.random() < 0.2 else (),
                timeout=0.0 if rng.random() < 0.05 else None, params=rng.choice(params),
-               logprobs=2 if rng.random() < 0.15 else None)  # read on the CPU: a logits row in the graph
+               logprobs=2 if rng.random() < 0.15 else None,  # read on the CPU: a logits row in the graph
+               prompt_logprobs=1 if rng.random() < 0.05 else None)
         live.append(f"j{i}")
         for _ in range(rng.randrange(4)):
             core.step()
