@@ -121,8 +121,9 @@ def main() -> None:
                     help="also the chat workloads: multi-turn conversations and a shared-prefix burst, side by side "
                          "with llama-server")
     ap.add_argument("--system-tokens", type=int, default=5000)
-    ap.add_argument("--chat-workloads", default="8,32,burst",
-                    help="which chat workloads: 8 and 32 conversations, the shared-prefix burst")
+    ap.add_argument("--chat-workloads", default="8,8p,32,burst",
+                    help="which chat workloads: 8 conversations (8p: users pausing between turns), 32 "
+                         "conversations, the shared-prefix burst")
     args = ap.parse_args()
     sampling = SAMPLINGS[args.sampling]
     levels = [int(x) for x in args.streams.split(",")]
@@ -206,11 +207,16 @@ def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, 
     workloads = {
         "8 conversations x 4 turns": lambda url: run_conversations(url, conversations=8, turns=4,
                                                                    system_tokens=system_tokens),
+        # the same with users who read each reply for 0-300 ms: the turns come back spread out, not as one burst
+        # (another system prompt: the first workload's would be cached already)
+        "8 conversations x 4 turns, 0-300 ms pauses": lambda url: run_conversations(
+            url, conversations=8, turns=4, system_tokens=system_tokens, pause_s=0.3, seed=2),
         "32 conversations x 4 turns": lambda url: run_conversations(url, conversations=32, turns=4,
                                                                     system_tokens=system_tokens),
         "32-request shared-prefix burst": lambda url: run_burst(url, requests=32, system_tokens=system_tokens),
     }
-    keys = {"8": "8 conversations x 4 turns", "32": "32 conversations x 4 turns",
+    keys = {"8": "8 conversations x 4 turns", "8p": "8 conversations x 4 turns, 0-300 ms pauses",
+            "32": "32 conversations x 4 turns",
             "burst": "32-request shared-prefix burst"}
     workloads = {name: run for name, run in workloads.items() if name in {keys[k] for k in chosen}}
     res: dict[str, Any] = {}

@@ -72,8 +72,12 @@ def _pct(values: list[float], p: float) -> float:
 
 
 async def run_conversations(url: str, *, conversations: int, turns: int, system_tokens: int, user_tokens: int = 60,
-                            reply_tokens: int = 64, seed: int = 0) -> dict[str, Any]:
+                            reply_tokens: int = 64, pause_s: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """With `pause_s`, each user reads the reply for a random 0-pause_s seconds before the next turn: conversations
+    that started together drift apart, as people's do (without it, the turns of conversations that a server answered
+    at the same pace come back together, a burst of chunks each turn)."""
     rng = random.Random(seed)
+    pauses = random.Random(seed + 1)
     system = "System: " + text_of(system_tokens, rng) + "\n"
     users = [[text_of(user_tokens, rng) for _ in range(turns)] for _ in range(conversations)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
@@ -82,6 +86,8 @@ async def run_conversations(url: str, *, conversations: int, turns: int, system_
     async def conversation(http: aiohttp.ClientSession, c: int) -> None:
         history = system
         for t in range(turns):
+            if t and pause_s:
+                await asyncio.sleep(pauses.uniform(0, pause_s))
             history += f"User: {users[c][t]}\nAssistant:"
             first, reply, hit = await _complete(http, url, history, reply_tokens)
             ttft[t].append(first)
@@ -94,6 +100,7 @@ async def run_conversations(url: str, *, conversations: int, turns: int, system_
     wall = time.perf_counter() - start
     return {
         "workload": "multiturn", "conversations": conversations, "turns": turns, "system_tokens": system_tokens,
+        "pause_s": pause_s,
         "wall_s": round(wall, 3),
         "ttft_ms_p50_by_turn": [round(_pct(v, 50) * 1000, 1) for v in ttft],
         "ttft_ms_p95_by_turn": [round(_pct(v, 95) * 1000, 1) for v in ttft],
@@ -124,13 +131,15 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=1000)
     ap.add_argument("--reply-tokens", type=int, default=64)
+    ap.add_argument("--pause", type=float, default=0.0, help="users read each reply for a random 0-PAUSE seconds")
     ap.add_argument("--burst", type=int, default=0, help="run the shared-prefix burst with this many requests")
     args = ap.parse_args()
     if args.burst:
         out = asyncio.run(run_burst(args.url, requests=args.burst, system_tokens=args.system_tokens))
     else:
         out = asyncio.run(run_conversations(args.url, conversations=args.conversations, turns=args.turns,
-                                            system_tokens=args.system_tokens, reply_tokens=args.reply_tokens))
+                                            system_tokens=args.system_tokens, reply_tokens=args.reply_tokens,
+                                            pause_s=args.pause))
     print(json.dumps(out))
 
 

@@ -6,8 +6,9 @@ workload's time goes, step by step. Performance work only; the trace is written 
 
 Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token llama.cpp calls let go of the GIL
 again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off
-(worker/llamacpp/ubatches.py); PROMPT_BUDGET=n sets the scheduler's PROMPT_ATTENTION_BUDGET (0: none). bench/gpu.py
-runs the worker through this module where STEP_TRACE names the trace file.
+(worker/llamacpp/ubatches.py); PROMPT_BUDGET=n sets the scheduler's PROMPT_ATTENTION_BUDGET (0: none); SPLIT=1 or 0
+makes prompt and decode steps take turns or mix. bench/gpu.py runs the worker through this module where STEP_TRACE
+names the trace file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
 queue (llama_decode), the text flushed meanwhile, wait (llama_synchronize), and the rest (sampling, update).
@@ -133,6 +134,17 @@ def install(path: str) -> None:
         context.Context.__init__ = plain_init  # type: ignore[method-assign]
     if os.environ.get("PROMPT_BUDGET"):  # experiment: the prompt attention budget (0: every prompt that fits)
         scheduler.PROMPT_ATTENTION_BUDGET = int(os.environ["PROMPT_BUDGET"]) or sys.maxsize
+    if os.environ.get("SPLIT"):  # experiment: prompt and decode steps taking turns (1) or mixed (0)
+        scheduler_init = scheduler.Scheduler.__init__
+
+        def split_init(self: Any, *args: Any, **kw: Any) -> None:
+            scheduler_init(self, *args, **{**kw, "split_prompt_steps": os.environ["SPLIT"] == "1"})
+
+        scheduler.Scheduler.__init__ = split_init  # type: ignore[method-assign]
+    if os.environ.get("EVAL_TOKENS"):  # experiment: what the filler weighs a graph evaluation as
+        from worker.llamacpp import ubatches
+
+        ubatches.EVAL_TOKENS = int(os.environ["EVAL_TOKENS"])
     if os.environ.get("SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
     core.EngineCore.step = traced_step  # type: ignore[method-assign]
