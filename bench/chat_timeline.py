@@ -26,16 +26,23 @@ STAGES = ("arrived", "tokenizing", "tokenized", "job", "prompt_step", "prompt_st
 
 def timeline(trace: dict[str, Any], sent: list[tuple[float, float]]) -> list[dict[str, float]]:
     """Each request's stages in ms after its client sent it, matched to the trace in the order they came."""
-    arrivals = sorted(r[0] for r in trace["requests"] if "completions" in r[1])
+    arrivals = sorted((r for r in trace["requests"] if "completions" in r[1]), key=lambda r: r[0])
     tokenized = sorted(trace["tokenize"])
     jobs = sorted(trace["jobs"], key=lambda j: j["created"])
     prompt_steps = [s for s in trace["steps"] if any(p[1] > 1 for p in s["parts"])]
-    rows, taken = [], set()
+    rows: list[dict[str, float]] = []
+    taken: set[int] = set()  # ids of the arrivals, tokenizings and jobs matched already
+
+    def take(items: list[Any], when: Any, after: float) -> Any:
+        """The first item not matched yet whose time (when(item)) is not before `after`."""
+        item = next(x for x in items if id(x) not in taken and when(x) >= after)
+        taken.add(id(item))
+        return item
+
     for start, first in sorted(sent):
-        arrived = next(a for a in arrivals if a >= start - 0.0005 and a not in taken)
-        taken.add(arrived)
-        tok = next(t for t in tokenized if t[0] >= arrived)
-        job = next(j for j in jobs if j["created"] >= arrived)
+        arrived = take(arrivals, lambda a: a[0], start - 0.0005)[0]
+        tok = take(tokenized, lambda t: t[0], arrived)
+        job = take(jobs, lambda j: j["created"], arrived)
         size = job["prompt"] - (job.get("cached") or 0)  # its chunk, the first prompt step with a part that long
         step = next((s for s in prompt_steps if s["begin"] >= job["submit"] and any(p[1] == size for p in s["parts"])),
                     None)
