@@ -395,12 +395,15 @@ def test_split_steps_give_prompts_and_decoders_turns_and_the_text_stays_the_same
     assert "m" in "".join(kind(b) for b in plain_ctx.batches)
     # b's 10 tokens and c's 6 in chunks of at most 4 (b's 2 and c's 2 share one), a decoding between them
     assert "".join(kind(b) for b in ctx.batches) == "pdpdpdpdpd" + "d" * (len(ctx.batches) - 10)
-    # at an idle engine: the first step's prompts end a's, and a decodes next while b's prompt waits a step
+    # at an idle engine: the first step's prompts end a's; a's decoder has not waited yet, so b's next chunk goes
+    # first (requests that start together get their first tokens without a decode step between their prompts), then
+    # a decodes, having waited one step, and they take turns
     core, ctx = engine(parallel=3, batch_size=4, split_prompt_steps=True)
-    submit(core, "a", [1, 2], max_tokens=4)
-    submit(core, "b", list(range(3, 13)), max_tokens=2)
+    a = submit(core, "a", [1, 2], max_tokens=4)
+    b = submit(core, "b", list(range(3, 13)), max_tokens=2)
     run(core)
-    assert "".join(kind(b) for b in ctx.batches)[:5] == "pdpdp"
+    assert "".join(kind(b) for b in ctx.batches)[:5] == "ppdpd"
+    assert end(a).tokens_out == 4 and end(b).tokens_out == 2
 
 
 def test_cancel_while_waiting_ends_without_a_start_and_while_running_frees_the_slot():

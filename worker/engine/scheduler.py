@@ -254,7 +254,7 @@ class Scheduler:
         self.speculation = speculation
         # Over per-slot KV streams on a GPU: steps of prompt chunks and steps of decoders alternate, never mixed
         self.split_prompt_steps = split_prompt_steps
-        self._decoded_last = True  # the last step had decoders: prompts go first in the next
+        self._decoders_waited = False  # the last step's decoders sat it out: they go first in the next
         # who proposes: a draft model where one is given, else prompt lookup
         self.proposer = proposer or (NgramProposer(speculation) if speculation is not None else None)
         self.step_costs = StepCosts(settle_steps=speculation.settle_steps if speculation is not None else 1)
@@ -294,18 +294,20 @@ class Scheduler:
         prompting = sorted((s for s in self.slots if s.job is not None and not s.decoding),
                            key=lambda s: s.job.submitted_at)  # type: ignore[union-attr]
         if self.split_prompt_steps and decoding and prompting:
-            # Prompt steps and decode steps take turns, prompts first after a step with decoders: over per-slot
-            # streams a step of both is two graph evaluations, each rebuilt (12 ms a chat turn's step, against 7 for
-            # the prompt alone: H200, 1B, 5.3k-token histories), and a new prompt waited for the whole of it
-            if self._decoded_last:
+            # Prompt steps and decode steps take turns, prompts first unless the decoders sat the last step out:
+            # over per-slot streams a step of both is two graph evaluations, each rebuilt (12 ms a chat turn's step,
+            # against 7 for the prompt alone: H200, 1B, 5.3k-token histories), and a new prompt waited for the whole
+            # of it. Decoders that have not waited yet (jobs whose prompts just ended) let requests that came during
+            # that step go first: 8 streams starting together had a decode step between their prompt steps.
+            if not self._decoders_waited:
                 self._plan_prompts(plan, prompting, self.batch_size, self.prompt_logits_per_step)
-            self._decoded_last = not plan.parts
+            self._decoders_waited = bool(plan.parts)
             if not plan.parts:
                 self._plan_decoders(plan, decoding, self.batch_size)
         else:
             budget, logits_budget = self._plan_decoders(plan, decoding, self.batch_size)
             self._plan_prompts(plan, prompting, budget, logits_budget)
-            self._decoded_last = bool(decoding)
+            self._decoders_waited = False
         if plan.parts:
             self._chains_changed = False
         if plan.prefill:
