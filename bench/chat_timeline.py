@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
-import sys
 import time
 from typing import Any
 
 from bench import multiturn
-from bench.gpu import CHAT_CTX, CHAT_SLOTS, Server, free_port
+from bench.gpu import chat_servers, free_port
 
 STAGES = ("arrived", "tokenizing", "tokenized", "job", "prompt_step", "prompt_step_end", "first_text", "client")
 
@@ -75,16 +75,9 @@ def main() -> None:
         return first, text, cached
 
     multiturn._complete = stamped  # type: ignore[assignment]
-    port = free_port()
-    if args.llama_server:
-        server = Server("llama-server-timeline", [
-            "llama-server", "-m", args.model, "-ngl", "99", "-fa", "on", "-np", str(CHAT_SLOTS), "-c",
-            str(CHAT_SLOTS * CHAT_CTX), "--port", str(port), "--no-webui", *args.llama_args.split()], "/health", port)
-    else:
-        server = Server("worker-timeline", [
-            sys.executable, "-m", "bench.step_trace", args.trace, "--", "--model", args.model, "--parallel",
-            str(CHAT_SLOTS), "--ctx-size", str(CHAT_CTX), "--max-queue", "512", "--batch-size", "2048",
-            "--flash-attn", "on", *args.worker_args, "--port", str(port)], "/v1/ready", port)
+    os.environ["STEP_TRACE"] = args.trace  # the worker under bench.step_trace (bench.gpu.worker_module)
+    servers = chat_servers(args.model, " ".join(args.worker_args), args.llama_args)
+    server = servers["llama-server" if args.llama_server else "worker"](free_port())
     try:
         result = asyncio.run(multiturn.run_conversations(
             server.url, conversations=args.conversations, turns=4, system_tokens=args.system_tokens,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,20 +191,25 @@ def worker_module() -> list[str]:
     return ["bench.step_trace", trace, "--"] if trace else ["worker"]
 
 
-def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, only: set[str],
-                   chosen: set[str]) -> dict[str, Any]:
-    """Chat traffic on 8 slots, each server with its defaults for prompt caching (llama-server: cache_prompt on,
-    its --cache-ram default) and the same KV memory (8 x 8192 cells)."""
+def chat_servers(model: str, worker_args: str, llama_args: str = "") -> dict[str, Callable[[int], Server]]:
+    """The chat workloads' servers on 8 slots, each with its defaults for prompt caching (llama-server: cache_prompt
+    on, its --cache-ram default) and the same KV memory (8 x 8192 cells)."""
     cells = CHAT_SLOTS * CHAT_CTX
-    starts = {
+    return {
         "llama-server": lambda port: Server("llama-server-chat", [
             "llama-server", "-m", model, "-ngl", "99", "-fa", "on", "-np", str(CHAT_SLOTS), "-c", str(cells),
-            "--port", str(port), "--no-webui"], "/health", port),
+            "--port", str(port), "--no-webui", *llama_args.split()], "/health", port),
         "worker": lambda port: Server("llm-worker-rbee-chat", [
             sys.executable, "-m", *worker_module(), "--model", model, "--parallel", str(CHAT_SLOTS),
             "--ctx-size", str(CHAT_CTX), "--max-queue", "512", "--batch-size", "2048",
             "--flash-attn", "on", "--port", str(port), *worker_args.split()], "/v1/ready", port),
     }
+
+
+def chat_workloads(model: str, system_tokens: int, worker_args: str, out: Path, only: set[str],
+                   chosen: set[str]) -> dict[str, Any]:
+    """Chat traffic on 8 slots (chat_servers)."""
+    starts = chat_servers(model, worker_args)
     workloads = {
         "8 conversations x 4 turns": lambda url: run_conversations(url, conversations=8, turns=4,
                                                                    system_tokens=system_tokens),
