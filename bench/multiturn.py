@@ -77,7 +77,6 @@ async def run_conversations(url: str, *, conversations: int, turns: int, system_
     that started together drift apart, as people's do (without it, the turns of conversations that a server answered
     at the same pace come back together, a burst of chunks each turn)."""
     rng = random.Random(seed)
-    pauses = random.Random(seed + 1)
     system = "System: " + text_of(system_tokens, rng) + "\n"
     users = [[text_of(user_tokens, rng) for _ in range(turns)] for _ in range(conversations)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
@@ -85,6 +84,7 @@ async def run_conversations(url: str, *, conversations: int, turns: int, system_
 
     async def conversation(http: aiohttp.ClientSession, c: int) -> None:
         history = system
+        pauses = random.Random(seed * 1000 + c + 1)  # its own: the same pauses whatever order the turns end in
         for t in range(turns):
             if t and pause_s:
                 await asyncio.sleep(pauses.uniform(0, pause_s))

@@ -7,7 +7,8 @@ workload's time goes, step by step. Performance work only; the trace is written 
 Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token llama.cpp calls let go of the GIL
 again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off
 (worker/llamacpp/ubatches.py); PROMPT_BUDGET=n sets the scheduler's PROMPT_ATTENTION_BUDGET (0: none); SPLIT=1 or 0
-makes prompt and decode steps take turns or mix. bench/gpu.py runs the worker through this module where STEP_TRACE
+makes prompt and decode steps take turns or mix; EVAL_TOKENS=n weighs a graph evaluation as n tokens for the filler
+(ubatches.EVAL_TOKENS). bench/gpu.py runs the worker through this module where STEP_TRACE
 names the trace file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
