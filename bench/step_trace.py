@@ -8,8 +8,8 @@ Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token
 again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off
 (worker/llamacpp/ubatches.py); PROMPT_BUDGET=n sets the scheduler's PROMPT_ATTENTION_BUDGET (0: none); SPLIT=1 or 0
 makes prompt and decode steps take turns or mix; EVAL_TOKENS=n weighs a graph evaluation as n tokens for the filler
-(ubatches.EVAL_TOKENS). bench/gpu.py runs the worker through this module where STEP_TRACE
-names the trace file.
+(ubatches.EVAL_TOKENS); NO_LINE_CUTS=1 tokenizes plain text without cutting it at lines. bench/gpu.py runs the
+worker through this module where STEP_TRACE names the trace file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
 queue (llama_decode), the text flushed meanwhile, wait (llama_synchronize), and the rest (sampling, update).
@@ -146,6 +146,10 @@ def install(path: str) -> None:
         from worker.llamacpp import ubatches
 
         ubatches.EVAL_TOKENS = int(os.environ["EVAL_TOKENS"])
+    if os.environ.get("NO_LINE_CUTS"):  # experiment: plain text is not cut at lines (special_split.py)
+        from worker.llamacpp import model as model_module
+
+        model_module.LINE_CUT_PRE_TOKENIZERS = frozenset()
     if os.environ.get("SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
     core.EngineCore.step = traced_step  # type: ignore[method-assign]

@@ -1,6 +1,8 @@
-"""Tokenizing is linear, bounded and fair (issue 16, item 1): cutting a long text after its special tokens gives
-exactly the tokens of the whole (both real vocabularies: SmolLM2's BPE, Gemma 3's SentencePiece); special-token
-heavy bodies are tokenized in linear time; a 1-token request stays fast while the worst bodies are in flight."""
+"""Tokenizing is linear, bounded and fair (issue 16, item 1): cutting a long text after its special tokens, and
+plain text after a newline before a letter, gives exactly the tokens of the whole (both real vocabularies: SmolLM2's
+BPE, Gemma 3's SentencePiece; and the tiny Llama 3 and Qwen 3 tokenizers of tests/chat_models.py, their families'
+pre-tokenizer regexes); special-token heavy bodies are tokenized in linear time; a 1-token request stays fast while
+the worst bodies are in flight."""
 
 from __future__ import annotations
 
@@ -11,15 +13,22 @@ import time
 import aiohttp
 import pytest
 
+from tests.chat_models import tool_model_gguf
 from tests.integration.test_openai import gemma_gguf
 from tests.integration.worker_process import WorkerProcess
 from worker.llamacpp import Model
+from worker.llamacpp import model as model_module
 from worker.models.resolve import embedded_model_path
 
 
-@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+@pytest.fixture(scope="module", params=["smollm2", "gemma3", "llama3_1", "qwen3"])
 def model(request, tmp_path_factory):
-    path = embedded_model_path() if request.param == "smollm2" else gemma_gguf(tmp_path_factory.mktemp("gemma"))
+    if request.param == "smollm2":
+        path = embedded_model_path()
+    elif request.param == "gemma3":
+        path = gemma_gguf(tmp_path_factory.mktemp("gemma"))
+    else:
+        path = tool_model_gguf(request.param, tmp_path_factory.mktemp(request.param))
     m = Model.load(path, ref=request.param, fmt="gguf", gpu_layers=0)
     yield m
     m.close()
@@ -71,6 +80,54 @@ def test_a_growing_conversation_is_tokenized_from_the_pieces_of_its_last_turn(mo
         if turn:  # the system prompt and the earlier turns: from the cache
             assert new < len(conversation) / 4, (turn, new, len(conversation))
         conversation += random_text(rng, ['.'], 150) + f"{end}\n"
+
+
+LINE_WORDS = ["\n", "\r\n", " \n", "\n\n", "\n ", "\t\n", "A", "b", "Zeta", "x", "é", "ñ", "Ω", "1", "42", "'s",
+              "'T", "'ll", ".", ",", "?!", " ", "  ", "\t", "🦙", "_", "-", "\u00a0", "\u0301", "Ⅷ", "日本",
+              # a line cut in each, with random neighbours
+              "x\nY", ".\nA", "9\nb", "'\ns", "!\nQ", "_\nT", "e\nll"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_line_cuts_tokenize_as_the_whole(model, monkeypatch, seed):
+    """Plain text full of newlines next to letters, digits, marks, spaces and punctuation, cut into pieces of a few
+    characters (so that nearly every line cut is taken): the tokens of the whole."""
+    monkeypatch.setattr(model_module, "_PIECE_CHARS", 4)
+    rng = random.Random(seed)
+    text = "".join(rng.choice(LINE_WORDS) for _ in range(4000))
+    splitter = model._splitter(True)
+    cuts = splitter.cut_points(text, 4)
+    assert splitter.line_cuts == (model.info.ref != "gemma3")  # SentencePiece: special tokens' cuts only
+    assert len(cuts) > 100 or not splitter.line_cuts
+    for add_special in (True, False):
+        assert model.tokenize(text, add_special=add_special) == whole(
+            model, text, add_special=add_special, parse_special=False), add_special
+    assert model.prompt_tokens(text) == whole(model, text, add_special=model.add_bos, parse_special=True)
+
+
+def test_a_growing_raw_conversation_is_tokenized_from_its_last_turn(model, monkeypatch):
+    """The bench's chat traffic (bench/multiturn.py): a system prompt and turns as plain text, no special token,
+    resent whole every turn."""
+    rng = random.Random(3)
+    words = "the of and to in is was for on that with as by at from it an be this".split()
+    conversation = "System: " + " ".join(rng.choice(words) for _ in range(3000)) + "\n"
+    tokenize = model._tokenize
+    tokenized: list[int] = []
+
+    def counted(text: str, **kw) -> list[int]:
+        tokenized.append(len(text))
+        return tokenize(text, **kw)
+
+    monkeypatch.setattr(model, "_tokenize", counted)
+    for turn in range(4):
+        conversation += "User: " + " ".join(rng.choice(words) for _ in range(60)) + "\nAssistant:"
+        tokenized.clear()
+        got = model.prompt_tokens(conversation)
+        new = sum(tokenized)
+        assert got == whole(model, conversation, add_special=model.add_bos, parse_special=True), turn
+        if turn and model.info.ref != "gemma3":  # SentencePiece text is not cut
+            assert new < 2000, (turn, new, len(conversation))
+        conversation += " " + " ".join(rng.choice(words) for _ in range(64)) + "\n"
 
 
 def test_limit_stops_early_with_the_right_start(model):

@@ -16,7 +16,7 @@ import llama_cpp as lc
 
 from worker.llamacpp.backend import clear_errors, init_backend, last_errors
 from worker.llamacpp.hparams import HParamError, check_hparams
-from worker.llamacpp.special_split import SpecialSplitter
+from worker.llamacpp.special_split import LINE_CUT_PRE_TOKENIZERS, SpecialSplitter
 
 # Texts longer than two pieces are tokenized a piece at a time, cut after special tokens (special_split.py). Short
 # pieces keep llama.cpp's quadratic special-token pass cheap; each call costs a few microseconds more.
@@ -223,8 +223,10 @@ class Model:
             (cut_always if attr & _USER_DEFINED else cut_if_special).append(text)
             if attr & _RSTRIP:
                 strips_right.append(text)
-        return {True: SpecialSplitter(cut_always + cut_if_special, strips_right),
-                False: SpecialSplitter(cut_always, strips_right)}
+        line_cuts = (self._vocab_type == lc.LLAMA_VOCAB_TYPE_BPE
+                     and self.meta("tokenizer.ggml.pre") in LINE_CUT_PRE_TOKENIZERS)
+        return {True: SpecialSplitter(cut_always + cut_if_special, strips_right, line_cuts=line_cuts),
+                False: SpecialSplitter(cut_always, strips_right, line_cuts=line_cuts)}
 
     def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
