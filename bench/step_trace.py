@@ -8,8 +8,9 @@ Experiments, by environment variable: RELEASE_GIL=1 makes the engine's per-token
 again (as plain ctypes does); SWITCH_INTERVAL=seconds sets sys.setswitchinterval; NO_FILLER=1 turns the filler off
 (worker/llamacpp/ubatches.py); PROMPT_BUDGET=n sets the scheduler's PROMPT_ATTENTION_BUDGET (0: none); SPLIT=1 or 0
 makes prompt and decode steps take turns or mix; EVAL_TOKENS=n weighs a graph evaluation as n tokens for the filler
-(ubatches.EVAL_TOKENS); NO_LINE_CUTS=1 tokenizes plain text without cutting it at lines. bench/gpu.py runs the
-worker through this module where STEP_TRACE names the trace file.
+(ubatches.EVAL_TOKENS); NO_LINE_CUTS=1 tokenizes plain text without cutting it at lines; PROFILE=file writes
+cProfile's figures for the scheduler's planning there. bench/gpu.py runs the worker through this module where
+STEP_TRACE names the trace file.
 
 Times are perf_counter seconds. A step records its parts as [seq_id, tokens, pos] and its phases: plan (schedule),
 queue (llama_decode), the text flushed meanwhile, wait (llama_synchronize), and the rest (sampling, update).
@@ -150,6 +151,23 @@ def install(path: str) -> None:
         from worker.llamacpp import model as model_module
 
         model_module.LINE_CUT_PRE_TOKENIZERS = frozenset()
+    if os.environ.get("PROFILE"):  # experiment: the scheduler's planning under cProfile, stats to that file
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        schedule = scheduler.Scheduler.schedule
+
+        def profiled(self: Any, *args: Any, **kw: Any) -> Any:
+            return profile.runcall(schedule, self, *args, **kw)
+
+        scheduler.Scheduler.schedule = profiled  # type: ignore[method-assign]
+
+        def dump() -> None:
+            with open(os.environ["PROFILE"], "w") as f:
+                pstats.Stats(profile, stream=f).sort_stats("cumulative").print_stats(60)
+
+        atexit.register(dump)
     if os.environ.get("SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
     core.EngineCore.step = traced_step  # type: ignore[method-assign]

@@ -222,14 +222,18 @@ def _json_sink(message: Any) -> None:
 _PRETTY_SKIP = {"ts", "level", "actor", "action", "target", "human", "cute", "worker_id"}
 
 
+_PRETTY_LINE = "{time:HH:mm:ss.SSS} {level: <7} {extra[_pretty]}\n{exception}"
+
+
 def _pretty_format(record: Any) -> str:
+    """The same format every time, the line's own text in an extra field: loguru parses a format once (memoized)
+    and inserts field values as they are, where a format made for each line was parsed for each (0.1-0.2 ms of the
+    engine thread's time an admission)."""
     event = record["extra"].get("event")
-    head = "{time:HH:mm:ss.SSS} {level: <7} "
     if event is None:
-        return head + "[" + record["extra"].get("actor", "worker") + "] {message}\n{exception}"
+        record["extra"]["_pretty"] = "[" + record["extra"].get("actor", "worker") + "] " + record["message"]
+        return _PRETTY_LINE
     extras = " ".join(f"{k}={v}" for k, v in event.items() if k not in _PRETTY_SKIP)
-    line = f"[{event['actor']}] {event['action']}: " + "{message}"
-    # Braces in values would be read as format fields by loguru: escape them.
-    # loguru reads braces as fields and <...> as colour tags, even uncoloured: escape both.
-    extras = extras.replace("{", "{{").replace("}", "}}").replace("<", r"\<")
-    return head + line + (f"  ({extras})" if extras else "") + "\n{exception}"
+    line = f"[{event['actor']}] {event['action']}: " + record["message"]
+    record["extra"]["_pretty"] = line + (f"  ({extras})" if extras else "")
+    return _PRETTY_LINE
