@@ -227,8 +227,8 @@ _PRETTY_LINE = "{time:HH:mm:ss.SSS} {level: <7} {extra[_pretty]}\n{exception}"
 
 def _pretty_format(record: Any) -> str:
     """The same format every time, the line's own text in an extra field: loguru parses a format once (memoized)
-    and inserts field values as they are, where a format made for each line was parsed for each (0.1-0.2 ms of the
-    engine thread's time an admission)."""
+    and inserts field values as they are (no escaping), where a format made for each line was parsed for each
+    (0.038 ms a narrated line against 0.020, this project's 2-core machine; the engine thread narrates admissions)."""
     event = record["extra"].get("event")
     if event is None:
         record["extra"]["_pretty"] = "[" + record["extra"].get("actor", "worker") + "] " + record["message"]
