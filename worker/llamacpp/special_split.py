@@ -30,6 +30,7 @@ Such a cut is refused where a special token covers or starts at it.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,7 +44,7 @@ LINE_CUT_PRE_TOKENIZERS = frozenset({
     "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2",  # Qwen 2's (digits one by one)
     "gpt-2", "phi-2", "mpt", "olmo", "starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",  # GPT-2's
 })
-_LINE_START = re.compile(r"(?<=[!-~])\n(?=[A-Za-z])")
+_ASCII_LETTERS = frozenset(string.ascii_letters)
 
 
 def trie_pattern(words: Iterable[str]) -> re.Pattern[str]:
@@ -119,12 +120,14 @@ class SpecialSplitter:
         """The first line cut at or after pos and before `before` that no special token covers or starts at."""
         if not self.line_cuts:
             return None
-        at = pos - 1
-        while (found := _LINE_START.search(text, at, before)) is not None:
-            cut = found.end()
-            if not self._special_near(text, cut):
+        # str.find runs at memory speed; a regex with a look-behind tried every position (0.3 ms a 27k-character
+        # system prompt without a newline)
+        i = text.find("\n", max(pos - 1, 1), before - 1)
+        while i != -1:
+            cut = i + 1
+            if "!" <= text[i - 1] <= "~" and text[cut] in _ASCII_LETTERS and not self._special_near(text, cut):
                 return cut
-            at = cut
+            i = text.find("\n", cut, before - 1)
         return None
 
     def _special_near(self, text: str, cut: int) -> bool:
